@@ -1,0 +1,189 @@
+"""phiforge's single-directory checkpoint format.
+
+    DIR/config.json                      {"format": "phiforge", "format_version": 1, "model": {...Phi2Config...}}
+    DIR/model.safetensors                weights (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
+    DIR/tokenizer.json (+ any other tokenizer files carried over from a source checkpoint)
+
+Loading only reads JSON and safetensors, so it never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from phiforge.errors import CheckpointError, ConfigError
+from phiforge.model import Phi2, Phi2Config
+
+FORMAT = "phiforge"
+FORMAT_VERSION = 1
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DEFAULT_SHARD_BYTES = 4 * 2**30
+
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what} is not valid JSON: {path} ({e})") from None
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Safetensors state dicts (also used by the HF converter)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                    metadata: dict | None = None) -> None:
+    """Write model.safetensors, or HF-style shards plus an index when larger than max_shard_bytes."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    meta = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / SINGLE_NAME), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / name), metadata=meta)
+        weight_map.update({k: name for k in shard})
+    write_json_atomic(out_dir / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def load_state_dict(src_dir: Path) -> dict[str, torch.Tensor]:
+    """Read model.safetensors or an indexed set of shards from src_dir."""
+    src_dir = Path(src_dir)
+    index = src_dir / INDEX_NAME
+    if index.exists():
+        weight_map = _read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"safetensors index has no weight_map: {index}")
+        files = sorted(set(weight_map.values()))
+    elif (src_dir / SINGLE_NAME).exists():
+        files = [SINGLE_NAME]
+    else:
+        raise CheckpointError(f"no {SINGLE_NAME} or {INDEX_NAME} in {src_dir}")
+    state = {}
+    for name in files:
+        path = src_dir / name
+        if not path.exists():
+            raise CheckpointError(f"weight file listed in the index is missing: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    state[k] = f.get_tensor(k)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"corrupt safetensors file {path}: {e}") from None
+    return state
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming missing, unexpected and wrong-shaped tensors."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+
+    def few(keys):
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"missing {few(missing)}")
+    if extra:
+        problems.append(f"unexpected {few(extra)}")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"wrong shape for {k}: {tuple(state[k].shape)} in file, "
+                        f"{tuple(expected[k].shape)} in model" + (f" (+{len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    if problems:
+        raise CheckpointError(f"weights in {source} do not fit the model: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# phiforge checkpoints
+
+
+def read_config(ckpt_dir: Path) -> Phi2Config:
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {ckpt_dir}")
+    meta = _read_json(ckpt_dir / "config.json", "checkpoint config")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt_dir / 'config.json'} is not a phiforge checkpoint config "
+                              "(for a Hugging Face checkpoint run `phiforge convert from-hf` first)")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format version {meta.get('format_version')} is newer than this "
+                              f"phiforge supports ({FORMAT_VERSION}); upgrade phiforge")
+    try:
+        return Phi2Config.from_dict(meta.get("model", {}))
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"bad model config in {ckpt_dir / 'config.json'}: {e}") from None
+
+
+def save_checkpoint(model: Phi2, out_dir: Path, tokenizer_dir: Path | None = None, extra: dict | None = None,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a complete checkpoint directory. Writes into OUT.tmp then renames, so a crash leaves no half checkpoint."""
+    from phiforge.tokenizer import save_tokenizer_files
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v for k, v in model.state_dict().items()}
+    save_state_dict(state, tmp, max_shard_bytes=max_shard_bytes)
+    save_tokenizer_files(tmp, source_dir=tokenizer_dir)
+    write_json_atomic(tmp / "config.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                            "model": model.cfg.to_dict(), **(extra or {})})
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir
+
+
+def load_checkpoint(ckpt_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Phi2:
+    """Build the model from config.json and load its weights, checking every key and shape."""
+    cfg = read_config(ckpt_dir)
+    with torch.device("meta"):
+        model = Phi2(cfg)
+    state = load_state_dict(ckpt_dir)
+    check_state_dict(model, state, str(ckpt_dir))
+    model.load_state_dict(state, strict=True, assign=True)
+    model.reset_rope()
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device).eval()

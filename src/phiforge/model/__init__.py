@@ -1,0 +1,3 @@
+from phiforge.model.phi2 import PRESETS, KVCache, Phi2, Phi2Config, count_params_meta
+
+__all__ = ["PRESETS", "KVCache", "Phi2", "Phi2Config", "count_params_meta"]

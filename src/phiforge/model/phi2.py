@@ -1,0 +1,272 @@
+"""The Phi-2 architecture in one file: config, presets, model and KV cache.
+
+Matches transformers' PhiForCausalLM (microsoft/phi-2) exactly:
+  h = LN(x);  x = x + attn(h) + mlp(h)       (parallel attention and MLP from one LayerNorm)
+with partial NeoX rotary embeddings on the first `rotary_dim` dims of each head, gelu-tanh, biases
+everywhere, a final LayerNorm and an untied lm_head with bias. q, k and v live in one fused `qkv`
+Linear (rows ordered [q; k; v]) so a single matmul serves all three; the HF converter splits it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from phiforge.errors import ConfigError
+
+
+@dataclass
+class Phi2Config:
+    vocab_size: int = 51200  # embedding rows; rounded up to a multiple of pad_vocab_multiple
+    n_layer: int = 32
+    n_embd: int = 2560
+    n_head: int = 32
+    n_kv_head: int | None = None  # None: same as n_head (Phi-2 has no GQA, but HF's PhiConfig allows it)
+    intermediate_size: int = 10240
+    max_seq_len: int = 2048
+    rotary_pct: float = 0.4  # HF partial_rotary_factor
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    qk_layernorm: bool = False
+    init_std: float = 0.02
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    pad_vocab_multiple: int = 64
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        m = self.pad_vocab_multiple
+        if m > 1 and self.vocab_size % m:
+            self.vocab_size = (self.vocab_size + m - 1) // m * m
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.rotary_dim % 2:
+            raise ConfigError(f"rotary dim {self.rotary_dim} (head_dim x rotary_pct) must be even")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_pct)  # HF: int(head_dim * partial_rotary_factor)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Phi2Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config key(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "Phi2Config":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset '{name}' (choose from: {', '.join(PRESETS)})")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict] = {
+    # microsoft/phi-2: 2,779,683,840 parameters
+    "phi-2": dict(n_layer=32, n_embd=2560, n_head=32, intermediate_size=10240, rotary_pct=0.4),
+    # microsoft/phi-1_5 and microsoft/phi-1 share one shape (1.42B)
+    "phi-1_5": dict(n_layer=24, n_embd=2048, n_head=32, intermediate_size=8192, rotary_pct=0.5),
+    "phi-1": dict(n_layer=24, n_embd=2048, n_head=32, intermediate_size=8192, rotary_pct=0.5),
+    # CPU sizes. `tiny` (~0.9M) has a 4096-token vocab for unit tests on synthetic tokens;
+    # `small` (~14M) and `base` (~125M) take the full GPT-2/Phi-2 vocabulary.
+    "tiny": dict(vocab_size=4096, n_layer=3, n_embd=80, n_head=4, intermediate_size=320, max_seq_len=256),
+    "small": dict(n_layer=4, n_embd=128, n_head=4, intermediate_size=512, max_seq_len=512),
+    "base": dict(n_layer=12, n_embd=640, n_head=10, intermediate_size=2560, rotary_pct=0.5, max_seq_len=1024),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embedding (NeoX rotate_half, applied to the first rotary_dim dims of each head)
+
+
+def rope_cache(cfg: Phi2Config, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    dim = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    t = torch.arange(cfg.max_seq_len, device=device).float()
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, hd]; cos/sin: [T, rotary_dim]. Dims past rotary_dim pass through unchanged."""
+    r = cos.size(-1)
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    return torch.cat((x_rot, x_pass), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated per-layer K/V buffers for incremental decoding. `pos` is the number of cached tokens."""
+
+    def __init__(self, cfg: Phi2Config, batch_size: int, max_len: int | None = None, device=None, dtype=None):
+        self.max_len = max_len or cfg.max_seq_len
+        shape = (batch_size, cfg.n_kv_head, self.max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.pos, self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} tokens > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Phi2Config, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        hd = cfg.head_dim
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * hd, bias=True)
+        self.dense = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=True)
+        if cfg.qk_layernorm:
+            self.q_layernorm = nn.LayerNorm(hd, eps=cfg.layer_norm_eps)
+            self.k_layernorm = nn.LayerNorm(hd, eps=cfg.layer_norm_eps)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_kv_head
+        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(B, T, nh, hd).transpose(1, 2)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        if cfg.qk_layernorm:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        S = k.size(2)
+        if T == S:
+            mask, causal = None, True
+        elif T == 1:
+            mask, causal = None, False  # one new token sees the whole cache
+        else:  # a chunk appended to a non-empty cache: query i sits at position S - T + i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=cfg.attn_pdrop if self.training else 0.0,
+            scale=1.0 / math.sqrt(hd), enable_gqa=nkv != nh,
+        )
+        return self.dense(y.transpose(1, 2).reshape(B, T, nh * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Phi2Config):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=True)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=True)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Phi2Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.resid_drop = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None):
+        h = self.input_layernorm(x)
+        return x + self.resid_drop(self.attn(h, cos, sin, cache)) + self.resid_drop(self.mlp(h))
+
+
+class Phi2(nn.Module):
+    def __init__(self, cfg: Phi2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.embed_drop = nn.Dropout(cfg.embd_pdrop)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.final_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
+        self._init_rope(device=None)
+        self.apply(self._init_weights)
+
+    def _init_rope(self, device):
+        cos, sin = rope_cache(self.cfg, device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _init_weights(self, module):
+        std = self.cfg.init_std
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def reset_rope(self):
+        """Recompute the RoPE tables on the current device, e.g. after building on the meta device."""
+        self._init_rope(device=self.lm_head.weight.device)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if exclude_embedding else n
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-LayerNorm output [B, T, d] for token ids idx [B, T]."""
+        T = idx.size(1)
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos = self.rope_cos[start : start + T].to(self.lm_head.weight.dtype)
+        sin = self.rope_sin[start : start + T].to(self.lm_head.weight.dtype)
+        x = self.embed_drop(self.embed_tokens(idx))
+        for block in self.layers:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.final_layernorm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """Logits [B, T, V]; with targets, the mean cross-entropy loss instead (ignore_index -100)."""
+        h = self.hidden_states(idx, cache)
+        logits = self.lm_head(h)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
+def count_params_meta(cfg: Phi2Config) -> tuple[int, int]:
+    """(total, non-embedding) parameter counts without allocating weights."""
+    with torch.device("meta"):
+        model = Phi2(cfg)
+    return model.num_params(), model.num_params(exclude_embedding=True)

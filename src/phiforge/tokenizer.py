@@ -1,0 +1,77 @@
+"""Tokenizer: GPT-2 byte-level BPE (the base of Phi-2's CodeGen tokenizer), built offline.
+
+The built-in tokenizer is made from the bundled `assets/gpt2/encoder.json` and `vocab.bpe`
+(OpenAI, MIT; see assets/gpt2/README.md). A checkpoint's own tokenizer.json, e.g. from a downloaded
+microsoft/phi-2, takes precedence over it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import BPE
+
+from phiforge.errors import CheckpointError
+
+ASSETS = Path(__file__).parent / "assets" / "gpt2"
+EOT = "<|endoftext|>"
+EOT_ID = 50256
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json")
+
+
+@lru_cache(maxsize=1)
+def _builtin_json() -> str:
+    bpe = BPE.from_file(str(ASSETS / "encoder.json"), str(ASSETS / "vocab.bpe"))
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOT])
+    return tok.to_str()
+
+
+def builtin_tokenizer() -> Tokenizer:
+    return Tokenizer.from_str(_builtin_json())
+
+
+def load_tokenizer(ckpt_dir: Path | None = None) -> Tokenizer:
+    """The checkpoint's tokenizer.json if it has one, else the built-in GPT-2 BPE."""
+    if ckpt_dir is not None and (Path(ckpt_dir) / "tokenizer.json").exists():
+        path = Path(ckpt_dir) / "tokenizer.json"
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad files
+            raise CheckpointError(f"cannot read tokenizer {path}: {e}") from None
+    return builtin_tokenizer()
+
+
+def eot_id(tok: Tokenizer) -> int:
+    i = tok.token_to_id(EOT)
+    if i is None:
+        raise CheckpointError(f"tokenizer has no {EOT} token")
+    return i
+
+
+def save_tokenizer_files(out_dir: Path, source_dir: Path | None = None) -> None:
+    """Carry over a source checkpoint's tokenizer files; otherwise write the built-in tokenizer.
+
+    The written files load with both `tokenizers.Tokenizer.from_file` and transformers' AutoTokenizer.
+    """
+    out_dir = Path(out_dir)
+    copied = set()
+    if source_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(source_dir) / name
+            if src.exists() and src.resolve() != (out_dir / name).resolve():
+                shutil.copyfile(src, out_dir / name)
+                copied.add(name)
+    if "tokenizer.json" not in copied and not (out_dir / "tokenizer.json").exists():
+        (out_dir / "tokenizer.json").write_text(_builtin_json(), encoding="utf-8")
+    if "tokenizer_config.json" not in copied and not (out_dir / "tokenizer_config.json").exists():
+        cfg = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
+               "add_prefix_space": False, "model_max_length": 2048, "clean_up_tokenization_spaces": False}
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
