@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -106,9 +107,12 @@ def load_state_dict(src_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise CheckpointError naming missing, unexpected and wrong-shaped tensors."""
-    expected = model.state_dict()
+def check_state_dict(model: torch.nn.Module | dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                     source: str) -> None:
+    """Raise CheckpointError naming missing, unexpected and wrong-shaped tensors.
+
+    `model` may also be the expected state dict itself (e.g. HF-named keys, checked before conversion)."""
+    expected = model if isinstance(model, dict) else model.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
@@ -150,20 +154,19 @@ def read_config(ckpt_dir: Path) -> Phi2Config:
         raise CheckpointError(f"bad model config in {ckpt_dir / 'config.json'}: {e}") from None
 
 
-def save_checkpoint(model: Phi2, out_dir: Path, tokenizer_dir: Path | None = None, extra: dict | None = None,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write a complete checkpoint directory. Writes into OUT.tmp then renames, so a crash leaves no half checkpoint."""
-    from phiforge.tokenizer import save_tokenizer_files
-
+@contextmanager
+def atomic_dir(out_dir: Path):
+    """Yield OUT.tmp to write into, then swap it in for OUT, so a crash never leaves a half-written directory
+    (nor stale files, e.g. old shards, from a previous OUT)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v for k, v in model.state_dict().items()}
-    save_state_dict(state, tmp, max_shard_bytes=max_shard_bytes)
-    save_tokenizer_files(tmp, source_dir=tokenizer_dir)
-    write_json_atomic(tmp / "config.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                            "model": model.cfg.to_dict(), **(extra or {})})
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -172,7 +175,25 @@ def save_checkpoint(model: Phi2, out_dir: Path, tokenizer_dir: Path | None = Non
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)
-    return out_dir
+
+
+def save_checkpoint(model: Phi2, out_dir: Path, tokenizer_dir: Path | None = None, extra: dict | None = None,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write a complete checkpoint directory. Writes into OUT.tmp then renames, so a crash leaves no half checkpoint.
+
+    `extra_weights` maps file names to state dicts saved beside the model's (e.g. vision.safetensors)."""
+    from phiforge.tokenizer import save_tokenizer_files
+
+    with atomic_dir(out_dir) as tmp:
+        state = {k: v for k, v in model.state_dict().items()}
+        save_state_dict(state, tmp, max_shard_bytes=max_shard_bytes)
+        for name, extra_state in (extra_weights or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in extra_state.items()}, str(tmp / name))
+        save_tokenizer_files(tmp, source_dir=tokenizer_dir)
+        write_json_atomic(tmp / "config.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                "model": model.cfg.to_dict(), **(extra or {})})
+    return Path(out_dir)
 
 
 def load_checkpoint(ckpt_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Phi2:
@@ -187,3 +208,16 @@ def load_checkpoint(ckpt_dir: Path, device: str | torch.device = "cpu", dtype: t
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval()
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """Accept a checkpoint directory or a training run directory (whose `latest` file names its newest checkpoint)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    latest = path / "latest"
+    if latest.exists():
+        return path / "checkpoints" / latest.read_text(encoding="utf-8").strip()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    raise CheckpointError(f"{path} holds no config.json: not a phiforge checkpoint or run directory")

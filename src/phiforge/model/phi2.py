@@ -10,13 +10,15 @@ Linear (rows ordered [q; k; v]) so a single matmul serves all three; the HF conv
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from phiforge.errors import ConfigError
+from phiforge.model.moe import MoE, MoEConfig
+from phiforge.model.xattn import GatedCrossAttention, XAttnConfig
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Phi2Config:
     resid_pdrop: float = 0.0
     attn_pdrop: float = 0.0
     pad_vocab_multiple: int = 64
+    moe: MoEConfig | None = None  # mixture-of-experts sublayers (model/moe.py, docs/moe.md); None: dense
+    xattn: XAttnConfig | None = None  # gated cross-attention to context tokens (model/xattn.py, docs/vision.md)
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -50,6 +54,12 @@ class Phi2Config:
             raise ConfigError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.rotary_dim % 2:
             raise ConfigError(f"rotary dim {self.rotary_dim} (head_dim x rotary_pct) must be even")
+        if isinstance(self.xattn, dict):  # from config.json or a YAML `model:` section
+            self.xattn = XAttnConfig.from_dict(self.xattn)
+        if isinstance(self.moe, dict):  # from config.json or a YAML `model:` section
+            self.moe = MoEConfig.from_dict(self.moe)
+        if self.moe is not None and self.moe.expert_hidden is None:  # equal active FLOPs to the dense MLP
+            self.moe = replace(self.moe, expert_hidden=max(1, self.intermediate_size // self.moe.top_k))
 
     @property
     def head_dim(self) -> int:
@@ -126,6 +136,7 @@ class KVCache:
 
     def __init__(self, cfg: Phi2Config, batch_size: int, max_len: int | None = None, device=None, dtype=None):
         self.max_len = max_len or cfg.max_seq_len
+        self.context_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # cross-attention K/V by layer
         shape = (batch_size, cfg.n_kv_head, self.max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
@@ -198,12 +209,27 @@ class Block(nn.Module):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        moe = cfg.moe if cfg.moe is not None and cfg.moe.applies_to(layer_idx) else None
+        replace_mlp = moe is not None and moe.position == "replace_mlp"
+        self.mlp = MoE(moe, cfg.n_embd, cfg.init_std) if replace_mlp else MLP(cfg)
+        self.moe = None
+        if moe is not None and not replace_mlp:  # after_mlp: its own LayerNorm and residual update
+            self.moe_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+            self.moe = MoE(moe, cfg.n_embd, cfg.init_std)
         self.resid_drop = nn.Dropout(cfg.resid_pdrop)
+        xa = cfg.xattn
+        self.xattn = None
+        if xa is not None and layer_idx % xa.every == 0:
+            self.xattn = GatedCrossAttention(xa, cfg.n_embd, cfg.n_head, layer_idx, cfg.layer_norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, context: torch.Tensor | None = None):
+        if self.xattn is not None and context is not None:
+            x = self.xattn(x, context, cache)
         h = self.input_layernorm(x)
-        return x + self.resid_drop(self.attn(h, cos, sin, cache)) + self.resid_drop(self.mlp(h))
+        x = x + self.resid_drop(self.attn(h, cos, sin, cache)) + self.resid_drop(self.mlp(h))
+        if self.moe is not None:
+            x = x + self.resid_drop(self.moe(self.moe_layernorm(x)))
+        return x
 
 
 class Phi2(nn.Module):
@@ -232,6 +258,8 @@ class Phi2(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, MoE):
+            module.reset_parameters()
 
     def reset_rope(self):
         """Recompute the RoPE tables on the current device, e.g. after building on the meta device."""
@@ -241,8 +269,18 @@ class Phi2(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed_tokens.weight.numel() if exclude_embedding else n
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-LayerNorm output [B, T, d] for token ids idx [B, T]."""
+    def moe_layers(self) -> dict[int, MoE]:
+        """MoE sublayers by block index; empty for a dense model. Each holds its last forward's `stats`."""
+        return {i: m for i, block in enumerate(self.layers) for m in block.modules() if isinstance(m, MoE)}
+
+    def moe_aux_loss(self) -> torch.Tensor | None:
+        """Sum of the MoE layers' balancing and z-losses from the last forward (None for a dense model)."""
+        losses = [m.aux_loss for m in self.moe_layers().values() if m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      context: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-LayerNorm output [B, T, d] for token ids idx [B, T]; context [B, S, context_dim] feeds xattn."""
         T = idx.size(1)
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -251,18 +289,25 @@ class Phi2(nn.Module):
         sin = self.rope_sin[start : start + T].to(self.lm_head.weight.dtype)
         x = self.embed_drop(self.embed_tokens(idx))
         for block in self.layers:
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, context)
         if cache is not None:
             cache.pos += T
         return self.final_layernorm(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
-        """Logits [B, T, V]; with targets, the mean cross-entropy loss instead (ignore_index -100)."""
-        h = self.hidden_states(idx, cache)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                context: torch.Tensor | None = None):
+        """Logits [B, T, V]; with targets, the mean cross-entropy loss instead (ignore_index -100).
+
+        In training mode an MoE model's loss also includes the routers' balancing and z-losses; the pure
+        language-model loss of the last call is kept, detached, in `self.lm_loss` (for logging)."""
+        h = self.hidden_states(idx, cache, context)
         logits = self.lm_head(h)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        self.lm_loss = loss.detach()
+        aux = self.moe_aux_loss() if self.training else None
+        return loss if aux is None else loss + aux
 
 
 def count_params_meta(cfg: Phi2Config) -> tuple[int, int]:

@@ -1,0 +1,76 @@
+"""Autoregressive generation with a KV cache: greedy (temperature 0), temperature, top-k and top-p sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from phiforge.model import KVCache, Phi2
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token id [B] from last-position logits [B, V]."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def stream(model: Phi2, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None,
+           stop_token: int | None = None, context: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Yield each new token [B] as it is produced. The prompt is prefilled once; then one token per step.
+
+    `context` [B, S, context_dim] conditions a model with cross-attention; its K/V is cached at the prefill."""
+    B, T = idx.shape
+    max_len = min(model.cfg.max_seq_len, T + max_new_tokens)
+    if T >= model.cfg.max_seq_len:
+        raise ValueError(f"prompt of {T} tokens leaves no room under max_seq_len {model.cfg.max_seq_len}")
+    p = next(model.parameters())
+    cache = KVCache(model.cfg, B, max_len=max_len, device=p.device, dtype=p.dtype)
+    logits = model(idx, cache=cache, context=context)[:, -1]
+    n = max_len - T
+    for i in range(n):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        yield nxt
+        if i == n - 1 or (stop_token is not None and bool((nxt == stop_token).all())):
+            return
+        logits = model(nxt[:, None], cache=cache, context=context)[:, -1]
+
+
+def generate(model: Phi2, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, stop_token: int | None = None,
+             on_token: Callable[[torch.Tensor], None] | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
+    """Return idx extended by up to max_new_tokens tokens: [B, T + n]."""
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=idx.device).manual_seed(seed)
+    out = [idx]
+    for tok in stream(model, idx, max_new_tokens, temperature, top_k, top_p, gen, stop_token, context):
+        out.append(tok[:, None])
+        if on_token is not None:
+            on_token(tok)
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def generate_uncached(model: Phi2, idx: torch.Tensor, max_new_tokens: int,
+                      context: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy decoding by recomputing the full sequence each step: the reference for the KV-cache test."""
+    for _ in range(max_new_tokens):
+        nxt = model(idx, context=context)[:, -1].argmax(dim=-1, keepdim=True)
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx

@@ -1,0 +1,240 @@
+"""Lossless conversion between Hugging Face `PhiForCausalLM` checkpoints and phiforge checkpoints.
+
+The only structural difference is attention: HF keeps q_proj/k_proj/v_proj separate, we keep one fused
+`qkv` Linear with rows [q; k; v]. Everything else is a rename (`model.` prefix, `self_attn` -> `attn`).
+Tensors are copied bit for bit and keep their dtype unless a dtype is asked for. Nothing here imports
+transformers: the output is plain config.json + safetensors that `PhiForCausalLM.from_pretrained` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import torch
+
+from phiforge.checkpoint import (
+    _read_json,
+    atomic_dir,
+    check_state_dict,
+    load_state_dict,
+    read_config,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_state_dict,
+    write_json_atomic,
+)
+from phiforge.errors import CheckpointError, ConfigError
+from phiforge.model import Phi2, Phi2Config
+from phiforge.tokenizer import EOT_ID, save_tokenizer_files
+
+HF_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Phi2Config field -> HF PhiConfig key.
+_TO_HF = {
+    "vocab_size": "vocab_size",
+    "n_layer": "num_hidden_layers",
+    "n_embd": "hidden_size",
+    "n_head": "num_attention_heads",
+    "n_kv_head": "num_key_value_heads",
+    "intermediate_size": "intermediate_size",
+    "max_seq_len": "max_position_embeddings",
+    "rotary_pct": "partial_rotary_factor",
+    "rope_theta": "rope_theta",
+    "layer_norm_eps": "layer_norm_eps",
+    "qk_layernorm": "qk_layernorm",
+    "init_std": "initializer_range",
+    "embd_pdrop": "embd_pdrop",
+    "resid_pdrop": "resid_pdrop",
+    "attn_pdrop": "attention_dropout",
+}
+# Fields with no HF key that change nothing HF needs to know (the padding is already in vocab_size).
+_NO_HF_KEY = {"pad_vocab_multiple"}
+
+# transformers' PhiConfig defaults, for keys a config.json leaves out (HF itself fills them the same way).
+_HF_DEFAULTS = {
+    "vocab_size": 51200, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+    "num_attention_heads": 32, "num_key_value_heads": None, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+    "attention_dropout": 0.0, "hidden_act": "gelu_new", "max_position_embeddings": 2048, "initializer_range": 0.02,
+    "layer_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 10000.0, "rope_scaling": None,
+    "partial_rotary_factor": 0.5, "qk_layernorm": False,
+}
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def config_from_hf(hf_config: dict) -> Phi2Config:
+    """Phi2Config for an HF PhiConfig dict (config.json). Raises CheckpointError for what we cannot reproduce."""
+    c = {**_HF_DEFAULTS, **hf_config}
+    if c["hidden_act"] not in ("gelu_new", "gelu_pytorch_tanh"):  # both are gelu(approximate="tanh")
+        raise CheckpointError(f"unsupported hidden_act '{c['hidden_act']}' in HF config (phiforge implements gelu_new)")
+    if c["tie_word_embeddings"]:
+        raise CheckpointError("tie_word_embeddings=true in HF config is not supported (Phi-2 has an untied lm_head)")
+    if c["rope_scaling"] is not None:
+        raise CheckpointError(f"rope_scaling {c['rope_scaling']} in HF config is not supported (only plain RoPE)")
+    heads = c["num_attention_heads"]
+    if c.get("head_dim") not in (None, c["hidden_size"] // max(heads, 1)):
+        raise CheckpointError(f"head_dim {c['head_dim']} != hidden_size / num_attention_heads is not supported")
+    vocab = c["vocab_size"]
+    try:
+        return Phi2Config(
+            **{ours: c[theirs] for ours, theirs in _TO_HF.items()},
+            # keep the vocab exactly as stored: the embedding must match the file row for row
+            pad_vocab_multiple=64 if isinstance(vocab, int) and vocab % 64 == 0 else 1,
+        )
+    except (ConfigError, TypeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"unusable HF config: {e}") from None
+
+
+def hf_unrepresentable(model_config: dict, cls: type = Phi2Config) -> list[str]:
+    """Model config keys switched on that a HF PhiConfig cannot express (e.g. MoE or cross-attention blocks).
+
+    Generic on purpose: any field that is neither mapped nor at its 'off' value (None or the dataclass
+    default) counts, so new architecture options are refused until a mapping is written for them."""
+    defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+    return sorted(k for k, v in model_config.items()
+                  if k not in _TO_HF and k not in _NO_HF_KEY and v is not None and v != defaults.get(k, None))
+
+
+def config_to_hf(cfg: Phi2Config, torch_dtype: str = "float32") -> dict:
+    """config.json contents for transformers' PhiForCausalLM."""
+    bad = hf_unrepresentable(cfg.to_dict(), type(cfg))
+    if bad:
+        raise CheckpointError(f"model config field(s) {', '.join(bad)} cannot be represented in a Hugging Face "
+                              "PhiConfig; this model cannot be exported with `convert to-hf`")
+    d = cfg.to_dict()
+    eot = EOT_ID if cfg.vocab_size > EOT_ID else None  # small test vocabularies have no <|endoftext|> row
+    return {
+        "architectures": ["PhiForCausalLM"],
+        "model_type": "phi",
+        **{theirs: d[ours] for ours, theirs in _TO_HF.items()},
+        "hidden_act": "gelu_new",
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "torch_dtype": torch_dtype,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# State dicts
+
+
+def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: Phi2Config) -> dict[str, torch.Tensor]:
+    """Our keys -> HF keys, splitting each fused qkv into q_proj, k_proj, v_proj."""
+    sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
+    out = {}
+    for k, v in sd.items():
+        if ".attn.qkv." in k:
+            layer, kind = k.split(".attn.qkv.")
+            for name, part in zip(_QKV, v.split(sizes, dim=0)):
+                out[f"model.{layer}.self_attn.{name}.{kind}"] = part.clone()  # own storage: safetensors refuses views
+        elif k.startswith("lm_head."):
+            out[k] = v
+        else:
+            out["model." + k.replace(".attn.", ".self_attn.")] = v
+    return out
+
+
+def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: Phi2Config) -> dict[str, torch.Tensor]:
+    """HF keys -> our keys, fusing q_proj, k_proj, v_proj into qkv (rows [q; k; v]). Expects all three per layer."""
+    out, parts = {}, {}
+    for k, v in sd.items():
+        name = k.removeprefix("model.").replace(".self_attn.", ".attn.")
+        for proj in _QKV:
+            if f".attn.{proj}." in name:
+                layer, kind = name.split(f".attn.{proj}.")
+                parts.setdefault(f"{layer}.attn.qkv.{kind}", {})[proj] = v
+                break
+        else:
+            out[name] = v
+    for key, p in parts.items():
+        out[key] = torch.cat([p[name] for name in _QKV], dim=0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Directories
+
+
+def _files(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.is_file())
+
+
+def _summary(state: dict[str, torch.Tensor], out: Path) -> dict:
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})
+    return {"params": sum(v.numel() for v in state.values()), "dtype": ", ".join(dtypes), "out": str(out),
+            "files": _files(out)}
+
+
+def read_hf_config(src_dir: Path) -> dict:
+    src_dir = Path(src_dir)
+    if not src_dir.is_dir():
+        raise CheckpointError(f"Hugging Face checkpoint directory not found: {src_dir}")
+    hf = _read_json(src_dir / "config.json", "Hugging Face config")
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{src_dir / 'config.json'} is not a JSON object")
+    if hf.get("model_type") != "phi":
+        hint = ""
+        if hf.get("format") == "phiforge":
+            hint = " (it is already a phiforge checkpoint)"
+        elif hf.get("model_type") == "phi-msft":
+            hint = " (old remote-code layout; use a current microsoft/phi-2 revision)"
+        raise CheckpointError(f"{src_dir / 'config.json'} has model_type {hf.get('model_type')!r}, "
+                              f"expected 'phi'{hint}")
+    return hf
+
+
+def convert_from_hf(src_dir: Path, out_dir: Path, **save_kwargs) -> dict:
+    """HF PhiForCausalLM directory -> phiforge checkpoint (same dtype, tokenizer files carried over)."""
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    cfg = config_from_hf(read_hf_config(src_dir))
+    if not any(src_dir.glob("*.safetensors")) and any(src_dir.glob("*.bin")):
+        raise CheckpointError(f"{src_dir} has only PyTorch .bin weights; phiforge reads safetensors "
+                              "(re-save with save_pretrained(..., safe_serialization=True))")
+    hf_state = load_state_dict(src_dir)
+    with torch.device("meta"):
+        model = Phi2(cfg)
+    # Check against HF names first so errors name the keys that are actually in the user's files.
+    check_state_dict(state_dict_to_hf(model.state_dict(), cfg), hf_state, str(src_dir))
+    model.load_state_dict(state_dict_from_hf(hf_state, cfg), strict=True, assign=True)
+    save_checkpoint(model, out_dir, tokenizer_dir=src_dir, **save_kwargs)
+    return _summary(model.state_dict(), out_dir)
+
+
+def convert_to_hf(src_dir: Path, out_dir: Path, dtype: str | None = None,
+                  max_shard_bytes: int = HF_SHARD_BYTES) -> dict:
+    """phiforge checkpoint -> directory that PhiForCausalLM / AutoTokenizer.from_pretrained load."""
+    src_dir, out_dir = resolve_checkpoint(src_dir), Path(out_dir)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype '{dtype}' (choose from: {', '.join(DTYPES)})")
+    if out_dir.resolve() == src_dir.resolve():
+        raise CheckpointError("output directory must differ from the source checkpoint")
+    # Check the raw dict before read_config, which would reject keys it does not know with a less useful message.
+    raw = _read_json(src_dir / "config.json", "checkpoint config")
+    raw = raw.get("model") if isinstance(raw, dict) else None
+    bad = hf_unrepresentable(raw) if isinstance(raw, dict) else []
+    if bad:
+        raise CheckpointError(f"model config field(s) {', '.join(bad)} in {src_dir} cannot be represented in a "
+                              "Hugging Face PhiConfig; this model cannot be exported with `convert to-hf`")
+    cfg = read_config(src_dir)
+    state = load_state_dict(src_dir)
+    with torch.device("meta"):
+        check_state_dict(Phi2(cfg), state, str(src_dir))
+    if dtype is not None:
+        state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+    torch_dtype = str(state["lm_head.weight"].dtype).removeprefix("torch.")
+    hf_config = config_to_hf(cfg, torch_dtype=torch_dtype)
+    with atomic_dir(out_dir) as tmp:
+        save_state_dict(state_dict_to_hf(state, cfg), tmp, max_shard_bytes=max_shard_bytes)
+        write_json_atomic(tmp / "config.json", hf_config)
+        gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config[k] is not None}
+        write_json_atomic(tmp / "generation_config.json", gen)
+        save_tokenizer_files(tmp, source_dir=src_dir)
+    return _summary(state, out_dir)

@@ -1,0 +1,101 @@
+"""Vision configs: the encoder and projector (saved in a checkpoint's config.json under "vision") and the
+two-stage fine-tuning run (`phiforge vision finetune --config FILE`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from phiforge.errors import ConfigError
+from phiforge.train.config import OptimConfig
+
+ENCODERS = ("conv", "timm", "hf", "features")
+PROJECTORS = ("mlp", "resampler")
+PARTS = ("encoder", "projector", "xattn", "lm")  # what a stage can train; everything else is frozen
+
+
+@dataclass
+class EncoderConfig:
+    type: str = "conv"  # conv (built in) | timm | hf (CLIP/SigLIP vision tower) | features (precomputed)
+    name: str = "vit_tiny_patch16_224"  # timm model name
+    path: str | None = None  # timm: local weights file; hf: local model directory. Never downloaded.
+    image_size: int = 64  # images are resized to image_size x image_size (hf: taken from the model)
+    dim: int = 128  # conv: output width; features: width of the precomputed features
+    mean: list[float] | None = None  # pixel normalisation; None: the encoder's own (0.5 for conv)
+    std: list[float] | None = None
+    kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments, e.g. {patch_size: 8, depth: 4}
+    hf_config: dict | None = None  # filled in from `path` when first built, so a checkpoint needs no source dir
+
+    def __post_init__(self):
+        if self.type not in ENCODERS:
+            raise ConfigError(f"vision.encoder.type must be one of {', '.join(ENCODERS)}, got '{self.type}'")
+        if self.type == "hf" and not self.path and self.hf_config is None:
+            raise ConfigError("vision.encoder.type hf needs vision.encoder.path (a local CLIP/SigLIP directory)")
+
+
+@dataclass
+class ProjectorConfig:
+    type: str = "mlp"  # mlp: one context token per encoder token | resampler: num_tokens learned latents
+    num_tokens: int = 16  # resampler latents (Flamingo uses 64)
+    depth: int = 2  # resampler layers
+    heads: int = 4  # resampler attention heads
+
+    def __post_init__(self):
+        if self.type not in PROJECTORS:
+            raise ConfigError(f"vision.projector.type must be one of {', '.join(PROJECTORS)}, got '{self.type}'")
+
+
+@dataclass
+class VisionConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+
+
+@dataclass
+class VisionDataConfig:
+    train: str = "data/vision-synth/train.json"  # LLaVA-format JSON list (or JSONL)
+    val: str | None = None  # same format; its loss is logged every eval_interval steps
+    image_dir: str | None = None  # where `image` paths are resolved; None: the JSON file's directory
+    max_len: int = 128  # tokens per conversation; longer ones are truncated
+
+
+@dataclass
+class StageConfig:
+    steps: int = 0  # 0 skips the stage
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    train: list[str] = field(default_factory=lambda: ["projector", "xattn"])  # parts of PARTS to train
+
+    def __post_init__(self):
+        bad = sorted(set(self.train) - set(PARTS))
+        if bad:
+            raise ConfigError(f"unknown part(s) to train: {', '.join(bad)} (choose from {', '.join(PARTS)})")
+
+
+@dataclass
+class FinetuneConfig:
+    model: dict = field(default_factory=lambda: {"preset": "small", "xattn": {"every": 1}})  # ignored with init_from
+    init_from: str | None = None  # a phiforge checkpoint: text-only (gets xattn from model.xattn) or vision
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    data: VisionDataConfig = field(default_factory=VisionDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # lr and warmup_steps come from each stage
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=100))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=100, train=["projector", "xattn", "lm"]))
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 1
+    eval_interval: int = 100
+    eval_batches: int = 4
+    log_interval: int = 10
+    out_dir: str = "runs/vision"
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 1337
+    threads: int = 0
+
+    def __post_init__(self):
+        if self.optim.schedule not in ("cosine", "linear", "wsd", "constant"):
+            raise ConfigError(f"optim.schedule must be cosine, linear, wsd or constant, got '{self.optim.schedule}'")
+        if self.precision not in ("auto", "fp32", "bf16-mixed"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16-mixed, got '{self.precision}'")
+        for name in ("micro_batch_size", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")

@@ -1,0 +1,353 @@
+"""Mixture of experts (issue 5): fast paths vs the reference loop, identity at init, balancing, config,
+checkpoints, upcycling, HF export refusal and the moe-report plot. All on CPU, each test a few seconds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from phiforge.checkpoint import load_checkpoint, save_checkpoint
+from phiforge.cli import main
+from phiforge.config import load_config
+from phiforge.errors import CheckpointError, ConfigError
+from phiforge.model import MoE, MoEConfig, Phi2, Phi2Config
+from phiforge.model.moe import moe_metrics
+
+from conftest import assert_one_line_error, run_cli
+
+TINY = dict(vocab_size=256, n_layer=2, n_embd=32, n_head=2, intermediate_size=64, max_seq_len=64)
+
+
+def _grouped_mm_on_cpu() -> bool:
+    try:
+        torch._grouped_mm(torch.randn(4, 8), torch.randn(2, 8, 8), offs=torch.tensor([2, 4], dtype=torch.int32))
+        return True
+    except Exception:
+        return False
+
+
+FAST = ["padded"] + (["grouped"] if _grouped_mm_on_cpu() else [])  # grouped: the GPU path, checked in fp32 here
+
+
+def _layer(seed=0, d=32, **kw) -> MoE:
+    torch.manual_seed(seed)
+    layer = MoE(MoEConfig(**{"num_experts": 6, "top_k": 2, "expert_hidden": 24, **kw}), d)
+    with torch.no_grad():  # non-zero outputs, so every parameter has a gradient to compare
+        for name, p in layer.named_parameters():
+            if name not in ("router", "w1", "shared_w1"):
+                p.normal_(0, 0.1)
+        if layer.cfg.bias_balancing:
+            layer.expert_bias.normal_(0, 0.05)
+    return layer
+
+
+def _run(layer: MoE, impl: str, x: torch.Tensor):
+    layer.impl = impl
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().add(layer.aux_loss).backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    return y.detach(), x.grad, grads, {k: v.clone() for k, v in layer.stats.items()}
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("kw", [
+    {},
+    {"capacity_factor": 0.75},  # drops some assignments
+    {"router": "sigmoid", "shared_experts": 1, "bias_balancing": True},
+    {"top_k": 1, "capacity_factor": 1.0},
+], ids=["dropless", "capacity", "sigmoid-shared-bias", "top1-capacity"])
+def test_fast_path_equals_reference_loop(impl, kw):
+    layer = _layer(**kw)
+    x = torch.randn(3, 40, 32)
+    y_ref, gx_ref, g_ref, s_ref = _run(layer, "loop", x)
+    y, gx, g, s = _run(layer, impl, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-5, msg=name)
+    for name in s_ref:
+        torch.testing.assert_close(s[name], s_ref[name])
+    if kw.get("capacity_factor", 1.0) < 1.0:
+        assert s["dropped"] > 0
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_fast_path_with_unused_experts(impl):
+    layer = _layer(num_experts=8, bias_balancing=True)
+    with torch.no_grad():
+        layer.expert_bias[:3] = -10.0  # experts 0-2 are never chosen: empty groups
+    x = torch.randn(37, 32)  # group sizes that are not multiples of the grouped GEMM's alignment
+    y_ref, gx_ref, g_ref, _ = _run(layer, "loop", x)
+    y, gx, g, stats = _run(layer, impl, x)
+    assert stats["load"][:3].sum() == 0
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_capacity_drops_exactly_the_overflow():
+    layer = _layer(capacity_factor=0.5)
+    y = layer(torch.randn(60, 32))
+    C = layer.capacity(60)
+    counts = layer.stats["load"] * 60 * 2
+    assert int(layer.stats["dropped"]) == int((counts.round() - C).clamp(min=0).sum())
+    assert y.shape == (60, 32)
+
+
+@pytest.mark.parametrize("impl", ["loop"] + FAST)
+def test_capacity_dropping_is_causal_and_only_in_training(impl):
+    layer = _layer(capacity_factor=0.5)
+    layer.impl = impl
+    x = torch.randn(2, 40, 32)
+    later = x.clone()
+    later[:, 25:] = torch.randn(2, 15, 32)  # change the future: earlier outputs must not move
+    y, y_later = layer(x), layer(later)
+    assert layer.stats["dropped"] > 0
+    assert torch.equal(y[0, :25], y_later[0, :25])
+    layer.eval()  # dropless: a token's output does not depend on the rest of the batch at all
+    torch.testing.assert_close(layer(x)[1:, 7], layer(x[1:, 7]), rtol=1e-5, atol=1e-6)
+    assert layer.stats["dropped"] == 0
+
+
+def test_router_and_experts_receive_gradients():
+    torch.manual_seed(0)
+    model = Phi2(Phi2Config(**TINY, moe={"num_experts": 4, "top_k": 2, "shared_experts": 1}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 256, (4, 32))
+    model.train()
+    for _ in range(2):  # zero-init output projections: w1 only gets a gradient once w2 has moved
+        opt.zero_grad()
+        model(x, x).backward()
+        opt.step()
+    for i, layer in model.moe_layers().items():
+        for name, p in layer.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"layer {i} {name} got no gradient"
+
+
+def _dense_and_moe(moe: dict):
+    torch.manual_seed(0)
+    dense = Phi2(Phi2Config(**TINY)).eval()
+    torch.manual_seed(1)
+    model = Phi2(Phi2Config(**TINY, moe=moe)).eval()
+    missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
+    assert not unexpected and missing and all(".moe" in k for k in missing)
+    return dense, model
+
+
+def test_zero_init_after_mlp_is_identity():
+    dense, model = _dense_and_moe({"num_experts": 4, "top_k": 2, "shared_experts": 1})
+    assert set(model.moe_layers()) == {0, 1}
+    x = torch.randint(0, 256, (2, 24))
+    assert torch.equal(dense(x), model(x))
+
+
+def test_every_and_replace_mlp_placement():
+    cfg = Phi2Config(**{**TINY, "n_layer": 4}, moe={"every": 2, "position": "replace_mlp"})
+    model = Phi2(cfg)
+    assert set(model.moe_layers()) == {1, 3}
+    assert isinstance(model.layers[1].mlp, MoE) and model.layers[1].moe is None
+    assert cfg.moe.expert_hidden == 64 // 2  # default: the MLP's width / top_k
+
+
+def test_training_loss_adds_aux_only_in_training():
+    torch.manual_seed(0)
+    model = Phi2(Phi2Config(**TINY, moe={"num_experts": 4}))
+    x = torch.randint(0, 256, (2, 16))
+    model.train()
+    loss = model(x, x)
+    torch.testing.assert_close(loss.detach(), model.lm_loss + model.moe_aux_loss().detach())
+    assert model.moe_aux_loss() > 0
+    model.eval()
+    assert torch.equal(model(x, x), model.lm_loss)
+
+
+def _imbalance_after_training(steps=60, **kw) -> float:
+    """Train one MoE layer on a regression task whose inputs share a large common direction, which routes
+    most tokens to the same few experts; return the imbalance (max/mean load) on fresh inputs."""
+    torch.manual_seed(0)
+    d = 16
+    layer = MoE(MoEConfig(num_experts=8, top_k=2, expert_hidden=16, z_loss_coef=0.0, **kw), d)
+    offset, target = torch.randn(d), torch.randn(d, d) / d**0.5
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for _ in range(steps):
+        x = torch.randn(256, d) + offset
+        loss = (layer(x) - x @ target).square().mean() + layer.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        layer.update_bias()
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2048, d) + offset)
+    return float(layer.stats["imbalance"])
+
+
+def test_aux_loss_lowers_imbalance():
+    without = _imbalance_after_training(aux_loss_coef=0.0)
+    with_aux = _imbalance_after_training(aux_loss_coef=0.1)
+    assert without > 2.0  # the toy task is imbalanced to begin with
+    assert with_aux < 0.75 * without, (with_aux, without)
+
+
+def test_bias_balancing_lowers_imbalance():
+    without = _imbalance_after_training(aux_loss_coef=0.0)
+    with_bias = _imbalance_after_training(aux_loss_coef=0.0, bias_balancing=True, bias_update_rate=0.02)
+    assert with_bias < 0.75 * without, (with_bias, without)
+
+
+def test_update_bias_favours_underloaded_experts():
+    layer = MoE(MoEConfig(num_experts=4, top_k=1, expert_hidden=8, bias_balancing=True, bias_update_rate=0.1), 8)
+    layer.train()
+    layer._load_sum = torch.tensor([10, 0, 3, 3])
+    layer.update_bias()
+    torch.testing.assert_close(layer.expert_bias, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
+    layer.update_bias()  # nothing routed since: no change
+    torch.testing.assert_close(layer.expert_bias, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
+    layer.eval()
+    layer(torch.randn(5, 8))  # eval forwards do not count towards the balance
+    assert layer._load_sum is None
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"top_k": 0}, "top_k"),
+    ({"num_experts": 2, "top_k": 3}, "top_k"),
+    ({"position": "before_mlp"}, "position"),
+    ({"router": "relu"}, "router"),
+    ({"capacity_factor": 0}, "capacity_factor"),
+    ({"every": 0}, "every"),
+    ({"aux_loss_coef": -1}, "aux_loss_coef"),
+    ({"num_expert": 8}, "unknown config key 'moe.num_expert'"),
+    ({"top_k": "two"}, "moe.top_k"),
+])
+def test_config_errors(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        Phi2Config(**TINY, moe=bad)
+
+
+def test_train_config_accepts_moe_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  preset: tiny\n  moe:\n    num_experts: 4\n")
+    from phiforge.train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, path, ["model.moe.top_k=1", "model.moe.capacity_factor=1.25"])
+    moe = cfg.model_config().moe
+    assert (moe.num_experts, moe.top_k, moe.capacity_factor, moe.expert_hidden) == (4, 1, 1.25, 320)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = Phi2Config(**TINY, moe={"num_experts": 4, "router": "sigmoid", "bias_balancing": True, "every": 2})
+    model = Phi2(cfg)
+    with torch.no_grad():
+        for layer in model.moe_layers().values():
+            layer.w2.normal_(0, 0.05)
+            layer.expert_bias.normal_(0, 0.1)
+    model.eval()
+    save_checkpoint(model, tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert meta["model"]["moe"]["router"] == "sigmoid"
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.cfg == cfg
+    x = torch.randint(0, 256, (2, 16))
+    assert torch.equal(loaded(x), model(x))
+    assert torch.equal(loaded.layers[1].moe.expert_bias, model.layers[1].moe.expert_bias)
+
+
+def test_upcycle_zero_is_identity_and_copy_matches_mlp(tmp_path, capsys):
+    torch.manual_seed(0)
+    dense = Phi2(Phi2Config(**TINY)).eval()
+    save_checkpoint(dense, tmp_path / "dense")
+    x = torch.randint(0, 256, (2, 24))
+    assert main(["convert", "upcycle", str(tmp_path / "dense"), str(tmp_path / "zero"),
+                 "--moe", "num_experts=4,top_k=2,every=2"]) == 0
+    zero = load_checkpoint(tmp_path / "zero")
+    assert set(zero.moe_layers()) == {1}
+    assert torch.equal(zero(x), dense(x))
+    # replace_mlp + copy without noise: top-2 gates sum to 1 over identical experts = the dense MLP
+    assert main(["convert", "upcycle", str(tmp_path / "dense"), str(tmp_path / "copy"), "--init", "copy",
+                 "--noise", "0", "--moe", '{"num_experts": 4, "position": "replace_mlp"}']) == 0
+    copy = load_checkpoint(tmp_path / "copy")
+    torch.testing.assert_close(copy(x), dense(x), rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    assert_one_line_error(*run_cli(capsys, "convert", "upcycle", tmp_path / "zero", tmp_path / "again",
+                                   "--moe", "top_k=1")[::2], "already has MoE layers")
+    assert_one_line_error(*run_cli(capsys, "convert", "upcycle", tmp_path / "dense", tmp_path / "bad",
+                                   "--moe", "top_k=1,expert_hidden=8", "--init", "copy")[::2], "expert_hidden")
+
+
+def test_hf_export_of_moe_model_fails_clearly(tmp_path, capsys):
+    save_checkpoint(Phi2(Phi2Config(**TINY, moe={"num_experts": 2, "top_k": 1})), tmp_path / "moe")
+    code, _, err = run_cli(capsys, "convert", "to-hf", tmp_path / "moe", tmp_path / "hf")
+    assert_one_line_error(code, err, "moe", "cannot be represented in a Hugging Face PhiConfig")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_moe_report_writes_png(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = Phi2(Phi2Config(**TINY, moe={"num_experts": 4, "capacity_factor": 1.0})).train()
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"event": "start"}) + "\n")
+        for step in (10, 20, 30):
+            model(torch.randint(0, 256, (2, 16)))
+            f.write(json.dumps({"event": "moe", "step": step, "tokens": step * 32, "layers": moe_metrics(model)}) + "\n")
+    assert main(["moe-report", str(run), "--out", str(tmp_path / "load.png")]) == 0
+    assert (tmp_path / "load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["moe-report", str(run)]) == 0 and (run / "moe-load.png").exists()
+
+
+def test_compiles_without_graph_breaks():
+    """With a capacity the layer has no host sync, so the whole model traces as one graph (aot_eager: no C++
+    compiler needed); losses, gradients and the side-channel stats match eager."""
+    torch.manual_seed(0)
+    model = Phi2(Phi2Config(**TINY, moe={"num_experts": 4, "capacity_factor": 1.0, "bias_balancing": True})).train()
+    with torch.no_grad():
+        for layer in model.moe_layers().values():
+            layer.w2.normal_(0, 0.1)
+    x = torch.randint(0, 256, (2, 16))
+    ref = model(x, x)
+    ref.backward()
+    ref_grad, ref_load = model.layers[0].moe.router.grad.clone(), model.layers[0].moe._load_sum.clone()
+    model.zero_grad()
+    model.layers[0].moe._load_sum = None
+    loss = torch.compile(model, backend="aot_eager", fullgraph=True)(x, x)
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(model.layers[0].moe.router.grad, ref_grad)
+    assert torch.equal(model.layers[0].moe._load_sum, ref_load)
+
+
+def test_train_loop_logs_moe_metrics_and_balances(gutenberg_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, err = run_cli(
+        capsys, "train", "--set", f"data.dir={gutenberg_dir}", "--set", f"out_dir={run}",
+        "--set", "model={n_layer: 2, n_embd: 32, n_head: 2, intermediate_size: 64, max_seq_len: 64, "
+                 "moe: {num_experts: 4, every: 2, bias_balancing: true, capacity_factor: 1.0}}",
+        "--set", "data.seq_len=32", "--set", "micro_batch_size=4", "--set", "grad_accum_steps=2",
+        "--set", "max_steps=4", "--set", "log_interval=2", "--set", "eval_interval=4", "--set", "eval_batches=1",
+        "--set", "optim.warmup_steps=1")
+    assert code == 0, err
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    moe = [e for e in events if e["event"] == "moe"]
+    assert [e["step"] for e in moe] == [2, 4] and set(moe[-1]["layers"]) == {"1"}
+    stats = moe[-1]["layers"]["1"]
+    assert len(stats["load"]) == 4 and abs(sum(stats["load"]) - 1) < 1e-4
+    assert stats["imbalance"] >= 1.0 and stats["aux"] > 0 and stats["dropped"] >= 0
+    train_loss = [e["loss"] for e in events if e["event"] == "train"]
+    assert all(5 < loss < 12 for loss in train_loss)  # the pure LM loss (ln 51200 = 10.8 at init)
+    model = load_checkpoint(run / "checkpoints" / (run / "latest").read_text().strip())
+    assert model.layers[1].moe.expert_bias.abs().sum() > 0  # 4 bias updates happened and were saved
+    code, out, err = run_cli(capsys, "moe-report", run)
+    assert code == 0 and (run / "moe-load.png").exists(), err
+
+
+def test_moe_report_errors_are_one_line(tmp_path, capsys):
+    assert_one_line_error(*run_cli(capsys, "moe-report", tmp_path / "nope")[::2], "run directory not found")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 1, "loss": 5.0}) + "\n")
+    assert_one_line_error(*run_cli(capsys, "moe-report", tmp_path)[::2], "no MoE metrics")
