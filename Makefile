@@ -1,24 +1,32 @@
-# `make demo` and `make test` set everything up on a fresh machine; nothing is downloaded at run time
+# `make demo` and `make test` set everything up on a fresh machine. Nothing is downloaded at run time
 # beyond the Python packages themselves.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q --disable-pip-version-check
 # torch 2.14.1 + torchvision 0.29.1: the vision (timm) and LitGPT (litdata) extras need torchvision,
-# and this pair is the one that imports together here. The core alone works with torch>=2.6.
+# and this pair imports together here. The core alone works with any torch in pyproject's range.
 TORCH := torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test
+TEST_EXTRAS := test
 DEMO_DATA := data/gutenberg
 DEMO_RUN := runs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup setup-test demo test clean
 
-$(BIN)/.installed-$(EXTRAS): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(BIN)/.core: $(BIN)/python pyproject.toml
+	$(PIP) $(TORCH)
+	$(PIP) -e .
 	touch $@
 
-setup: $(BIN)/.installed-$(EXTRAS)
+$(BIN)/.test: $(BIN)/.core
+	$(PIP) $(TORCH) -e ".[$(TEST_EXTRAS)]"
+	touch $@
+
+setup: $(BIN)/.core
+setup-test: $(BIN)/.test
 
 demo: setup
 	$(BIN)/phiforge prepare gutenberg --source bundled --out $(DEMO_DATA)
@@ -26,7 +34,7 @@ demo: setup
 	$(BIN)/phiforge generate --checkpoint $(DEMO_RUN) --prompt "It is a truth universally acknowledged" \
 		--max-new-tokens 80 --temperature 0.8 --top-k 50 --seed 0
 
-test: setup
+test: setup-test
 	$(BIN)/python -m pytest -q
 
 clean:
