@@ -1,46 +1,69 @@
-"""`phiforge data inspect DIR`: what a prepared dataset holds."""
+"""`phiforge data inspect DIR`: what a prepared token dataset holds."""
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import defaultdict
 
 
 def register(sub) -> None:
-    p = sub.add_parser("data", help="inspect prepared datasets")
+    p = sub.add_parser("data", help="inspect prepared token datasets")
     cmds = p.add_subparsers(dest="data_command", metavar="COMMAND")
     cmds.required = True
-    i = cmds.add_parser("inspect", help="documents, tokens per split, source shares and a decoded sample")
-    i.add_argument("dir")
-    i.add_argument("--verify", action="store_true", help="also check every shard's sha256")
-    i.add_argument("--sample-tokens", type=int, default=60)
+    i = cmds.add_parser("inspect", help="documents, tokens per split, per-source shares and a decoded sample")
+    i.add_argument("dir", metavar="DIR")
+    i.add_argument("--verify", action="store_true", help="also check every shard's sha256 (reads all shards)")
+    i.add_argument("--sample-tokens", type=int, default=60, metavar="N", help="tokens to decode (default 60)")
+    i.add_argument("--split", help="split to sample from (default: train)")
     i.set_defaults(func=run_inspect)
 
 
 def run_inspect(args) -> int:
-    from phiforge.data.loader import TokenStream
     from phiforge.data.shards import open_token_dataset
+    from phiforge.errors import DataError
     from phiforge.tokenizer import load_tokenizer
 
     ds = open_token_dataset(args.dir)
     if args.verify:
         ds.verify()
-    docs = ds.index["documents"]
-    print(f"dataset {ds.dir}: {len(docs)} documents, dtype {ds.index['dtype']}, "
-          f"tokenizer vocab {ds.vocab_size}")
+    docs = ds.documents
+    tok = ds.index["tokenizer"]
+    print(f"dataset {ds.dir}: format {ds.index['format']} v{ds.index['version']}, {ds.index['dtype']}, "
+          f"tokenizer {tok.get('name', '?')} (vocab {tok['vocab_size']:,}, eot {tok['eot_id']})")
+    prep = ds.index.get("prepared", {})
+    if prep:
+        val = prep.get("val", {})
+        print(f"prepared from {prep.get('corpus', '?')}/{prep.get('source', '?')}; "
+              f"validation by {val.get('method', '?')}: {', '.join(val.get('ids', []))}")
+    total = sum(ds.split_tokens(s) for s in ds.splits()) or 1
+    print(f"{'split':<6} {'docs':>6} {'tokens':>14} {'share':>6} {'shards':>6}")
     for split in ds.splits():
-        info = ds.index["splits"][split]
-        print(f"  {split:<6} {info['documents']:>6} docs {info['tokens']:>14,} tokens in {len(info['shards'])} shard(s)")
-    by_source = Counter()
-    for d in docs:
-        by_source[d["source"]] += d["tokens"]
-    total = sum(by_source.values()) or 1
-    for src, n in by_source.most_common():
-        print(f"  source {src:<14} {n:>14,} tokens ({100 * n / total:.1f}%)")
-    split = "train" if "train" in ds.splits() else ds.splits()[0]
-    stream = TokenStream(ds, split)
-    n = min(args.sample_tokens, stream.total)
-    text = load_tokenizer(ds.dir).decode(stream.read(0, n).tolist())
-    print(f"  sample ({split}, first {n} tokens): {text!r}")
+        n = ds.split_tokens(split)
+        print(f"{split:<6} {ds.split_documents(split):>6} {n:>14,} {100 * n / total:>5.1f}% "
+              f"{len(ds.index['splits'][split]['shards']):>6}")
+    if docs:
+        by_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for d in docs:
+            by_source[d.get("source", "?")][0] += 1
+            by_source[d.get("source", "?")][1] += d.get("tokens", 0)
+        print(f"{'source':<14} {'docs':>6} {'tokens':>14} {'share':>6}")
+        for src, (n_docs, n_tok) in sorted(by_source.items(), key=lambda kv: -kv[1][1]):
+            print(f"{src:<14} {n_docs:>6} {n_tok:>14,} {100 * n_tok / total:>5.1f}%")
+        print(f"documents: {len(docs)}")
+        for d in docs[:20]:
+            print(f"  {d.get('id', '?'):>8}  {d.get('split', '?'):<5} {d.get('tokens', 0):>12,}  {d.get('title', '')}")
+        if len(docs) > 20:
+            print(f"  ... {len(docs) - 20} more")
+    split = args.split or ("train" if "train" in ds.splits() else ds.splits()[0])
+    stream = ds.stream(split) if split in ds.splits() else None
+    if stream is None:
+        raise DataError(f"dataset {ds.dir} has no '{split}' split (it has: {', '.join(ds.splits())})")
+    n = max(0, min(args.sample_tokens, stream.total))
+    tokenizer = load_tokenizer(ds.dir)
+    if tokenizer.get_vocab_size() != ds.vocab_size:
+        print(f"sample: skipped ({ds.dir / 'tokenizer.json'} is missing or does not match the dataset's vocab)")
+    else:
+        text = tokenizer.decode(stream.read(0, n).tolist(), skip_special_tokens=False)
+        print(f"sample ({split}, first {n} tokens): {text!r}")
     if args.verify:
-        print("  checksums: ok")
+        print("checksums: ok")
     return 0

@@ -1,8 +1,24 @@
-"""Project Gutenberg text cleaning: BOM, line endings, header/licence/footer, Unicode NFC.
+"""Project Gutenberg text cleaning: BOM, line endings, header/licence/footer, Unicode NFC, blank lines.
 
-Header and footer are found by their marker lines. The lists cover the modern `*** START OF THE PROJECT
-GUTENBERG EBOOK` form, the older `THIS PROJECT`/`Project Gutenberg's` forms and the 1990s "small print"
-variants (after the `gutenberg` PyPI package's lists). A book with no markers is kept whole.
+`clean_book(raw)` is the whole pipeline for one book:
+
+1. `normalise`: drop U+FEFF (the BOM), CRLF/CR -> LF, Unicode NFC, strip trailing spaces/tabs from lines,
+   cap runs of blank lines at two, trim leading/trailing blank lines.
+2. `strip_gutenberg`: cut the Gutenberg header (title block, licence preamble, 1990s "small print") and
+   footer (licence, donation pages) at their marker lines, and drop a credits paragraph ("Produced by ...")
+   right after the start marker.
+
+Marker lines are matched case-insensitively at the start of a line (leading blanks and asterisks allowed).
+The lists follow the markers of the `gutenberg` PyPI package and the forms PG used from the 1990s to now:
+`*** START OF THE/THIS PROJECT GUTENBERG EBOOK ...`, `*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*...`,
+`*** END OF THE/THIS PROJECT GUTENBERG EBOOK ...`, `End of the Project Gutenberg EBook of ...`,
+`End of Project Gutenberg's ...`, `*** START: FULL LICENSE ***`, and German/French variants. Only strong
+markers are used: phrases that do not occur inside books, so a text without markers is kept whole.
+
+The book is the longest stretch that runs from a start marker (or the top of the file) to the next marker,
+when that one is an end marker (or the end of the file). This handles files with both `*** START OF THIS
+...` and a later `*END*THE SMALL PRINT`, files with the small print at the bottom, and files with only one
+kind of marker. Character counts of what was cut are returned for reports.
 """
 
 from __future__ import annotations
@@ -15,106 +31,142 @@ from pathlib import Path
 
 from phiforge.errors import DataError
 
-_START_MARKERS = [
-    r"\*+\s*START OF (THE|THIS) PROJECT GUTENBERG",
-    r"\*+\s*START OF THE PROJECT GUTENBERG",
-    r"\*END\*THE SMALL PRINT",
-    r"\*+\s*END\*?THE SMALL PRINT",
-    r"\*+\s*START\*+\s*(OF\s+)?(THE|THIS)?\s*PROJECT GUTENBERG",
-    r"This etext was prepared by",
-    r"E-text prepared by",
-    r"Produced by .*Project Gutenberg",
-    r"\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG",
-    r"START OF (THE|THIS) PROJECT GUTENBERG EBOOK",
+CLEANER_VERSION = 1  # bump when the output of clean_book changes; recorded in dataset indexes
+
+_LEAD = r"^[\s*]*"  # markers may be preceded by blanks and asterisks: "***START", " *** START", "**The"
+_PG = r"PROJEC?T\s+GUTENBERG"  # "Project Gutenberg", also the "Projet"/"Projekt" spellings below
+
+START_MARKERS = [
+    rf"START\s+OF\s+(THE|THIS)\s+{_PG}",  # *** START OF THE PROJECT GUTENBERG EBOOK X ***  (1990s..now)
+    rf"START\s+OF\s+THE\s+COPYRIGHTED\s+{_PG}",
+    rf"BEGINNING\s+OF\s+(THE|THIS)\s+{_PG}",
+    r"END\s*\*?\s*THE\s+SMALL\s+PRINT",  # *END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*
+    r"END\s+OF\s+THE\s+SMALL\s+PRINT",
+    rf"ANFANG\s+DIESES\s+PROJEKT\s+GUTENBERG",
 ]
-_END_MARKERS = [
-    r"\*+\s*END OF (THE|THIS) PROJECT GUTENBERG",
-    r"End of (the )?Project Gutenberg'?s?\s",
-    r"End of (The|the) Project Gutenberg E-?(Book|text)",
-    r"\*+\s*END OF (THE|THIS) PROJECT GUTENBERG E-?BOOK",
-    r"End of this Project Gutenberg",
-    r"\*\*\*\s*END OF THE PROJECT GUTENBERG",
-    r"END OF (THE|THIS) PROJECT GUTENBERG",
-    r"Ende dieses Project Gutenberg",
-    r"\*\*\*END OF THE PROJECT GUTENBERG",
-    r"Fin de Project Gutenberg",
+END_MARKERS = [
+    rf"END\s+OF\s+(THE\s+|THIS\s+)?{_PG}",  # *** END OF THE ... / End of the Project Gutenberg EBook of X
+    rf"END\s+OF\s+(THE\s+|THIS\s+)?PROJEKT\s+GUTENBERG",
+    rf"END\s+OF\s+THE\s+COPYRIGHTED\s+{_PG}",
+    r"END\s+OF\s+THIS\s+IS\s+COPYRIGHTED",
+    rf"THIS\s+IS\s+A\s+COPYRIGHTED\s+{_PG}\s+ETEXT,\s+DETAILS\s+ABOVE",
+    r"START:?\s+FULL\s+LICEN[CS]E",  # *** START: FULL LICENSE ***
+    rf"ENDE\s+(DIESES|DIESE)\s+(PROJECT|PROJEKT)\s+GUTENBERG",
+    r"ENDE\s+DIESES\s+ETEXTES",
+    rf"FIN\s+(DE\s+|DU\s+)?(L'|LE\s+)?(PROJECT|PROJET)\s+GUTENBERG",
+    r"CE\s+DOCUMENT\s+FUT\s+PR[EÉ]SENT[EÉ]\s+EN\s+LECTURE",
 ]
-_START_RE = re.compile("|".join(f"(?:{m})" for m in _START_MARKERS), re.IGNORECASE)
-_END_RE = re.compile("|".join(f"(?:{m})" for m in _END_MARKERS), re.IGNORECASE)
-# Credit lines that sit just after the start marker, before the book itself.
-_CREDIT_RE = re.compile(r"^(Produced by|This e-?text was produced|E-?text prepared by|Transcribed by)", re.IGNORECASE)
+# A credits paragraph right after the start marker is Gutenberg's, not the book's.
+CREDIT_MARKERS = [
+    r"PRODUCED\s+BY",
+    r"PREPARED\s+BY",
+    r"THIS\s+(E-?TEXT|E-?BOOK|ETEXT)\s+WAS\s+(PREPARED|PRODUCED|CREATED|DONE|SCANNED)\s+BY",
+    rf"THIS\s+{_PG}\s+(E-?TEXT|E-?BOOK)\s+WAS\s+PREPARED",
+    r"E-?TEXT\s+PREPARED\s+BY",
+    r"TRANSCRIBED\s+(FROM|BY)",
+    r"(SCANNED|DIGITI[SZ]ED|PROOFREAD)\s+BY",
+    r"(THE\s+)?(PROJECT\s+GUTENBERG\s+)?ONLINE\s+DISTRIBUTED\s+PROOFREADING",
+    r"(PROJECT\s+)?GUTENBERG\s+DISTRIBUTED\s+PROOFREADERS",
+]
+
+
+def _compile(markers: list[str]) -> re.Pattern:
+    return re.compile(_LEAD + "(?:" + "|".join(f"(?:{m})" for m in markers) + ")", re.IGNORECASE)
+
+
+_START_RE, _END_RE, _CREDIT_RE = _compile(START_MARKERS), _compile(END_MARKERS), _compile(CREDIT_MARKERS)
+_TRAILING_WS = re.compile(r"[ \t]+$", re.MULTILINE)
+_BLANK_RUNS = re.compile(r"\n{4,}")  # 4+ newlines = 3+ blank lines
 
 
 @dataclass
 class CleanResult:
-    text: str
-    header_chars: int  # characters removed before the book
-    footer_chars: int  # characters removed after the book
-    had_markers: bool
+    text: str  # the book, normalised, ending in one "\n"
+    header_chars: int  # characters of the normalised text removed before the book (header, licence, credits)
+    footer_chars: int  # characters removed after the book (footer, licence)
+    start_marker: str | None = None  # the marker lines used, for reports
+    end_marker: str | None = None
+
+    @property
+    def had_markers(self) -> bool:
+        return self.start_marker is not None or self.end_marker is not None
 
 
 def normalise(text: str) -> str:
-    """Strip the BOM, turn CRLF/CR into LF, compose to NFC and cap runs of blank lines at two."""
-    text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    """BOM out, LF line ends, NFC, no trailing blanks on lines, at most two blank lines in a row."""
+    text = text.replace("\ufeff", "").replace("\r\n", "\n").replace("\r", "\n")
     text = unicodedata.normalize("NFC", text)
-    return re.sub(r"\n{4,}", "\n\n\n", text)
+    text = _TRAILING_WS.sub("", text)
+    text = _BLANK_RUNS.sub("\n\n\n", text)
+    return text.strip("\n") + "\n" if text.strip() else ""
 
 
 def strip_gutenberg(text: str) -> CleanResult:
-    """Remove the Project Gutenberg header, licence and footer from already normalised text."""
+    """Remove the Project Gutenberg header, licence and footer from normalised text (see the module doc)."""
     lines = text.split("\n")
-    start, end = 0, len(lines)
-    # The start marker is in the first part of the file, the end marker in the last part; search only there so
-    # a sentence inside the book that happens to match cannot cut it.
-    head_limit = max(1, len(lines) // 2)
-    for i in range(head_limit):
-        if _START_RE.search(lines[i]):
-            start = i + 1
-    for i in range(len(lines) - 1, head_limit - 1, -1):
-        if _END_RE.search(lines[i]):
-            end = i
-    # Drop a credits paragraph right after the start marker.
-    j = start
-    while j < end and not lines[j].strip():
-        j += 1
-    if j < end and start > 0 and _CREDIT_RE.match(lines[j]):
-        while j < end and lines[j].strip():
-            j += 1
-        start = j
-    body = "\n".join(lines[start:end]).strip("\n") + "\n"
+    markers = [(-1, "start")]  # (line, kind); the top of the file counts as a start, the bottom as an end
+    for i, line in enumerate(lines):
+        if _END_RE.match(line):
+            markers.append((i, "end"))
+        elif _START_RE.match(line):
+            markers.append((i, "start"))
+    markers.append((len(lines), "end"))
+    spans = [(a, b) for (a, ka), (b, kb) in zip(markers, markers[1:]) if ka == "start" and kb == "end"]
+    start_line, end = max(spans, key=lambda s: (sum(len(x) + 1 for x in lines[s[0] + 1 : s[1]]), -s[0]))
+    start = start_line + 1
+    start_marker = lines[start_line].strip() if start_line >= 0 else None
+    end_marker = lines[end].strip() if end < len(lines) else None
+    if start_marker is not None:  # credits paragraphs ("Produced by ...") right after the marker
+        for _ in range(3):
+            j = start
+            while j < end and not lines[j].strip():
+                j += 1
+            if j >= end or not _CREDIT_RE.match(lines[j]):
+                break
+            while j < end and lines[j].strip():
+                j += 1
+            start = j
+    body = "\n".join(lines[start:end]).strip("\n")
+    body = body + "\n" if body.strip() else ""
     header = sum(len(x) + 1 for x in lines[:start])
-    footer = sum(len(x) + 1 for x in lines[end:])
-    return CleanResult(body, header, footer, had_markers=start > 0 or end < len(lines))
+    footer = max(0, len(text) - header - len(body))
+    return CleanResult(body, header, footer, start_marker, end_marker)
+
+
+def clean_book(raw: str) -> CleanResult:
+    """normalise + strip_gutenberg: raw Gutenberg text -> the book."""
+    return strip_gutenberg(normalise(raw))
 
 
 def decode_bytes(data: bytes, source: str) -> str:
-    """UTF-8 first, then cp1252 and latin-1 (old Gutenberg files). Binary data is refused."""
+    """UTF-8 (with or without BOM), else cp1252, else latin-1 (old Gutenberg files). Binary data is refused."""
     if not data.strip():
         raise DataError(f"empty file: {source}")
     if b"\x00" in data[:4096]:
         raise DataError(f"binary file, not text: {source}")
-    for enc in ("utf-8", "cp1252", "latin-1"):
-        try:
-            return data.decode(enc)
-        except UnicodeDecodeError:
-            continue
-    raise DataError(f"cannot decode text: {source}")  # latin-1 decodes anything; kept for clarity
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    try:
+        return data.decode("cp1252")
+    except UnicodeDecodeError:  # cp1252 leaves five bytes undefined; latin-1 decodes anything
+        return data.decode("latin-1")
 
 
-def read_text_file(path: Path) -> str:
+def read_bytes(path: Path) -> bytes:
+    """A file's bytes, gunzipped if it ends in .gz; unreadable files raise DataError naming the path."""
     path = Path(path)
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            data = path.read_bytes()
+                return f.read()
+        return path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"file not found: {path}") from None
     except (EOFError, gzip.BadGzipFile, OSError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    return decode_bytes(data, str(path))
 
 
-def clean_book(raw: str) -> CleanResult:
-    return strip_gutenberg(normalise(raw))
+def read_text_file(path: Path) -> str:
+    return decode_bytes(read_bytes(path), str(path))

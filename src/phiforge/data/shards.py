@@ -1,13 +1,30 @@
 """Packed token shards: headerless little-endian uint16 (uint32 for vocabularies >= 65536) plus `index.json`.
 
-    DIR/index.json          {"format": "phiforge-tokens", "version": 1, "dtype", "tokenizer": {...},
-                             "splits": {split: {"shards": [{"file", "tokens", "documents", "sha256"}], "tokens",
-                             "documents"}}, "documents": [{"id", "title", "source", "split", "tokens"}]}
-    DIR/train-00000.bin     documents back to back, each followed by <|endoftext|>
-    DIR/tokenizer.json      the tokenizer that made the tokens
+A dataset directory:
 
-Shard files are written as NAME.tmp and renamed when complete; index.json is written last, so a directory
-with an index never points at a half-written shard.
+    DIR/index.json          the only entry point; written last (see below)
+    DIR/train-00000.bin     a split's documents back to back, each followed by the EOT token
+    DIR/train-00001.bin     ... the next shard once one holds `shard_tokens` tokens
+    DIR/val-00000.bin
+    DIR/tokenizer.json      the tokenizer that made the tokens (optional; needed to decode)
+
+index.json (format "phiforge-tokens", version 1):
+
+    {"format": "phiforge-tokens", "version": 1, "dtype": "uint16",
+     "tokenizer": {"name", "vocab_size", "eot_id", ...},
+     "splits": {"train": {"shards": [{"file", "tokens", "documents", "sha256"}], "tokens", "documents"},
+                "val": {...}},
+     "documents": [{"id", "title", "source", "split", "tokens", "offset", ...}],
+     ...extra keys (provenance) that readers ignore}
+
+A split's token stream is its shards concatenated in index order. A document may run over into the next
+shard; a shard's "documents" counts the documents that *start* in it. A document's "offset" is where it
+starts in its split's stream. Readers must ignore keys they do not know; an incompatible change bumps
+"version", and readers refuse versions newer than theirs.
+
+Writing is crash-safe: each shard is written as NAME.tmp and renamed when complete, and index.json is
+written (tmp + rename) only after every shard is in place, so a directory with an index never points at a
+half-written shard.
 """
 
 from __future__ import annotations
@@ -15,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,85 +41,248 @@ from phiforge.errors import DataError
 FORMAT = "phiforge-tokens"
 VERSION = 1
 INDEX = "index.json"
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard file
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype("<u2") if vocab_size < 2**16 else np.dtype("<u4")
+    """uint16 for vocabularies below 65536 tokens, else uint32."""
+    return DTYPES["uint16"] if vocab_size < 2**16 else DTYPES["uint32"]
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[np.dtype(dtype).newbyteorder("<")]
 
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
 
 
-class ShardWriter:
-    """Appends documents' tokens to `{split}-NNNNN.bin` files, rolling over at `shard_tokens`."""
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # not supported on this platform/filesystem
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int = 50_000_000):
-        self.out_dir, self.split, self.dtype, self.shard_tokens = Path(out_dir), split, dtype, shard_tokens
+
+def write_json_atomic(path: Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class ShardWriter:
+    """Appends one split's documents to `{split}-NNNNN.bin`, rolling over to a new shard at `shard_tokens`."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int = DEFAULT_SHARD_TOKENS):
+        if shard_tokens < 1:
+            raise DataError(f"shard size must be at least 1 token, got {shard_tokens}")
+        if not split or not split.replace("_", "").isalnum():
+            raise DataError(f"split names are letters, digits and '_': {split!r}")
+        self.out_dir, self.split, self.shard_tokens = Path(out_dir), split, shard_tokens
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        dtype_name(self.dtype)  # uint16 or uint32 only
         self.shards: list[dict] = []
+        self.tokens = self.documents = 0  # totals so far
         self._file = None
-        self._tokens = self._docs = 0
+        self._name = ""
+        self._hash = hashlib.sha256()
+        self._shard_tokens = self._shard_docs = 0
 
     def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):05d}.bin"
-        self._name = name
-        self._file = open(self.out_dir / (name + ".tmp"), "wb")
+        self._name = f"{self.split}-{len(self.shards):05d}.bin"
+        self._file = open(self.out_dir / (self._name + ".tmp"), "wb")
         self._hash = hashlib.sha256()
-        self._tokens = self._docs = 0
+        self._shard_tokens = self._shard_docs = 0
 
     def _close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.out_dir / (self._name + ".tmp"), self.out_dir / self._name)
-        self.shards.append({"file": self._name, "tokens": self._tokens, "documents": self._docs,
-                            "sha256": self._hash.hexdigest()})
         self._file = None
+        os.replace(self.out_dir / (self._name + ".tmp"), self.out_dir / self._name)
+        self.shards.append({"file": self._name, "tokens": self._shard_tokens, "documents": self._shard_docs,
+                            "sha256": self._hash.hexdigest()})
 
-    def add(self, tokens: np.ndarray) -> None:
-        """Write one document's tokens (already ending in EOT). A document may span two shards."""
-        data = np.ascontiguousarray(tokens, dtype=self.dtype)
+    def add(self, tokens) -> int:
+        """Append one document's tokens (the caller includes its trailing EOT). Returns the document's offset
+        in the split's token stream."""
+        data = np.asarray(tokens)
+        if data.ndim != 1:
+            raise ValueError("a document's tokens must be a 1-d array")
+        if len(data) and (int(data.min()) < 0 or int(data.max()) > np.iinfo(self.dtype).max):
+            raise DataError(f"token ids out of range for {dtype_name(self.dtype)}: "
+                            f"{int(data.min())}..{int(data.max())}")
+        data = np.ascontiguousarray(data, dtype=self.dtype)
+        offset = self.tokens
+        if not len(data):
+            return offset
         if self._file is None:
             self._open()
-        self._docs += 1
+        self._shard_docs += 1
+        self.documents += 1
         while len(data):
-            room = self.shard_tokens - self._tokens
+            room = self.shard_tokens - self._shard_tokens
             piece, data = data[:room], data[room:]
             b = piece.tobytes()
             self._file.write(b)
             self._hash.update(b)
-            self._tokens += len(piece)
-            if self._tokens >= self.shard_tokens:
+            self._shard_tokens += len(piece)
+            self.tokens += len(piece)
+            if self._shard_tokens >= self.shard_tokens:
                 self._close()
                 if len(data):
                     self._open()
+        return offset
 
     def finish(self) -> dict:
-        if self._file is not None and self._tokens:
+        """Close the last shard; returns the split's index entry."""
+        if self._file is not None:
             self._close()
-        elif self._file is not None:
+        return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents}
+
+    def abort(self) -> None:
+        if self._file is not None:
             self._file.close()
-            os.remove(self.out_dir / (self._name + ".tmp"))
-        return {"shards": self.shards, "tokens": sum(s["tokens"] for s in self.shards),
-                "documents": sum(s["documents"] for s in self.shards)}
+            self._file = None
+            (self.out_dir / (self._name + ".tmp")).unlink(missing_ok=True)
 
 
-def write_index(out_dir: Path, index: dict) -> None:
-    tmp = Path(out_dir) / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, Path(out_dir) / INDEX)
+class DatasetWriter:
+    """Writes a whole dataset directory: one ShardWriter per split, the document list, then index.json."""
+
+    def __init__(self, out_dir: Path, tokenizer: dict, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                 splits: tuple[str, ...] = ("train", "val")):
+        for key in ("name", "vocab_size", "eot_id"):
+            if key not in tokenizer:
+                raise ValueError(f"tokenizer info needs {key!r}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = dict(tokenizer)
+        self.dtype = token_dtype(int(tokenizer["vocab_size"]))
+        self.writers = {s: ShardWriter(self.out_dir, s, self.dtype, shard_tokens) for s in splits}
+        self.documents: list[dict] = []
+
+    def add(self, split: str, tokens, **meta) -> dict:
+        """Append a document (tokens end with EOT) to a split; `meta` (id, title, source, ...) goes to the index."""
+        if split not in self.writers:
+            raise DataError(f"unknown split {split!r} (this dataset has: {', '.join(self.writers)})")
+        offset = self.writers[split].add(tokens)
+        doc = {**meta, "split": split, "tokens": int(len(tokens)), "offset": offset}
+        self.documents.append(doc)
+        return doc
+
+    def finish(self, **extra) -> dict:
+        """Close every shard, then write index.json (last, atomically). `extra` keys go into the index."""
+        splits = {s: w.finish() for s, w in self.writers.items()}
+        index = {"format": FORMAT, "version": VERSION, "dtype": dtype_name(self.dtype),
+                 "tokenizer": self.tokenizer, "splits": splits, "documents": self.documents, **extra}
+        _fsync_dir(self.out_dir)
+        write_json_atomic(self.out_dir / INDEX, index)
+        return index
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
 
 
-@dataclass
+def _check_index(index, idx_path: Path) -> None:
+    """Structure and types of an index; raises DataError naming the file and the first problem."""
+
+    def bad(why: str):
+        raise DataError(f"corrupt dataset index {idx_path}: {why}")
+
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise DataError(f"{idx_path} is not a phiforge token dataset index (no \"format\": \"{FORMAT}\")")
+    version = index.get("version")
+    if not isinstance(version, int):
+        bad("no integer 'version'")
+    if version > VERSION:
+        raise DataError(f"{idx_path} has format version {version}; this phiforge reads up to {VERSION}: upgrade it")
+    if index.get("dtype") not in DTYPES:
+        bad(f"'dtype' must be one of {', '.join(DTYPES)}, got {index.get('dtype')!r}")
+    tok = index.get("tokenizer")
+    if not isinstance(tok, dict) or not all(isinstance(tok.get(k), int) for k in ("vocab_size", "eot_id")):
+        bad("'tokenizer' needs integer 'vocab_size' and 'eot_id'")
+    if DTYPES[index["dtype"]].itemsize < token_dtype(tok["vocab_size"]).itemsize:
+        bad(f"dtype {index['dtype']} cannot hold a vocabulary of {tok['vocab_size']}")
+    splits = index.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        bad("no 'splits'")
+    for name, info in splits.items():
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            bad(f"split {name!r} has no 'shards' list")
+        total = 0
+        for s in info["shards"]:
+            if not (isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("tokens"), int)
+                    and s["tokens"] >= 0 and isinstance(s.get("sha256"), str)):
+                bad(f"split {name!r} has a shard entry without file/tokens/sha256: {s!r:.120}")
+            if Path(s["file"]).name != s["file"] or s["file"] in ("", ".", ".."):
+                bad(f"shard file names must be plain names in the dataset directory: {s['file']!r}")
+            total += s["tokens"]
+        if info.get("tokens", total) != total:
+            bad(f"split {name!r} says {info.get('tokens')} tokens, its shards add up to {total}")
+    if not isinstance(index.get("documents", []), list):
+        bad("'documents' must be a list")
+
+
+class TokenStream:
+    """Random access to a split's token stream (its memory-mapped shards, concatenated)."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = [a for a in arrays if len(a)]
+        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays]).astype(np.int64)
+        self.total = int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return self.total
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """tokens[start : start+length] as int64; the range must lie inside the stream."""
+        if start < 0 or length < 0 or start + length > self.total:
+            raise IndexError(f"tokens [{start}, {start + length}) outside a stream of {self.total}")
+        out = np.empty(length, dtype=np.int64)
+        pos, filled = start, 0
+        i = int(np.searchsorted(self.offsets, pos, side="right") - 1)
+        while filled < length:
+            a = self.arrays[i]
+            lo = pos - int(self.offsets[i])
+            n = min(length - filled, len(a) - lo)
+            out[filled : filled + n] = a[lo : lo + n]
+            filled, pos, i = filled + n, pos + n, i + 1
+        return out
+
+
 class TokenDataset:
-    dir: Path
-    index: dict
+    """An opened, checked dataset directory. Shards are memory-mapped on first use."""
+
+    def __init__(self, data_dir: Path, index: dict):
+        self.dir = Path(data_dir)
+        self.index = index
+        self._streams: dict[str, TokenStream] = {}
+
+    def __repr__(self) -> str:
+        return f"TokenDataset({str(self.dir)!r}, splits={self.splits()})"
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self.index["dtype"]).newbyteorder("<")
+        return DTYPES[self.index["dtype"]]
 
     @property
     def vocab_size(self) -> int:
@@ -113,58 +292,81 @@ class TokenDataset:
     def eot_id(self) -> int:
         return int(self.index["tokenizer"]["eot_id"])
 
+    @property
+    def documents(self) -> list[dict]:
+        return self.index.get("documents", [])
+
     def splits(self) -> list[str]:
         return list(self.index["splits"])
 
-    def split_tokens(self, split: str) -> int:
-        return int(self._split(split)["tokens"])
-
     def _split(self, split: str) -> dict:
         if split not in self.index["splits"]:
-            raise DataError(f"dataset {self.dir} has no '{split}' split (has: {', '.join(self.splits())})")
+            raise DataError(f"dataset {self.dir} has no '{split}' split (it has: {', '.join(self.splits())})")
         return self.index["splits"][split]
 
+    def split_tokens(self, split: str) -> int:
+        return int(sum(s["tokens"] for s in self._split(split)["shards"]))
+
+    def split_documents(self, split: str) -> int:
+        info = self._split(split)
+        return int(info.get("documents", sum(s.get("documents", 0) for s in info["shards"])))
+
     def arrays(self, split: str) -> list[np.ndarray]:
-        """Memory-mapped token arrays of a split's shards, in order."""
-        out = []
-        for s in self._split(split)["shards"]:
-            path = self.dir / s["file"]
-            if s["tokens"] == 0:
-                continue
-            out.append(np.memmap(path, dtype=self.dtype, mode="r", shape=(s["tokens"],)))
-        return out
+        """Memory-mapped token arrays of a split's shards, in order (empty shards skipped)."""
+        return [np.memmap(self.dir / s["file"], dtype=self.dtype, mode="r", shape=(s["tokens"],))
+                for s in self._split(split)["shards"] if s["tokens"]]
+
+    def stream(self, split: str) -> TokenStream:
+        if split not in self._streams:
+            self._streams[split] = TokenStream(self.arrays(split))
+        return self._streams[split]
 
     def verify(self) -> None:
-        """Check every shard's sha256 against the index."""
+        """Check every shard's sha256 against the index (reads all shards)."""
         for split in self.splits():
             for s in self._split(split)["shards"]:
                 path = self.dir / s["file"]
                 if sha256_file(path) != s["sha256"]:
-                    raise DataError(f"checksum mismatch in shard {path}: the file changed since it was written")
+                    raise DataError(f"checksum mismatch in shard {path}: it changed after it was written; "
+                                    "re-run `phiforge prepare`")
 
 
-def open_token_dataset(data_dir: str | Path) -> TokenDataset:
-    """Open and sanity-check a dataset directory; problems raise DataError naming the path."""
+def read_index(data_dir: str | Path) -> dict:
+    """index.json of a dataset directory, checked; DataError naming the path otherwise."""
     d = Path(data_dir)
-    if not d.is_dir():
+    if not d.exists():
         raise DataError(f"data directory not found: {d}")
+    if not d.is_dir():
+        raise DataError(f"not a directory: {d}")
     idx_path = d / INDEX
-    if not idx_path.exists():
-        raise DataError(f"no {INDEX} in {d}; run `phiforge prepare gutenberg --out {d}` first")
+    if not idx_path.is_file():
+        raise DataError(f"no {INDEX} in {d}; run `phiforge prepare gutenberg --source bundled --out {d}` first")
     try:
         index = json.loads(idx_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"corrupt dataset index {idx_path}: {e}") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT or "splits" not in index:
-        raise DataError(f"{idx_path} is not a phiforge token dataset index")
+    except OSError as e:
+        raise DataError(f"cannot read {idx_path}: {e}") from None
+    _check_index(index, idx_path)
+    return index
+
+
+def open_token_dataset(data_dir: str | Path) -> TokenDataset:
+    """Open a dataset directory and check that every shard is present with the size the index says.
+
+    Problems raise DataError with one line naming the path. Checksums are checked by `verify()`.
+    """
+    d = Path(data_dir)
+    index = read_index(d)
     ds = TokenDataset(d, index)
     for split, info in index["splits"].items():
         for s in info["shards"]:
             path = d / s["file"]
-            if not path.exists():
-                raise DataError(f"shard listed in {idx_path} is missing: {path}")
+            if not path.is_file():
+                raise DataError(f"shard {path} listed in {d / INDEX} is missing; re-run `phiforge prepare`")
             expected = s["tokens"] * ds.dtype.itemsize
-            if path.stat().st_size != expected:
-                raise DataError(f"shard {path} has {path.stat().st_size} bytes, index says {expected}: "
-                                "truncated or overwritten; re-run `phiforge prepare`")
+            size = path.stat().st_size
+            if size != expected:
+                raise DataError(f"shard {path} has {size} bytes, the index says {s['tokens']} tokens = {expected} "
+                                "bytes: truncated or overwritten; re-run `phiforge prepare`")
     return ds
