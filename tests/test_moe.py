@@ -11,11 +11,20 @@ import torch
 from phiforge.checkpoint import load_checkpoint, save_checkpoint
 from phiforge.cli import main
 from phiforge.config import load_config
-from phiforge.errors import CheckpointError, ConfigError
+from phiforge.errors import ConfigError
 from phiforge.model import MoE, MoEConfig, Phi2, Phi2Config
 from phiforge.model.moe import moe_metrics
 
 from conftest import assert_one_line_error, run_cli
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: on a busy 2-core machine a second intra-op thread makes them up to 30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 TINY = dict(vocab_size=256, n_layer=2, n_embd=32, n_head=2, intermediate_size=64, max_seq_len=64)
 

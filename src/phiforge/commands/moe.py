@@ -56,7 +56,9 @@ def plot_moe_report(events: list[dict], out: Path) -> Path:
         row[1].plot(steps, [e["layers"][layer]["imbalance"] for e in events], color="C3", label="imbalance (max/mean)")
         dropped = [e["layers"][layer]["dropped"] for e in events]
         if any(dropped):
-            row[1].twinx().plot(steps, dropped, color="C7", lw=0.8, ls=":", label="dropped")
+            twin = row[1].twinx()
+            twin.plot(steps, dropped, color="C7", lw=0.8, ls=":")
+            twin.set_ylabel("dropped (dotted)", color="C7")
         row[1].axhline(1.0, color="k", ls="--", lw=0.8)
     axes[0][0].set_title("expert load (share of routed tokens)")
     axes[0][1].set_title("imbalance = max load / mean load")

@@ -46,7 +46,7 @@ class MoEConfig:
     router: str = "softmax"  # softmax | sigmoid
     aux_loss_coef: float = 0.01  # Switch balancing loss alpha * E * sum_i f_i * P_i
     z_loss_coef: float = 1e-3  # ST-MoE router z-loss mean(logsumexp(logits)^2)
-    capacity_factor: float | None = None  # None: dropless; else each expert takes ceil(cf * tokens * k / E)
+    capacity_factor: float | None = None  # None: dropless; else in training each expert takes ceil(cf * tokens * k / E)
     bias_balancing: bool = False  # DeepSeek-V3 aux-loss-free balancing: per-expert bias for top-k selection only
     bias_update_rate: float = 1e-3  # gamma: bias += gamma * sign(mean_load - load_i) after each optimizer step
 
