@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from phiforge.errors import ConfigError
+from phiforge.model.fused import linear_cross_entropy
 from phiforge.model.moe import MoE, MoEConfig
 from phiforge.model.xattn import GatedCrossAttention, XAttnConfig
 
@@ -219,7 +220,7 @@ class Block(nn.Module):
         self.resid_drop = nn.Dropout(cfg.resid_pdrop)
         xa = cfg.xattn
         self.xattn = None
-        if xa is not None and layer_idx % xa.every == 0:
+        if xa is not None and (layer_idx + 1) % xa.every == 0:
             self.xattn = GatedCrossAttention(xa, cfg.n_embd, cfg.n_head, layer_idx, cfg.layer_norm_eps)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, context: torch.Tensor | None = None):
@@ -241,6 +242,9 @@ class Phi2(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.final_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
+        # >0: compute the training loss with the chunked linear+cross-entropy (model/fused.py), this many
+        # rows at a time. It saves GPU memory (no fp32 logits); on CPU the plain path is a little faster.
+        self.loss_chunk_rows = 0
         self._init_rope(device=None)
         self.apply(self._init_weights)
 
@@ -301,10 +305,13 @@ class Phi2(nn.Module):
         In training mode an MoE model's loss also includes the routers' balancing and z-losses; the pure
         language-model loss of the last call is kept, detached, in `self.lm_loss` (for logging)."""
         h = self.hidden_states(idx, cache, context)
-        logits = self.lm_head(h)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        if targets is not None and self.loss_chunk_rows:  # never holds the full [tokens, vocab] fp32 logits
+            loss = linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, targets, self.loss_chunk_rows)
+        else:
+            logits = self.lm_head(h)
+            if targets is None:
+                return logits
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         self.lm_loss = loss.detach()
         aux = self.moe_aux_loss() if self.training else None
         return loss if aux is None else loss + aux
