@@ -140,14 +140,16 @@ def _synthetic(path, train_docs=((1000,), (2500,), (700,)), val_docs=((900,),), 
 def test_shard_writer_rolls_over_and_reader_streams(tmp_path):
     index = _synthetic(tmp_path / "ds")
     files = sorted(p.name for p in (tmp_path / "ds").iterdir())
-    assert files == ["index.json", "train-00000.bin", "train-00001.bin", "train-00002.bin", "train-00003.bin",
-                     "train-00004.bin", "val-00000.bin"]  # 4200 train tokens at 1000 per shard; no .tmp left
+    assert files == ["documents.jsonl", "index.json", "train-00000.bin", "train-00001.bin", "train-00002.bin",
+                     "train-00003.bin", "train-00004.bin", "val-00000.bin"]  # 4200 train tokens at 1000 per shard
     train = index["splits"]["train"]
     assert [s["tokens"] for s in train["shards"]] == [1000, 1000, 1000, 1000, 200]
     assert [s["documents"] for s in train["shards"]] == [1, 1, 0, 1, 0]  # docs counted where they start
     assert train["tokens"] == 4200 and train["documents"] == 3
-    assert [d["offset"] for d in index["documents"]] == [0, 1000, 3500, 0]
+    assert index["version"] == 2 and index["documents"]["count"] == 4 and "sources" in train
+    assert all(s["source"] == "synth" for s in train["shards"])
     ds = open_token_dataset(tmp_path / "ds")
+    assert [d["offset"] for d in ds.iter_documents()] == [0, 1000, 3500, 0]  # from documents.jsonl
     ds.verify()
     assert ds.dtype == np.dtype("<u2") and (tmp_path / "ds" / "train-00000.bin").stat().st_size == 2000
     stream = ds.stream("train")
@@ -323,10 +325,10 @@ def test_prepared_bundled_dataset(gutenberg_dir):
     ds = open_token_dataset(gutenberg_dir)
     ds.verify()
     index = ds.index
-    assert index["format"] == "phiforge-tokens" and index["version"] == 1 and index["dtype"] == "uint16"
+    assert index["format"] == "phiforge-tokens" and index["version"] == 2 and index["dtype"] == "uint16"
     assert index["tokenizer"]["vocab_size"] == 50257 and index["tokenizer"]["eot_id"] == EOT_ID
     assert index["prepared"]["val"] == {"method": "default", "ids": ["105"]}
-    docs = index["documents"]
+    docs = ds.documents  # documents.jsonl
     assert sorted(d["id"] for d in docs) == sorted(BundledGutenberg().ids())
     val = [d for d in docs if d["split"] == "val"]
     train = [d for d in docs if d["split"] == "train"]
@@ -381,8 +383,8 @@ def test_prepare_refuses_foreign_dirs_and_bad_options(capsys, tmp_path):
     code, _, err = run_cli(capsys, "prepare", "gutenberg", "--source", "bundled", "--out", foreign)
     assert_one_line_error(code, err, "not a phiforge dataset", str(foreign))
     assert (foreign / "notes.txt").read_text() == "keep me"
-    code, _, err = run_cli(capsys, "prepare", "gutenberg", "--source", "mirror", "--out", tmp_path / "x")
-    assert_one_line_error(code, err, "unknown --source 'mirror'", "bundled")
+    code, _, err = run_cli(capsys, "prepare", "gutenberg", "--source", "nosuch", "--out", tmp_path / "x")
+    assert_one_line_error(code, err, "unknown --source 'nosuch'", "bundled")
     code, _, err = run_cli(capsys, "prepare", "gutenberg", "--val-ids", "1,2", "--out", tmp_path / "x")
     assert_one_line_error(code, err, "--val-ids 1,2 not in source")
     assert not (tmp_path / "x").exists()
@@ -413,7 +415,8 @@ def test_prepare_replaces_an_existing_dataset(capsys, tmp_path, monkeypatch):
     second = open_token_dataset(out)
     second.verify()
     assert second.index["prepared"]["val"]["ids"] == ["121"] and len(second.index["splits"]["train"]["shards"]) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["index.json", "tokenizer.json", "train-00000.bin", "val-00000.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["documents.jsonl", "index.json", "prepare-report.json",
+                                                     "tokenizer.json", "train-00000.bin", "val-00000.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["books", "ds"]
     (out / "my-notes.txt").write_text("x")
     code, _, err = run_cli(capsys, "prepare", "gutenberg", "--out", out)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from phiforge.errors import DataError
 from phiforge.model import Phi2, Phi2Config
@@ -15,9 +16,6 @@ from phiforge.vision.config import EncoderConfig, VisionConfig
 from phiforge.vision.data import VisionDataset, encode_conversation, format_turn, prompt_ids, read_records
 from phiforge.vision.model import VisionLM
 from phiforge.vision.synth import synthesize
-
-pytest.importorskip("PIL")
-from PIL import Image  # noqa: E402
 
 TOK = builtin_tokenizer()
 ENC = EncoderConfig(type="conv", image_size=32, dim=16)

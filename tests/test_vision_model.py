@@ -30,7 +30,7 @@ def test_closed_gates_leave_a_text_model_unchanged():
     torch.manual_seed(0)
     text = Phi2(Phi2Config(**CFG)).eval()
     model = add_cross_attention(text, XATTN).eval()
-    assert [i for i, b in enumerate(model.layers) if b.xattn is not None] == [0, 2]
+    assert [i for i, b in enumerate(model.layers) if b.xattn is not None] == [1, 3]
     idx = torch.randint(0, 256, (2, 10))
     context = torch.randn(2, 5, 24)
     expected = text(idx)

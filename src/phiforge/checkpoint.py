@@ -183,17 +183,26 @@ def save_checkpoint(model: Phi2, out_dir: Path, tokenizer_dir: Path | None = Non
     """Write a complete checkpoint directory. Writes into OUT.tmp then renames, so a crash leaves no half checkpoint.
 
     `extra_weights` maps file names to state dicts saved beside the model's (e.g. vision.safetensors)."""
-    from phiforge.tokenizer import save_tokenizer_files
-
     with atomic_dir(out_dir) as tmp:
-        state = {k: v for k, v in model.state_dict().items()}
-        save_state_dict(state, tmp, max_shard_bytes=max_shard_bytes)
+        write_model_files(tmp, model.state_dict(), model.cfg, tokenizer_dir=tokenizer_dir, extra=extra,
+                          max_shard_bytes=max_shard_bytes)
         for name, extra_state in (extra_weights or {}).items():
             save_file({k: v.detach().contiguous().cpu() for k, v in extra_state.items()}, str(tmp / name))
-        save_tokenizer_files(tmp, source_dir=tokenizer_dir)
-        write_json_atomic(tmp / "config.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                                "model": model.cfg.to_dict(), **(extra or {})})
     return Path(out_dir)
+
+
+def write_model_files(out_dir: Path, state: dict[str, torch.Tensor], cfg: Phi2Config,
+                      tokenizer_dir: Path | None = None, extra: dict | None = None,
+                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write weights, tokenizer and config.json (last) into an existing directory; not atomic by itself
+    (save_checkpoint wraps it in atomic_dir; the training engine writes into its own step-N.tmp)."""
+    from phiforge.tokenizer import save_tokenizer_files
+
+    out_dir = Path(out_dir)
+    save_state_dict(dict(state), out_dir, max_shard_bytes=max_shard_bytes)
+    save_tokenizer_files(out_dir, source_dir=tokenizer_dir)
+    write_json_atomic(out_dir / "config.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                "model": cfg.to_dict(), **(extra or {})})
 
 
 def load_checkpoint(ckpt_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Phi2:
@@ -215,9 +224,16 @@ def resolve_checkpoint(path: Path) -> Path:
     path = Path(path)
     if (path / "config.json").exists():
         return path
+    if (path / "train_state.json").exists():
+        raise CheckpointError(f"{path} is a sharded training checkpoint; run `phiforge checkpoint consolidate "
+                              f"{path} OUT` and use OUT")
     latest = path / "latest"
     if latest.exists():
-        return path / "checkpoints" / latest.read_text(encoding="utf-8").strip()
+        ckpt = path / "checkpoints" / latest.read_text(encoding="utf-8").strip()
+        if not (ckpt / "config.json").exists() and (ckpt / "train_state.json").exists():
+            raise CheckpointError(f"{ckpt} is a sharded training checkpoint (the run stopped before its final save); "
+                                  f"run `phiforge checkpoint consolidate {ckpt} OUT` and use OUT")
+        return ckpt
     if not path.exists():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     raise CheckpointError(f"{path} holds no config.json: not a phiforge checkpoint or run directory")

@@ -75,12 +75,42 @@ def _upcycle(args) -> dict:
     return _summary(model.state_dict(), Path(args.out))
 
 
+def _from_litgpt_args(p) -> None:
+    p.add_argument("--max-shard-size", type=parse_size, default=None,
+                   help="split weights into shards of at most this size (default 4GiB)")
+
+
+def _from_litgpt(args) -> dict:
+    from phiforge.litgpt.convert import convert_from_litgpt
+
+    kwargs = {} if args.max_shard_size is None else {"max_shard_bytes": args.max_shard_size}
+    return convert_from_litgpt(args.src, args.out, **kwargs)
+
+
+def _to_litgpt_args(p) -> None:
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="cast the weights (default: keep the checkpoint's dtype)")
+    p.add_argument("--qkv-layout", choices=["split", "grouped"], default="split",
+                   help="split: attn.qkv rows [q; k; v] (litgpt 0.5.x, default); grouped: the older per-head-group "
+                        "interleaved attn.attn")
+
+
+def _to_litgpt(args) -> dict:
+    from phiforge.litgpt.convert import convert_to_litgpt
+
+    return convert_to_litgpt(args.src, args.out, dtype=args.dtype, qkv_layout=args.qkv_layout)
+
+
 CONVERTERS: list[Converter] = [
     Converter("from-hf", "Hugging Face PhiForCausalLM directory (e.g. microsoft/phi-2) -> phiforge checkpoint",
               _from_hf_args, _from_hf),
     Converter("to-hf", "phiforge checkpoint -> Hugging Face PhiForCausalLM directory", _to_hf_args, _to_hf),
     Converter("upcycle", "dense phiforge checkpoint -> checkpoint with mixture-of-experts sublayers",
               _upcycle_args, _upcycle),
+    Converter("from-litgpt", "LitGPT checkpoint directory (lit_model.pth + model_config.yaml) -> phiforge checkpoint",
+              _from_litgpt_args, _from_litgpt),
+    Converter("to-litgpt", "phiforge checkpoint -> LitGPT checkpoint directory (lit_model.pth + model_config.yaml)",
+              _to_litgpt_args, _to_litgpt),
 ]
 
 

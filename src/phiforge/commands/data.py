@@ -25,34 +25,48 @@ def run_inspect(args) -> int:
     ds = open_token_dataset(args.dir)
     if args.verify:
         ds.verify()
-    docs = ds.documents
     tok = ds.index["tokenizer"]
     print(f"dataset {ds.dir}: format {ds.index['format']} v{ds.index['version']}, {ds.index['dtype']}, "
           f"tokenizer {tok.get('name', '?')} (vocab {tok['vocab_size']:,}, eot {tok['eot_id']})")
     prep = ds.index.get("prepared", {})
     if prep:
         val = prep.get("val", {})
+        how = (f"{val.get('fraction')} of the documents" if val.get("method") == "fraction"
+               else ", ".join(val.get("ids", [])))
         print(f"prepared from {prep.get('corpus', '?')}/{prep.get('source', '?')}; "
-              f"validation by {val.get('method', '?')}: {', '.join(val.get('ids', []))}")
+              f"validation by {val.get('method', '?')}: {how}")
     total = sum(ds.split_tokens(s) for s in ds.splits()) or 1
-    print(f"{'split':<6} {'docs':>6} {'tokens':>14} {'share':>6} {'shards':>6}")
+    print(f"{'split':<6} {'docs':>10} {'tokens':>16} {'share':>6} {'shards':>6}")
     for split in ds.splits():
         n = ds.split_tokens(split)
-        print(f"{split:<6} {ds.split_documents(split):>6} {n:>14,} {100 * n / total:>5.1f}% "
+        print(f"{split:<6} {ds.split_documents(split):>10,} {n:>16,} {100 * n / total:>5.1f}% "
               f"{len(ds.index['splits'][split]['shards']):>6}")
-    if docs:
-        by_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for d in docs:
+    by_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    if ds.version >= 2:  # per-split source totals are in the index: documents.jsonl need not be read
+        for split in ds.splits():
+            for src, agg in ds.index["splits"][split].get("sources", {}).items():
+                by_source[src][0] += agg.get("documents", 0)
+                by_source[src][1] += agg.get("tokens", 0)
+    else:
+        for d in ds.iter_documents():
             by_source[d.get("source", "?")][0] += 1
             by_source[d.get("source", "?")][1] += d.get("tokens", 0)
-        print(f"{'source':<14} {'docs':>6} {'tokens':>14} {'share':>6}")
+    weights = ds.index.get("mixture", {}).get("weights", {})
+    if by_source:
+        wsum = sum(w for k, w in weights.items() if k in by_source) or 1
+        print(f"{'source':<14} {'docs':>10} {'tokens':>16} {'share':>6}" + ("  sampled" if weights else ""))
         for src, (n_docs, n_tok) in sorted(by_source.items(), key=lambda kv: -kv[1][1]):
-            print(f"{src:<14} {n_docs:>6} {n_tok:>14,} {100 * n_tok / total:>5.1f}%")
-        print(f"documents: {len(docs)}")
-        for d in docs[:20]:
-            print(f"  {d.get('id', '?'):>8}  {d.get('split', '?'):<5} {d.get('tokens', 0):>12,}  {d.get('title', '')}")
-        if len(docs) > 20:
-            print(f"  ... {len(docs) - 20} more")
+            mix = f"  {100 * weights.get(src, 0) / wsum:>6.1f}%" if weights else ""
+            print(f"{src:<14} {n_docs:>10,} {n_tok:>16,} {100 * n_tok / total:>5.1f}%{mix}")
+        if weights:
+            print("sampled: share of training samples under the recorded mixture weights "
+                  "(PackedLoader(..., mixture='index'))")
+    print(f"documents: {ds.n_documents:,}")
+    for i, d in enumerate(ds.iter_documents()):
+        if i == 20:
+            print(f"  ... {ds.n_documents - 20:,} more")
+            break
+        print(f"  {d.get('id', '?'):>8}  {d.get('split', '?'):<5} {d.get('tokens', 0):>12,}  {d.get('title', '')}")
     split = args.split or ("train" if "train" in ds.splits() else ds.splits()[0])
     stream = ds.stream(split) if split in ds.splits() else None
     if stream is None:

@@ -140,18 +140,32 @@ def clean_book(raw: str) -> CleanResult:
 
 def decode_bytes(data: bytes, source: str) -> str:
     """UTF-8 (with or without BOM), else cp1252, else latin-1 (old Gutenberg files). Binary data is refused."""
+    return decode_with_encoding(data, source)[0]
+
+
+def decode_with_encoding(data: bytes, source: str) -> tuple[str, str]:
+    """(text, encoding used): see decode_bytes."""
     if not data.strip():
         raise DataError(f"empty file: {source}")
     if b"\x00" in data[:4096]:
         raise DataError(f"binary file, not text: {source}")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         pass
     try:
-        return data.decode("cp1252")
+        return data.decode("cp1252"), "cp1252"
     except UnicodeDecodeError:  # cp1252 leaves five bytes undefined; latin-1 decodes anything
-        return data.decode("latin-1")
+        return data.decode("latin-1"), "latin-1"
+
+
+_TITLE = re.compile(r"^Title:[ \t]*(\S.*)$", re.MULTILINE)
+
+
+def header_title(text: str) -> str | None:
+    """The "Title: ..." line of a Gutenberg header (first 10,000 characters), if there is one."""
+    m = _TITLE.search(text[:10_000])
+    return m.group(1).strip()[:200] if m else None
 
 
 def read_bytes(path: Path) -> bytes:

@@ -8,23 +8,35 @@ A dataset directory:
     DIR/val-00000.bin
     DIR/tokenizer.json      the tokenizer that made the tokens (optional; needed to decode)
 
-index.json (format "phiforge-tokens", version 1):
+index.json (format "phiforge-tokens", version 2):
 
-    {"format": "phiforge-tokens", "version": 1, "dtype": "uint16",
+    {"format": "phiforge-tokens", "version": 2, "dtype": "uint16",
      "tokenizer": {"name", "vocab_size", "eot_id", ...},
-     "splits": {"train": {"shards": [{"file", "tokens", "documents", "sha256"}], "tokens", "documents"},
+     "splits": {"train": {"shards": [{"file", "tokens", "documents", "sha256", "source"}], "tokens", "documents",
+                          "sources": {SOURCE: {"tokens", "documents"}}},
                 "val": {...}},
-     "documents": [{"id", "title", "source", "split", "tokens", "offset", ...}],
+     "documents": {"file": "documents.jsonl", "count": N, "sha256": ...},
+     "mixture": {"weights": {SOURCE: weight}},       (optional: written by `prepare redpajama`)
      ...extra keys (provenance) that readers ignore}
+
+    DIR/documents.jsonl     one JSON object per document, in the order written:
+                            {"id", "title", "source", "split", "tokens", "offset", ...}
+
+Version 1 (still read) kept the per-document records inline as a list under "documents" and had no
+per-shard "source"; at corpus scale (10^9 documents) that list does not fit in memory, hence the sidecar.
 
 A split's token stream is its shards concatenated in index order. A document may run over into the next
 shard; a shard's "documents" counts the documents that *start* in it. A document's "offset" is where it
-starts in its split's stream. Readers must ignore keys they do not know; an incompatible change bumps
-"version", and readers refuse versions newer than theirs.
+starts in its split's stream. Every shard holds documents of one source only ("source"; a new shard is
+started when the source changes), so a source's token stream is its shards concatenated, which is what
+the loader's per-source mixture samples from. Readers must ignore keys they do not know; an incompatible
+change bumps "version", and readers refuse versions newer than theirs.
 
 Writing is crash-safe: each shard is written as NAME.tmp and renamed when complete, and index.json is
 written (tmp + rename) only after every shard is in place, so a directory with an index never points at a
-half-written shard.
+half-written shard. `DatasetWriter.snapshot()` / `DatasetWriter.restore()` let `prepare` resume an
+interrupted run: the snapshot records the finished shards and how far the open shard and documents.jsonl
+had got, and restoring truncates both back to that point.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +52,9 @@ import numpy as np
 from phiforge.errors import DataError
 
 FORMAT = "phiforge-tokens"
-VERSION = 1
+VERSION = 2
 INDEX = "index.json"
+DOCUMENTS = "documents.jsonl"
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard file
 
@@ -88,7 +102,8 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 class ShardWriter:
-    """Appends one split's documents to `{split}-NNNNN.bin`, rolling over to a new shard at `shard_tokens`."""
+    """Appends one split's documents to `{split}-NNNNN.bin`, rolling over to a new shard at `shard_tokens` and
+    whenever the documents' source changes (a shard holds one source)."""
 
     def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int = DEFAULT_SHARD_TOKENS):
         if shard_tokens < 1:
@@ -100,10 +115,12 @@ class ShardWriter:
         dtype_name(self.dtype)  # uint16 or uint32 only
         self.shards: list[dict] = []
         self.tokens = self.documents = 0  # totals so far
+        self.sources: dict[str, dict] = {}  # source -> {"tokens", "documents"}
         self._file = None
         self._name = ""
         self._hash = hashlib.sha256()
         self._shard_tokens = self._shard_docs = 0
+        self._source: str | None = None  # source of the open shard
 
     def _open(self) -> None:
         self._name = f"{self.split}-{len(self.shards):05d}.bin"
@@ -117,26 +134,37 @@ class ShardWriter:
         self._file.close()
         self._file = None
         os.replace(self.out_dir / (self._name + ".tmp"), self.out_dir / self._name)
-        self.shards.append({"file": self._name, "tokens": self._shard_tokens, "documents": self._shard_docs,
-                            "sha256": self._hash.hexdigest()})
+        entry = {"file": self._name, "tokens": self._shard_tokens, "documents": self._shard_docs,
+                 "sha256": self._hash.hexdigest()}
+        if self._source is not None:
+            entry["source"] = self._source
+        self.shards.append(entry)
 
-    def add(self, tokens) -> int:
+    def add(self, tokens, source: str | None = None) -> int:
         """Append one document's tokens (the caller includes its trailing EOT). Returns the document's offset
         in the split's token stream."""
         data = np.asarray(tokens)
         if data.ndim != 1:
             raise ValueError("a document's tokens must be a 1-d array")
-        if len(data) and (int(data.min()) < 0 or int(data.max()) > np.iinfo(self.dtype).max):
+        if len(data) and data.dtype != self.dtype and (int(data.min()) < 0
+                                                        or int(data.max()) > np.iinfo(self.dtype).max):
             raise DataError(f"token ids out of range for {dtype_name(self.dtype)}: "
                             f"{int(data.min())}..{int(data.max())}")
         data = np.ascontiguousarray(data, dtype=self.dtype)
         offset = self.tokens
         if not len(data):
             return offset
+        if self._file is not None and source != self._source:
+            self._close()  # one source per shard
         if self._file is None:
             self._open()
+        self._source = source
         self._shard_docs += 1
         self.documents += 1
+        if source is not None:
+            agg = self.sources.setdefault(source, {"tokens": 0, "documents": 0})
+            agg["tokens"] += len(data)
+            agg["documents"] += 1
         while len(data):
             room = self.shard_tokens - self._shard_tokens
             piece, data = data[:room], data[room:]
@@ -155,7 +183,10 @@ class ShardWriter:
         """Close the last shard; returns the split's index entry."""
         if self._file is not None:
             self._close()
-        return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents}
+        entry = {"shards": self.shards, "tokens": self.tokens, "documents": self.documents}
+        if self.sources:
+            entry["sources"] = {k: dict(v) for k, v in sorted(self.sources.items())}
+        return entry
 
     def abort(self) -> None:
         if self._file is not None:
@@ -163,9 +194,60 @@ class ShardWriter:
             self._file = None
             (self.out_dir / (self._name + ".tmp")).unlink(missing_ok=True)
 
+    def close_file(self) -> None:
+        """Close the open shard's .tmp file, keeping it (for a later resume)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def snapshot(self) -> dict:
+        """Where this writer is, with the open shard flushed to disk (see DatasetWriter.snapshot)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return {"shards": [dict(s) for s in self.shards], "tokens": self.tokens, "documents": self.documents,
+                "sources": {k: dict(v) for k, v in self.sources.items()},
+                "open": None if self._file is None else {"name": self._name, "tokens": self._shard_tokens,
+                                                         "documents": self._shard_docs, "source": self._source}}
+
+    def restore(self, snap: dict) -> None:
+        """Continue from a snapshot: finished shards must be in place with their sizes, the open shard's
+        .tmp file is cut back to its recorded length and re-hashed."""
+        self.abort()
+        self.shards = [dict(s) for s in snap["shards"]]
+        self.tokens, self.documents = int(snap["tokens"]), int(snap["documents"])
+        self.sources = {k: dict(v) for k, v in snap.get("sources", {}).items()}
+        for s in self.shards:
+            path = self.out_dir / s["file"]
+            if not path.is_file() or path.stat().st_size != s["tokens"] * self.dtype.itemsize:
+                raise DataError(f"cannot resume: shard {path} is missing or has the wrong size; "
+                                "re-run with --restart")
+        op = snap.get("open")
+        keep = {op["name"], op["name"] + ".tmp"} if op else set()
+        for f in self.out_dir.glob(f"{self.split}-*.bin*"):  # shards begun after the snapshot: written again
+            m = re.fullmatch(rf"{re.escape(self.split)}-(\d{{5}})\.bin(\.tmp)?", f.name)
+            if m and int(m.group(1)) >= len(self.shards) and f.name not in keep:
+                f.unlink()
+        if op is None:
+            return
+        self._name, self._source = op["name"], op["source"]
+        self._shard_tokens, self._shard_docs = int(op["tokens"]), int(op["documents"])
+        path = self.out_dir / (self._name + ".tmp")
+        if not path.exists() and (self.out_dir / self._name).is_file():  # it was completed after the snapshot
+            os.replace(self.out_dir / self._name, path)
+        size = self._shard_tokens * self.dtype.itemsize
+        if not path.is_file() or path.stat().st_size < size:
+            raise DataError(f"cannot resume: {path} is shorter than the journal says; re-run with --restart")
+        self._file = open(path, "r+b")
+        self._file.truncate(size)
+        self._hash = hashlib.sha256()
+        for block in iter(lambda: self._file.read(1 << 22), b""):
+            self._hash.update(block)
+        self._file.seek(size)
+
 
 class DatasetWriter:
-    """Writes a whole dataset directory: one ShardWriter per split, the document list, then index.json."""
+    """Writes a whole dataset directory: one ShardWriter per split, documents.jsonl, then index.json."""
 
     def __init__(self, out_dir: Path, tokenizer: dict, shard_tokens: int = DEFAULT_SHARD_TOKENS,
                  splits: tuple[str, ...] = ("train", "val")):
@@ -177,22 +259,30 @@ class DatasetWriter:
         self.tokenizer = dict(tokenizer)
         self.dtype = token_dtype(int(tokenizer["vocab_size"]))
         self.writers = {s: ShardWriter(self.out_dir, s, self.dtype, shard_tokens) for s in splits}
-        self.documents: list[dict] = []
+        self.n_documents = 0
+        self._docs = open(self.out_dir / DOCUMENTS, "wb")
 
     def add(self, split: str, tokens, **meta) -> dict:
-        """Append a document (tokens end with EOT) to a split; `meta` (id, title, source, ...) goes to the index."""
+        """Append a document (tokens end with EOT) to a split; `meta` (id, title, source, ...) goes to
+        documents.jsonl. A document's "source" also decides its shard (one source per shard)."""
         if split not in self.writers:
             raise DataError(f"unknown split {split!r} (this dataset has: {', '.join(self.writers)})")
-        offset = self.writers[split].add(tokens)
+        offset = self.writers[split].add(tokens, meta.get("source"))
         doc = {**meta, "split": split, "tokens": int(len(tokens)), "offset": offset}
-        self.documents.append(doc)
+        self._docs.write(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n")
+        self.n_documents += 1
         return doc
 
     def finish(self, **extra) -> dict:
-        """Close every shard, then write index.json (last, atomically). `extra` keys go into the index."""
+        """Close every shard and documents.jsonl, then write index.json (last, atomically). `extra` keys go
+        into the index."""
         splits = {s: w.finish() for s, w in self.writers.items()}
+        self._docs.flush()
+        os.fsync(self._docs.fileno())
+        self._docs.close()
+        docs = {"file": DOCUMENTS, "count": self.n_documents, "sha256": sha256_file(self.out_dir / DOCUMENTS)}
         index = {"format": FORMAT, "version": VERSION, "dtype": dtype_name(self.dtype),
-                 "tokenizer": self.tokenizer, "splits": splits, "documents": self.documents, **extra}
+                 "tokenizer": self.tokenizer, "splits": splits, "documents": docs, **extra}
         _fsync_dir(self.out_dir)
         write_json_atomic(self.out_dir / INDEX, index)
         return index
@@ -200,6 +290,49 @@ class DatasetWriter:
     def abort(self) -> None:
         for w in self.writers.values():
             w.abort()
+        if not self._docs.closed:
+            self._docs.close()
+
+    def flush(self) -> None:
+        """Hand buffered bytes to the OS (no fsync)."""
+        for w in self.writers.values():
+            if w._file is not None:
+                w._file.flush()
+        self._docs.flush()
+
+    def close_files(self) -> None:
+        """Close every open file, deleting nothing (an interrupted prepare resumes from them)."""
+        for w in self.writers.values():
+            w.close_file()
+        if not self._docs.closed:
+            self._docs.close()
+
+    def snapshot(self) -> dict:
+        """A JSON-able record of everything written so far (all files flushed and fsynced first)."""
+        self._docs.flush()
+        os.fsync(self._docs.fileno())
+        return {"splits": {s: w.snapshot() for s, w in self.writers.items()},
+                "documents": self.n_documents, "documents_bytes": self._docs.tell()}
+
+    @classmethod
+    def restore(cls, out_dir: Path, tokenizer: dict, shard_tokens: int, snap: dict,
+                splits: tuple[str, ...] = ("train", "val")) -> "DatasetWriter":
+        """A writer that continues from `snapshot()`: later output is byte-identical to an uninterrupted run."""
+        w = cls.__new__(cls)
+        w.out_dir = Path(out_dir)
+        w.tokenizer = dict(tokenizer)
+        w.dtype = token_dtype(int(tokenizer["vocab_size"]))
+        w.writers = {s: ShardWriter(w.out_dir, s, w.dtype, shard_tokens) for s in splits}
+        for s, ws in w.writers.items():
+            ws.restore(snap["splits"][s])
+        w.n_documents = int(snap["documents"])
+        path = w.out_dir / DOCUMENTS
+        if not path.is_file() or path.stat().st_size < int(snap["documents_bytes"]):
+            raise DataError(f"cannot resume: {path} is shorter than the journal says; re-run with --restart")
+        w._docs = open(path, "r+b")
+        w._docs.truncate(int(snap["documents_bytes"]))
+        w._docs.seek(int(snap["documents_bytes"]))
+        return w
 
 
 def _check_index(index, idx_path: Path) -> None:
@@ -238,8 +371,13 @@ def _check_index(index, idx_path: Path) -> None:
             total += s["tokens"]
         if info.get("tokens", total) != total:
             bad(f"split {name!r} says {info.get('tokens')} tokens, its shards add up to {total}")
-    if not isinstance(index.get("documents", []), list):
-        bad("'documents' must be a list")
+    docs = index.get("documents", [])
+    if version < 2:
+        if not isinstance(docs, list):
+            bad("'documents' must be a list")
+    elif not (isinstance(docs, dict) and isinstance(docs.get("file"), str) and isinstance(docs.get("count"), int)
+              and Path(docs["file"]).name == docs["file"]):
+        bad("'documents' must be {\"file\": NAME, \"count\": N, ...}")
 
 
 class TokenStream:
@@ -293,8 +431,56 @@ class TokenDataset:
         return int(self.index["tokenizer"]["eot_id"])
 
     @property
+    def version(self) -> int:
+        return int(self.index["version"])
+
+    @property
+    def n_documents(self) -> int:
+        docs = self.index.get("documents", [])
+        return len(docs) if isinstance(docs, list) else int(docs["count"])
+
+    def iter_documents(self):
+        """Per-document records in the order written (version 1: the inline list; 2: documents.jsonl, streamed)."""
+        docs = self.index.get("documents", [])
+        if isinstance(docs, list):
+            yield from docs
+            return
+        path = self.dir / docs["file"]
+        try:
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    try:
+                        yield json.loads(line)
+                    except ValueError:
+                        raise DataError(f"corrupt document record {path}:{n}") from None
+        except FileNotFoundError:
+            raise DataError(f"{path} listed in {self.dir / INDEX} is missing; re-run `phiforge prepare`") from None
+
+    @property
     def documents(self) -> list[dict]:
-        return self.index.get("documents", [])
+        """All per-document records as a list (loads documents.jsonl whole: use iter_documents at scale)."""
+        return list(self.iter_documents())
+
+    def sources(self, split: str) -> dict[str, list[dict]]:
+        """A split's shards grouped by source, in index order (shards without a source count as "")."""
+        out: dict[str, list[dict]] = {}
+        for s in self._split(split)["shards"]:
+            out.setdefault(s.get("source", ""), []).append(s)
+        return out
+
+    def source_tokens(self, split: str) -> dict[str, int]:
+        return {src: sum(s["tokens"] for s in shards) for src, shards in self.sources(split).items()}
+
+    def source_stream(self, split: str, source: str) -> "TokenStream":
+        """The token stream of one source in a split: its shards, concatenated in index order."""
+        shards = self.sources(split).get(source)
+        if shards is None:
+            raise DataError(f"dataset {self.dir} has no source '{source}' in split '{split}' "
+                            f"(it has: {', '.join(self.sources(split))})")
+        return TokenStream([self._memmap(s) for s in shards if s["tokens"]])
+
+    def _memmap(self, s: dict) -> np.ndarray:
+        return np.memmap(self.dir / s["file"], dtype=self.dtype, mode="r", shape=(s["tokens"],))
 
     def splits(self) -> list[str]:
         return list(self.index["splits"])
@@ -313,8 +499,7 @@ class TokenDataset:
 
     def arrays(self, split: str) -> list[np.ndarray]:
         """Memory-mapped token arrays of a split's shards, in order (empty shards skipped)."""
-        return [np.memmap(self.dir / s["file"], dtype=self.dtype, mode="r", shape=(s["tokens"],))
-                for s in self._split(split)["shards"] if s["tokens"]]
+        return [self._memmap(s) for s in self._split(split)["shards"] if s["tokens"]]
 
     def stream(self, split: str) -> TokenStream:
         if split not in self._streams:
@@ -329,6 +514,12 @@ class TokenDataset:
                 if sha256_file(path) != s["sha256"]:
                     raise DataError(f"checksum mismatch in shard {path}: it changed after it was written; "
                                     "re-run `phiforge prepare`")
+        docs = self.index.get("documents")
+        if isinstance(docs, dict) and "sha256" in docs:
+            path = self.dir / docs["file"]
+            if not path.is_file() or sha256_file(path) != docs["sha256"]:
+                raise DataError(f"checksum mismatch in {path}: it changed after it was written; "
+                                "re-run `phiforge prepare`")
 
 
 def read_index(data_dir: str | Path) -> dict:
@@ -369,4 +560,7 @@ def open_token_dataset(data_dir: str | Path) -> TokenDataset:
             if size != expected:
                 raise DataError(f"shard {path} has {size} bytes, the index says {s['tokens']} tokens = {expected} "
                                 "bytes: truncated or overwritten; re-run `phiforge prepare`")
+    docs = index.get("documents")
+    if isinstance(docs, dict) and not (d / docs["file"]).is_file():
+        raise DataError(f"{d / docs['file']} listed in {d / INDEX} is missing; re-run `phiforge prepare`")
     return ds

@@ -1,9 +1,17 @@
-"""Where documents come from. Each source yields cleaned `Document`s; `prepare` does the rest.
+"""Where documents come from. A source lists its input *units* (files, books, parquet row groups) cheaply and
+in a fixed order, and reads each unit as a stream of raw documents; `prepare` does the rest (cleaning and
+tokenizing in worker processes, dedup, shards, resume).
 
-A source is a class registered in `GUTENBERG_SOURCES` under its `--source` name. It lists its document ids
-cheaply (`ids()`, used to choose validation books before any text is read) and yields documents in a fixed
-order (`documents()`). Today there is `bundled` (the seven books shipped in the package); a local mirror,
-a parquet dump or a download plug in as more classes here.
+    Unit        one resumable piece of input: `prepare` journals the units it has completed, and a re-run
+                after a crash continues after the last completed one
+    RawDoc      a document as read: raw bytes to decode (`data`) or text; `clean="gutenberg"` asks the worker
+                for the Gutenberg cleaning (markers, BOM, CRLF, encoding fallback, NFC)
+    Skip        a record that could not be used (malformed line, empty file, ...): counted in the report
+
+Gutenberg sources are registered in `GUTENBERG_SOURCES` under their `--source` name: `bundled` (the seven
+books shipped in the package) here, `mirror`, `parquet` and `download` in `phiforge.data.mirror`. RedPajama
+lives in `phiforge.data.redpajama`. A source also lists its document ids (`ids()`, used to choose validation
+books before any text is read).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phiforge.data.gutenberg import clean_book, decode_bytes, read_bytes
+from phiforge.data.report import Report
 from phiforge.errors import DataError
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "gutenberg"
@@ -29,6 +38,33 @@ class Document:
     meta: dict = field(default_factory=dict)  # more JSON-able facts for the index (author, removed chars, ...)
 
 
+@dataclass
+class Unit:
+    key: str  # stable name (relative path, "pg2701", "file.parquet#rg3"); journaled, shown in errors
+    source: str  # the source its documents belong to
+    size: int = 0  # input bytes, for the progress bar's ETA
+    ref: object = None  # whatever `read` needs (a path, a row group, ...)
+
+
+@dataclass
+class RawDoc:
+    id: str
+    title: str
+    source: str
+    text: str | None = None
+    data: bytes | None = None  # raw bytes, decoded in the worker (UTF-8, then cp1252, then latin-1)
+    origin: str = ""  # where it came from (file, file:line), for reports
+    clean: str = "plain"  # "gutenberg": markers/BOM/CRLF/NFC cleaning; "plain": used as is
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Skip:
+    reason: str
+    example: str
+    chars: int = 0
+
+
 class Source:
     name = ""
     help = ""
@@ -36,14 +72,38 @@ class Source:
     default_val_ids: tuple[str, ...] = ()  # held out when neither --val-books nor --val-ids is given
     val_preference: tuple[str, ...] = ()  # --val-books N takes the first N of these, then others by hash
 
+    default_dedup = "exact,near"  # --dedup when not given
+    default_val_fraction = 0.005  # --val-books default (at least 1) when there are no default_val_ids
+
+    def __init__(self):
+        self.scan_report = Report()  # what listing the input skipped (recomputed identically on every run)
+
     def ids(self) -> list[str]:
         raise NotImplementedError
 
-    def documents(self) -> Iterator[Document]:
+    def units(self) -> list[Unit]:
         raise NotImplementedError
 
-    def describe(self) -> str:
-        return self.name
+    def read(self, unit: Unit) -> Iterator[RawDoc | Skip]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """JSON-able facts that identify the input (recorded in the index, part of the resume fingerprint)."""
+        return {"source": self.name}
+
+    def documents(self) -> Iterator[Document]:
+        """Cleaned documents, in order, in this process (no dedup, no workers): for small inputs and tests."""
+        for unit in self.units():
+            for raw in self.read(unit):
+                if isinstance(raw, Skip):
+                    continue
+                text = raw.text if raw.text is not None else decode_bytes(raw.data, raw.origin)
+                meta = dict(raw.meta)
+                if raw.clean == "gutenberg":
+                    c = clean_book(text)
+                    text = c.text
+                    meta.update(removed_header_chars=c.header_chars, removed_footer_chars=c.footer_chars)
+                yield Document(id=raw.id, title=raw.title, source=raw.source, text=text, meta=meta)
 
 
 class BundledGutenberg(Source):
@@ -56,6 +116,7 @@ class BundledGutenberg(Source):
     val_preference = ("105", "121", "161", "1342", "158", "141", "2701")
 
     def __init__(self, root: Path = BUNDLED_DIR):
+        super().__init__()
         self.root = Path(root)
         manifest = self.root / "MANIFEST.tsv"
         try:
@@ -71,25 +132,30 @@ class BundledGutenberg(Source):
     def ids(self) -> list[str]:
         return [r["pg_ebook"] for r in self.rows]
 
-    def documents(self) -> Iterator[Document]:
-        for row in self.rows:
-            path = self.root / row["file"]
-            data = read_bytes(path)
-            if hashlib.sha256(data).hexdigest() != row["sha256_uncompressed"]:
-                raise DataError(f"{path} does not match the sha256 in {self.root / 'MANIFEST.tsv'}")
-            clean = clean_book(decode_bytes(data, str(path)))
-            meta = {"author": row.get("author", ""), "file": row["file"], "chars": len(clean.text),
-                    "removed_header_chars": clean.header_chars, "removed_footer_chars": clean.footer_chars}
-            yield Document(id=row["pg_ebook"], title=row["title"], source=self.corpus, text=clean.text, meta=meta)
+    def describe(self) -> dict:
+        return {"source": self.name, "books": [r["sha256_uncompressed"] for r in self.rows]}
+
+    def units(self) -> list[Unit]:
+        return [Unit(key=f"pg{r['pg_ebook']}", source=self.corpus, size=(self.root / r["file"]).stat().st_size
+                     if (self.root / r["file"]).exists() else 0, ref=r) for r in self.rows]
+
+    def read(self, unit: Unit) -> Iterator[RawDoc]:
+        row = unit.ref
+        path = self.root / row["file"]
+        data = read_bytes(path)
+        if hashlib.sha256(data).hexdigest() != row["sha256_uncompressed"]:
+            raise DataError(f"{path} does not match the sha256 in {self.root / 'MANIFEST.tsv'}")
+        yield RawDoc(id=row["pg_ebook"], title=row["title"], source=self.corpus, data=data, origin=row["file"],
+                     clean="gutenberg", meta={"author": row.get("author", ""), "file": row["file"]})
 
 
 GUTENBERG_SOURCES: dict[str, type[Source]] = {"bundled": BundledGutenberg}
 
 
-def get_source(name: str, registry: dict[str, type[Source]] = GUTENBERG_SOURCES) -> Source:
+def get_source(name: str, registry: dict[str, type[Source]] = GUTENBERG_SOURCES, **kwargs) -> Source:
     if name not in registry:
         raise DataError(f"unknown --source '{name}' (choose from: {', '.join(registry)})")
-    return registry[name]()
+    return registry[name](**kwargs)
 
 
 def choose_val_ids(source: Source, val_books: int | None = None,
@@ -100,21 +166,30 @@ def choose_val_ids(source: Source, val_books: int | None = None,
     ordered by sha256 (deterministic, independent of listing order).
     """
     ids = source.ids()
+    if not ids:
+        raise DataError(f"source '{source.name}' has no books to prepare ({source.describe()}); see the "
+                        f"skipped inputs: {', '.join(source.scan_report.removed) or 'none'}")
     if val_books is not None and val_ids is not None:
         raise DataError("give --val-books or --val-ids, not both")
     if val_ids is not None:
         chosen = list(dict.fromkeys(str(v).strip() for v in val_ids if str(v).strip()))
         unknown = [v for v in chosen if v not in ids]
         if unknown:
-            raise DataError(f"--val-ids {','.join(unknown)} not in source '{source.name}' (ids: {', '.join(ids)})")
+            shown = ", ".join(ids[:20]) + (f", ... ({len(ids)} in all)" if len(ids) > 20 else "")
+            raise DataError(f"--val-ids {','.join(unknown)} not in source '{source.name}' (ids: {shown})")
         method = "val-ids"
     elif val_books is not None:
         known = set(ids)
         order = [v for v in source.val_preference if v in known]
-        order += sorted((v for v in ids if v not in set(order)), key=lambda v: hashlib.sha256(v.encode()).hexdigest())
+        first = set(order)
+        order += sorted((v for v in ids if v not in first), key=lambda v: hashlib.sha256(v.encode()).hexdigest())
         chosen, method = order[:val_books], "val-books"
-    else:
+    elif source.default_val_ids:
         chosen, method = [v for v in source.default_val_ids if v in ids], "default"
+    else:  # a fraction of the books (at least one), by sha256 order
+        n = max(1, round(len(ids) * source.default_val_fraction))
+        chosen = sorted(ids, key=lambda v: hashlib.sha256(v.encode()).hexdigest())[:n]
+        method = "default"
     if not chosen:
         raise DataError("--val-books must be at least 1" if method == "val-books" else
                         f"source '{source.name}' has no default validation books; give --val-books or --val-ids")
@@ -122,3 +197,7 @@ def choose_val_ids(source: Source, val_books: int | None = None,
         raise DataError(f"holding out {len(chosen)} of {len(ids)} books leaves no training data; "
                         f"use --val-books below {len(ids)}")
     return chosen, method
+
+
+# the other Gutenberg sources register themselves (they build on the classes above)
+import phiforge.data.mirror  # noqa: E402,F401

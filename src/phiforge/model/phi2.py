@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from phiforge.errors import ConfigError
-from phiforge.model.fused import linear_cross_entropy
+from phiforge.model.fused import cross_entropy, linear_cross_entropy
 from phiforge.model.moe import MoE, MoEConfig
 from phiforge.model.xattn import GatedCrossAttention, XAttnConfig
 
@@ -311,7 +311,7 @@ class Phi2(nn.Module):
             logits = self.lm_head(h)
             if targets is None:
                 return logits
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         self.lm_loss = loss.detach()
         aux = self.moe_aux_loss() if self.training else None
         return loss if aux is None else loss + aux

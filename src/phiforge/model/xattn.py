@@ -22,7 +22,7 @@ from phiforge.errors import ConfigError
 
 @dataclass
 class XAttnConfig:
-    every: int = 1  # a cross-attention sublayer in blocks 0, every, 2*every, ...
+    every: int = 1  # a cross-attention sublayer in every every-th block: blocks every-1, 2*every-1, ... (0-based)
     context_dim: int | None = None  # width of the context tokens; None: the model's n_embd
     heads: int | None = None  # None: the model's n_head
     ff: bool | float = True  # gated feed-forward after the cross-attention: False, True (4x) or a width multiple

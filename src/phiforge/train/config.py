@@ -8,6 +8,11 @@ from phiforge.errors import ConfigError
 from phiforge.model import Phi2Config
 
 
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-true")
+STRATEGIES = ("auto", "none", "ddp", "fsdp", "hsdp")
+AC_MODES = ("none", "full", "selective")
+
+
 @dataclass
 class DataConfig:
     dir: str = "data/gutenberg"  # output of `phiforge prepare`
@@ -30,6 +35,23 @@ class OptimConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How `parallelize()` lays the model out over the ranks (docs/training.md)."""
+
+    strategy: str = "auto"  # auto (fsdp when world_size > 1, else none) | none | ddp | fsdp | hsdp
+    hsdp_replicate: int = 0  # hsdp: replica groups (mesh dim 0); 0 = one per node (world / LOCAL_WORLD_SIZE)
+    reshard_after_forward: bool = True  # fsdp/hsdp: free gathered block params after forward (ZeRO-3)
+    # grad accumulation: communicate gradients only on the last micro-step. fsdp then keeps unsharded fp32
+    # gradients between micro-steps (4 bytes x params per GPU); false: reduce-scatter every micro-step
+    # (sharded accumulation; hsdp still defers its cross-node all-reduce to the last micro-step)
+    defer_grad_sync: bool = True
+    activation_checkpointing: str = "none"  # none | full (every block) | selective
+    ac_policy: str = "layer"  # selective: layer (every ac_every-th block) | op (save matmuls, recompute the rest)
+    ac_every: int = 2  # selective/layer: checkpoint blocks 0, k, 2k, ...
+    compile_backend: str = "inductor"  # torch.compile backend for `compile: true` (per block)
+
+
+@dataclass
 class TrainConfig:
     model: dict = field(default_factory=lambda: {"preset": "small"})  # preset name + Phi2Config overrides
     init_from: str | None = None  # start from a phiforge checkpoint instead of random weights
@@ -45,19 +67,44 @@ class TrainConfig:
     log_interval: int = 10
     out_dir: str = "runs/default"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16-mixed on GPU, fp32 on CPU) | fp32 | bf16-mixed
+    precision: str = "auto"  # auto (bf16-mixed on GPU, fp32 on CPU) | fp32 | bf16-mixed | bf16-true
     seed: int = 1337
-    compile: bool = False
+    compile: bool = False  # torch.compile each block (after activation checkpointing, before FSDP)
     threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    resume: str = "none"  # none | auto (newest complete checkpoint of out_dir, if any) | PATH to a step-N dir
+    async_checkpoint: bool = False  # dcp.async_save: write in the background while training goes on
+    max_bad_steps: int = 5  # halt after this many consecutive non-finite losses / grad norms (each one is skipped)
+    mfu_peak_tflops: float = 0.0  # bf16 dense peak per device for MFU; 0 = look the GPU up in the peak table
+    tensorboard: bool = True  # also write RUN/tensorboard/ when the tensorboard package is installed
+    wandb_project: str | None = None  # also log to this W&B project when wandb is installed
+    progress_bar: bool = True  # rank 0 only
 
     def __post_init__(self):
         if self.optim.schedule not in ("cosine", "linear", "wsd", "constant"):
             raise ConfigError(f"optim.schedule must be cosine, linear, wsd or constant, got '{self.optim.schedule}'")
-        if self.precision not in ("auto", "fp32", "bf16-mixed"):
-            raise ConfigError(f"precision must be auto, fp32 or bf16-mixed, got '{self.precision}'")
-        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_batches", "log_interval"):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_batches", "log_interval",
+                     "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.eval_interval < 1:
+            raise ConfigError("eval_interval must be at least 1")
+        if self.save_interval < 0 or self.keep_checkpoints < 0:
+            raise ConfigError("save_interval and keep_checkpoints must be 0 or more")
+        p = self.parallel
+        if p.strategy not in STRATEGIES:
+            raise ConfigError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got '{p.strategy}'")
+        if p.activation_checkpointing not in AC_MODES:
+            raise ConfigError(f"parallel.activation_checkpointing must be one of {', '.join(AC_MODES)}, "
+                              f"got '{p.activation_checkpointing}'")
+        if p.ac_policy not in ("layer", "op"):
+            raise ConfigError(f"parallel.ac_policy must be layer or op, got '{p.ac_policy}'")
+        if p.ac_every < 1 or p.hsdp_replicate < 0:
+            raise ConfigError("parallel.ac_every must be at least 1 and parallel.hsdp_replicate 0 or more")
+        if not self.resume:
+            raise ConfigError("resume must be none, auto or a checkpoint path")
 
     def model_config(self) -> Phi2Config:
         return model_config_from_spec(self.model)

@@ -58,28 +58,31 @@ class VisionDataConfig:
     max_len: int = 128  # tokens per conversation; longer ones are truncated
 
 
+STAGE_DEFAULTS = {"stage1": ["projector", "xattn"], "stage2": ["projector", "xattn", "lm"]}
+
+
 @dataclass
 class StageConfig:
-    steps: int = 0  # 0 skips the stage
+    steps: int = 100  # 0 skips the stage
     lr: float = 1e-3
     warmup_steps: int = 20
-    train: list[str] = field(default_factory=lambda: ["projector", "xattn"])  # parts of PARTS to train
+    train: list[str] | None = None  # parts of PARTS to train; None: STAGE_DEFAULTS
 
     def __post_init__(self):
-        bad = sorted(set(self.train) - set(PARTS))
+        bad = sorted(set(self.train or []) - set(PARTS))
         if bad:
             raise ConfigError(f"unknown part(s) to train: {', '.join(bad)} (choose from {', '.join(PARTS)})")
 
 
 @dataclass
 class FinetuneConfig:
-    model: dict = field(default_factory=lambda: {"preset": "small", "xattn": {"every": 1}})  # ignored with init_from
+    model: dict = field(default_factory=lambda: {"preset": "small"})  # + xattn: {...}; see build_vision_model
     init_from: str | None = None  # a phiforge checkpoint: text-only (gets xattn from model.xattn) or vision
     vision: VisionConfig = field(default_factory=VisionConfig)
     data: VisionDataConfig = field(default_factory=VisionDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)  # lr and warmup_steps come from each stage
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=100))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=100, train=["projector", "xattn", "lm"]))
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=StageConfig)
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
     eval_interval: int = 100
@@ -92,6 +95,10 @@ class FinetuneConfig:
     threads: int = 0
 
     def __post_init__(self):
+        for name, parts in STAGE_DEFAULTS.items():
+            stage = getattr(self, name)
+            if stage.train is None:
+                stage.train = list(parts)
         if self.optim.schedule not in ("cosine", "linear", "wsd", "constant"):
             raise ConfigError(f"optim.schedule must be cosine, linear, wsd or constant, got '{self.optim.schedule}'")
         if self.precision not in ("auto", "fp32", "bf16-mixed"):

@@ -37,6 +37,8 @@ class VisionLM(nn.Module):
         if lm.cfg.xattn is None:
             raise ConfigError("the language model has no cross-attention layers: set model.xattn")
         self.lm, self.vcfg = lm, vcfg
+        if not self.gates():
+            raise ConfigError(f"xattn.every ({lm.cfg.xattn.every}) exceeds n_layer ({lm.cfg.n_layer}): no cross-attention")
         self.encoder = build_encoder(vcfg.encoder, load_weights=load_encoder_weights)
         context_dim = lm.cfg.xattn.context_dim or lm.cfg.n_embd
         self.projector = build_projector(vcfg.projector, self.encoder.out_dim, context_dim)

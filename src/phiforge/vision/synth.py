@@ -38,7 +38,7 @@ def _place(rng: random.Random, n: int, size: int) -> tuple[int, list[tuple[float
     """Radius and n non-overlapping centres, each shape wholly inside its half of the image."""
     half = size / 2
     while True:  # rejection sampling; a handful of tries at most
-        r = rng.uniform(size * 0.09, size * 0.15)
+        r = rng.uniform(size * 0.12, size * 0.17)
         placed: list[tuple[float, float, str]] = []
         for _ in range(50 * n):
             side = rng.choice(("left", "right"))

@@ -1,0 +1,154 @@
+"""Reading input files as streams: plain, .gz and .zst, line by line, with bounded memory.
+
+Every problem with a whole file (missing, unreadable, truncated .gz or .zst, binary data where text was
+expected) raises `DataError` with one line that names the file. Problems with single records (a malformed
+JSON line, invalid UTF-8 inside a line) are the caller's to count: `iter_jsonl` yields them as `BadRecord`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from phiforge.errors import DataError
+
+BLOCK = 1 << 20
+
+
+class _ZstdRaw(io.RawIOBase):
+    """A .zst file as a readable stream that raises DataError when the last frame is incomplete (zstandard's
+    own stream_reader returns the readable part of a truncated file without complaint)."""
+
+    def __init__(self, path: Path):
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"cannot read {path}: the 'zstandard' package is not installed "
+                            "(pip install zstandard)") from None
+        self._z = zstandard
+        self.path = path
+        self._f = open(path, "rb")
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+        self._buf = b""
+        self._fed = False  # the current frame has been given data
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf and not self._eof:
+            chunk = self._f.read(BLOCK)
+            if not chunk:
+                self._eof = True
+                if self._fed and not self._d.eof:
+                    raise DataError(f"truncated .zst file (its last frame is incomplete): {self.path}")
+                break
+            try:
+                out = self._d.decompress(chunk)
+                self._fed = True
+                while self._d.eof and self._d.unused_data:  # several frames back to back
+                    rest = self._d.unused_data
+                    self._d = self._z.ZstdDecompressor().decompressobj()
+                    out += self._d.decompress(rest)
+            except self._z.ZstdError as e:
+                raise DataError(f"corrupt .zst file {self.path}: {e}") from None
+            self._buf = out
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+class _GzipGuard(io.RawIOBase):
+    """gzip.open with errors turned into DataError naming the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._g = gzip.open(path, "rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        try:
+            return self._g.readinto(b)
+        except EOFError:
+            raise DataError(f"truncated .gz file (it ends before the end of its compressed stream): {self.path}") \
+                from None
+        except (gzip.BadGzipFile, zlib.error, OSError) as e:
+            raise DataError(f"corrupt .gz file {self.path}: {e}") from None
+
+    def close(self) -> None:
+        self._g.close()
+        super().close()
+
+
+def open_binary(path: str | Path) -> io.BufferedReader:
+    """A buffered binary stream of a file's (decompressed) bytes; .gz and .zst by suffix."""
+    path = Path(path)
+    try:
+        if path.name.endswith(".zst"):
+            raw = _ZstdRaw(path)
+        elif path.name.endswith(".gz"):
+            raw = _GzipGuard(path)
+        else:
+            return open(path, "rb", buffering=BLOCK)
+    except FileNotFoundError:
+        raise DataError(f"file not found: {path}") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    return io.BufferedReader(raw, buffer_size=BLOCK)
+
+
+def read_all(path: str | Path) -> bytes:
+    with open_binary(path) as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e}") from None
+
+
+@dataclass
+class BadRecord:
+    line: int  # 1-based
+    reason: str  # "malformed json line", "invalid utf-8", ...
+    detail: str
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict] | BadRecord]:
+    """(line number, record) for each non-blank line of a .jsonl(.gz|.zst) file; bad lines as BadRecord.
+
+    A file whose first bytes contain NUL is not JSON text: DataError. An empty file yields nothing.
+    """
+    path = Path(path)
+    with open_binary(path) as f:
+        head = f.peek(4096)[:4096]
+        if b"\x00" in head:
+            raise DataError(f"binary file, not JSON lines: {path}")
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield BadRecord(n, "invalid utf-8", f"{path.name}:{n}: {e.reason} at byte {e.start}")
+                continue
+            try:
+                rec = json.loads(text)
+            except ValueError as e:
+                yield BadRecord(n, "malformed json line", f"{path.name}:{n}: {e}")
+                continue
+            if not isinstance(rec, dict):
+                yield BadRecord(n, "malformed json line", f"{path.name}:{n}: not a JSON object")
+                continue
+            yield n, rec

@@ -1,0 +1,33 @@
+"""`PhiforgeLitData`: litgpt's `LitData` over the chunks `phiforge litgpt prepare` writes, optionally unshuffled.
+
+Stock `LitData` always shuffles the training set. The chunks written by `phiforge litgpt prepare` already hold
+the training windows in the order phiforge's loader serves them, so with `shuffle: false` (the default here)
+LitGPT trains on exactly phiforge's batches, in phiforge's order; `shuffle: true` is stock LitData. Used by
+`litgpt pretrain` through its YAML (`data: {class_path: phiforge.litgpt.datamodule.PhiforgeLitData, ...}`);
+importing this module needs litgpt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from litgpt.data import LitData
+from torch.utils.data import DataLoader
+
+
+@dataclass
+class PhiforgeLitData(LitData):
+    """LitData with the training order under control; see the module docstring."""
+
+    shuffle: bool = False
+    """False: read the training windows in the order they were written (phiforge's). True: litdata shuffles."""
+    pin_memory: bool = False
+    """Pin host memory for faster GPU copies (stock LitData always pins)."""
+
+    def _dataloader(self, input_dir: str, train: bool) -> DataLoader:
+        from litdata.streaming import StreamingDataLoader, StreamingDataset, TokensLoader
+
+        dataset = StreamingDataset(input_dir=input_dir, item_loader=TokensLoader(block_size=self.seq_length),
+                                   shuffle=train and self.shuffle, seed=self.seed)
+        return StreamingDataLoader(dataset, batch_size=self.batch_size, pin_memory=self.pin_memory,
+                                   num_workers=self.num_workers, drop_last=True)

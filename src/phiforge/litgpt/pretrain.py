@@ -1,0 +1,356 @@
+"""`phiforge litgpt pretrain --config F`: train a Phi-2-family model with `litgpt pretrain`, report it like phiforge.
+
+The config uses the same keys as `phiforge train` where they mean the same thing (model, init_from, data.seq_len,
+optim, micro_batch_size, grad_accum_steps, max_steps, eval_interval, eval_batches, log_interval, seed), so a
+study can hand both trainers one set of hyperparameters. It becomes a `litgpt pretrain` YAML:
+
+    model_config      the LitGPT Config of the phiforge model (convert.config_to_litgpt: phi-2 + overrides)
+    data              phiforge.litgpt.datamodule.PhiforgeLitData over `phiforge litgpt prepare` output
+    train             global_batch_size = micro_batch_size x grad_accum_steps x devices; max_tokens = max_steps x
+                      tokens per step (so LitGPT stops after exactly max_steps optimizer steps); lr_warmup_steps;
+                      min_lr = lr x min_lr_ratio; max_norm = grad_clip; max_seq_length = seq_len
+    optimizer         torch.optim.AdamW(lr, betas, eps, weight_decay)
+    eval              interval = eval_interval, max_iters = eval_batches
+    init              init_from (a phiforge checkpoint) -> converted to RUN/initial -> initial_checkpoint_dir
+
+Differences that remain (LitGPT's own choices, documented in docs/litgpt.md): LitGPT always torch.compile()s
+the model; its warmup starts at lr 0 (phiforge at lr/warmup); AdamW weight decay applies to every parameter
+(phiforge decays matrices only); without init_from it uses GPT-NeoX init (phiforge: N(0, 0.02)); cosine is its
+only schedule.
+
+The run directory then looks like a phiforge run: RUN/config.yaml, RUN/metrics.jsonl (start, train, eval, end
+events, from LitGPT's CSV log), RUN/checkpoints/step-N (the final weights converted to a phiforge checkpoint)
+and RUN/latest, so `phiforge generate --checkpoint RUN` works. LitGPT's own files stay in RUN/litgpt/ and its
+console output in RUN/litgpt.log.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from phiforge.config import to_dict
+from phiforge.errors import ConfigError, PhiforgeError
+from phiforge.litgpt.convert import config_to_litgpt, write_litgpt_checkpoint
+from phiforge.litgpt.data import check_manifest_fits, read_manifest
+from phiforge.train.config import OptimConfig, model_config_from_spec
+
+PRECISION = {"fp32": "32-true", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true"}
+
+
+@dataclass
+class LitDataConfig:
+    dir: str = "data/litgpt"  # output of `phiforge litgpt prepare`
+    seq_len: int = 256
+    seed: int = 0  # litdata's shuffling seed (only with shuffle: true; the written order came from prepare's --seed)
+    shuffle: bool = False  # false: phiforge's order, as written by `phiforge litgpt prepare`
+    num_workers: int = 0  # DataLoader workers; 0 reads in the training process (as phiforge does)
+
+
+@dataclass
+class LitPretrainConfig:
+    model: dict = field(default_factory=lambda: {"preset": "small"})  # preset + Phi2Config overrides (no moe/xattn)
+    init_from: str | None = None  # a phiforge checkpoint to start from (else LitGPT's GPT-NeoX init)
+    data: LitDataConfig = field(default_factory=LitDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    eval_interval: int = 100
+    eval_batches: int = 20
+    initial_validation: bool = True  # validate before the first step (as phiforge does)
+    save_interval: int = 0  # steps between LitGPT checkpoints; 0: only the final one
+    log_interval: int = 10
+    out_dir: str = "runs/litgpt"
+    device: str = "auto"  # auto | cpu | cuda
+    devices: int = 1  # GPUs per node (LitGPT uses FSDP when devices x num_nodes > 1)
+    num_nodes: int = 1
+    precision: str = "auto"  # auto (bf16-mixed on GPU, fp32 on CPU) | fp32 | bf16-mixed | bf16-true
+    seed: int = 1337
+    litgpt_args: list[str] = field(default_factory=list)  # extra `litgpt pretrain` arguments, e.g. [--train.max_time, "3600"]
+    echo: bool = True  # copy LitGPT's console output to ours as it runs
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_batches",
+                     "log_interval", "devices", "num_nodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.save_interval < 0:
+            raise ConfigError("save_interval must be 0 or more")
+        if self.precision not in ("auto", *PRECISION):
+            raise ConfigError(f"precision must be auto, {', '.join(PRECISION)}; got '{self.precision}'")
+        if self.optim.schedule != "cosine":
+            raise ConfigError(f"optim.schedule '{self.optim.schedule}': litgpt pretrain only has cosine decay")
+        if self.data.num_workers < 0:
+            raise ConfigError("data.num_workers must be 0 or more")
+
+    @property
+    def world(self) -> int:
+        return self.devices * self.num_nodes
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.world * self.data.seq_len
+
+
+def _device(cfg: LitPretrainConfig) -> str:
+    import torch
+
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device.split(":")[0]
+
+
+def litgpt_yaml(cfg: LitPretrainConfig, run_dir: Path, initial_dir: Path | None, mcfg=None) -> dict:
+    """The `litgpt pretrain --config` YAML for this run (mcfg: the Phi2Config, default from cfg.model)."""
+    mcfg = mcfg or model_config_from_spec(cfg.model)
+    lit_cfg = config_to_litgpt(mcfg)
+    device = _device(cfg)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if device == "cuda" else "fp32")
+    o = cfg.optim
+    T = cfg.data.seq_len
+    if T > mcfg.max_seq_len:
+        raise ConfigError(f"data.seq_len {T} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+    y = {
+        "model_name": lit_cfg["name"],
+        "model_config": lit_cfg,
+        "out_dir": str(run_dir / "litgpt"),
+        "precision": PRECISION[precision],
+        "resume": False,
+        "data": {"class_path": "phiforge.litgpt.datamodule.PhiforgeLitData",
+                 "init_args": {"data_path": str(Path(cfg.data.dir).resolve()), "split_names": ["train", "val"],
+                               "seed": cfg.data.seed, "num_workers": cfg.data.num_workers, "shuffle": cfg.data.shuffle,
+                               "pin_memory": device == "cuda"}},
+        "train": {"save_interval": cfg.save_interval or None, "log_interval": cfg.log_interval,
+                  "global_batch_size": cfg.micro_batch_size * cfg.grad_accum_steps * cfg.world,
+                  "micro_batch_size": cfg.micro_batch_size, "max_tokens": cfg.max_steps * cfg.tokens_per_step,
+                  "max_seq_length": T, "lr_warmup_steps": o.warmup_steps,
+                  "max_norm": o.grad_clip if o.grad_clip > 0 else float("inf"),
+                  "min_lr": o.lr * o.min_lr_ratio, "tie_embeddings": False},
+        "eval": {"interval": cfg.eval_interval, "max_iters": cfg.eval_batches,
+                 "initial_validation": cfg.initial_validation,
+                 # the last periodic validation already ran at max_steps when it divides evenly
+                 "final_validation": cfg.max_steps % cfg.eval_interval != 0},
+        "optimizer": {"class_path": "torch.optim.AdamW",
+                      "init_args": {"lr": o.lr, "weight_decay": o.weight_decay, "betas": [o.beta1, o.beta2],
+                                    "eps": o.eps}},
+        "devices": cfg.devices if device == "cuda" else 1,
+        "num_nodes": cfg.num_nodes,
+        "logger_name": "csv",
+        "seed": cfg.seed,
+    }
+    if device == "cpu" and cfg.world > 1:
+        raise ConfigError("devices/num_nodes > 1 needs GPUs")
+    if initial_dir is not None:
+        y["initial_checkpoint_dir"] = str(initial_dir)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# LitGPT's logs -> phiforge events
+
+_ITER_VAL = re.compile(r"\| iter (\d+) step (\d+) \| loss train: [-\d.naif]+, val: ([\d.]+|n/a)")
+_VAL = re.compile(r"^iter (\d+): val loss ([\d.]+), val time: ([\d.]+) ms")
+_FINAL = re.compile(r"Final evaluation \| val loss: ([\d.]+)")
+
+
+def _num(row: dict, key: str) -> float | None:
+    v = row.get(key)
+    if v in (None, ""):
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def metrics_csv(lit_out: Path) -> Path | None:
+    versions = sorted((lit_out / "logs" / "csv").glob("version_*/metrics.csv"),
+                      key=lambda p: int(p.parent.name.split("_")[1]))
+    return versions[-1] if versions else None
+
+
+def events_from_litgpt(csv_path: Path | None, console: str, cfg: LitPretrainConfig) -> list[dict]:
+    """train/eval events, phiforge-style, from LitGPT's CSV log and console output.
+
+    step = optimizer steps; tokens = tokens trained on; elapsed_s = LitGPT's training clock (starts after its
+    initial validation; includes compilation); tokens_per_s = tokens / seconds since the previous train event."""
+    accum, tps = cfg.grad_accum_steps, cfg.tokens_per_step
+    events: list[dict] = []
+    val_s = {int(v.group(1)) // accum: float(v.group(3)) / 1000  # seconds each validation took, by step
+             for v in (_VAL.match(line.strip()) for line in console.splitlines()) if v}
+
+    def eval_time(step: int) -> float | None:  # LitGPT validates right after logging that step
+        t = last_time.get(step)
+        return None if t is None else t + val_s.get(step, 0.0)
+
+    rows = list(csv.DictReader(open(csv_path, encoding="utf-8"))) if csv_path and csv_path.exists() else []
+    prev_tokens, prev_t = 0, 0.0
+    last_time = {}
+    for row in rows:
+        loss, val = _num(row, "loss"), _num(row, "val_loss")
+        if loss is not None:
+            it = int(_num(row, "iter"))
+            t = _num(row, "time") or 0.0
+            tokens = int(_num(row, "total_tokens") or it * tps // accum)
+            step = it // accum
+            rec = {"event": "train", "step": step, "tokens": tokens, "loss": loss, "lr": _num(row, "learning_rate"),
+                   "tokens_per_s": (tokens - prev_tokens) / max(t - prev_t, 1e-9), "elapsed_s": t}
+            rec["tokens_per_s_per_device"] = rec["tokens_per_s"] / cfg.world
+            events.append(rec)
+            prev_tokens, prev_t = tokens, t
+            last_time[step] = t
+        elif val is not None:
+            it = int(_num(row, "step")) + 1  # LitGPT logs validation at step=iter_num - 1
+            step = it // accum
+            events.append({"event": "eval", "step": step, "tokens": step * tps, "val_loss": val,
+                           "val_ppl": math.exp(min(val, 50)), "elapsed_s": eval_time(step)})
+    # console: the initial validation (printed with 3 decimals) and a final one the CSV may not have flushed
+    m = _ITER_VAL.search(console)
+    if cfg.initial_validation and m and m.group(3) != "n/a":
+        v = float(m.group(3))
+        events.insert(0, {"event": "eval", "step": 0, "tokens": 0, "val_loss": v, "val_ppl": math.exp(min(v, 50)),
+                          "elapsed_s": 0.0, "precision_decimals": 3})
+    evals = {e["step"] for e in events if e["event"] == "eval"}
+    for line in console.splitlines():
+        v = _VAL.match(line.strip())
+        if v and int(v.group(1)) // accum not in evals:
+            step = int(v.group(1)) // accum
+            val_loss = float(v.group(2))
+            events.append({"event": "eval", "step": step, "tokens": step * tps, "val_loss": val_loss,
+                           "val_ppl": math.exp(min(val_loss, 50)), "elapsed_s": eval_time(step)})
+            evals.add(step)
+    f = _FINAL.search(console)
+    if f and cfg.max_steps not in evals:
+        v = float(f.group(1))
+        events.append({"event": "eval", "step": cfg.max_steps, "tokens": cfg.max_steps * tps, "val_loss": v,
+                       "val_ppl": math.exp(min(v, 50)), "elapsed_s": eval_time(cfg.max_steps),
+                       "precision_decimals": 3})
+    events.sort(key=lambda e: (e["step"], e["event"] != "train"))
+    return events
+
+
+# ---------------------------------------------------------------------------------------------
+# Running it
+
+
+def _litgpt_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("litgpt")
+    except Exception:  # noqa: BLE001 - not installed
+        return ""
+
+
+def run_litgpt(cmd: list[str], log_path: Path, echo: bool, env: dict | None = None) -> tuple[int, str, float, int]:
+    """Run `cmd`, teeing its output to log_path (and our stdout when echo); (exit code, output, seconds, peak RSS
+    bytes of the child and its descendants)."""
+    t0 = time.perf_counter()
+    lines = []
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env=env, errors="replace")
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                lines.append(line)
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            proc.terminate()
+            raise
+        proc.stdout.close()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, "".join(lines), time.perf_counter() - t0, usage.ru_maxrss * 1024
+
+
+def pretrain(cfg: LitPretrainConfig) -> dict:
+    """Run `litgpt pretrain` for cfg; returns the summary (also the `end` event of RUN/metrics.jsonl)."""
+    try:
+        import litgpt  # noqa: F401
+    except ImportError as e:
+        raise PhiforgeError(f"litgpt is not installed ({e.name}); install the extra: pip install 'phiforge[litgpt]'") \
+            from None
+    from phiforge.checkpoint import load_checkpoint
+    from phiforge.model import count_params_meta
+    from phiforge.litgpt.convert import LIT_WEIGHTS, convert_from_litgpt
+    from phiforge.train.runtime import MetricsLog
+
+    run_dir = Path(cfg.out_dir)
+    data_dir = Path(cfg.data.dir)
+    manifest = read_manifest(data_dir)
+    notes = check_manifest_fits(manifest, data_dir, cfg.data.seq_len, cfg.micro_batch_size)
+    mcfg = model_config_from_spec(cfg.model)
+    config_to_litgpt(mcfg)  # refuses moe / xattn before anything runs
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    if vocab > mcfg.vocab_size and not cfg.init_from:
+        raise ConfigError(f"data in {data_dir} uses a tokenizer of {vocab} tokens but the model's vocabulary has "
+                          f"{mcfg.vocab_size}; choose a larger preset or set model.vocab_size")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    initial = None
+    if cfg.init_from:
+        model = load_checkpoint(cfg.init_from)
+        mcfg = model.cfg  # the checkpoint's architecture wins, as in `phiforge train`
+        config_to_litgpt(mcfg)
+        initial = run_dir / "initial"
+        write_litgpt_checkpoint(model.state_dict(), mcfg, initial, tokenizer_dir=Path(cfg.init_from))
+        del model
+    lit_yaml = litgpt_yaml(cfg, run_dir, initial, mcfg)
+    lit_out = Path(lit_yaml["out_dir"])
+    if lit_out.exists():  # a fresh run: LitGPT would otherwise add a new CSV version next to old ones
+        import shutil
+
+        shutil.rmtree(lit_out)
+    cfg_path = run_dir / "litgpt-pretrain.yaml"
+    cfg_path.write_text(yaml.safe_dump(lit_yaml, sort_keys=False), encoding="utf-8")
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    log = MetricsLog(metrics_path)
+    cmd = [sys.executable, "-m", "litgpt", "pretrain", "--config", str(cfg_path), *cfg.litgpt_args]
+    train_tokens = int(manifest["splits"]["train"]["tokens"])
+    log.write(event="start", trainer="litgpt", litgpt_version=_litgpt_version(), command=" ".join(cmd),
+              params=count_params_meta(mcfg)[0], device=_device(cfg), world_size=cfg.world,
+              precision=lit_yaml["precision"], tokens_per_step=cfg.tokens_per_step, train_tokens=train_tokens,
+              val_tokens=int(manifest["splits"]["val"]["tokens"]), notes=notes, init_from=cfg.init_from)
+    for n in notes:
+        print(f"note: {n}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    code, console, wall, rss = run_litgpt(cmd, run_dir / "litgpt.log", cfg.echo, env)
+    if code != 0:
+        log.close()
+        tail = [line for line in console.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise PhiforgeError(f"litgpt pretrain failed with exit code {code}: {tail[0][:300]} "
+                            f"(full output in {run_dir / 'litgpt.log'})")
+    events = events_from_litgpt(metrics_csv(lit_out), console, cfg)
+    for e in events:
+        log.write(**e)
+    final = lit_out / "final"
+    ckpt_name = f"step-{cfg.max_steps:08d}"
+    ckpt = run_dir / "checkpoints" / ckpt_name
+    tok_dir = data_dir if (data_dir / "tokenizer.json").is_file() else None
+    summary = convert_from_litgpt(final, ckpt, tokenizer_dir=tok_dir)
+    (run_dir / "latest").write_text(ckpt_name + "\n", encoding="utf-8")
+    evals = [e for e in events if e["event"] == "eval"]
+    trains = [e for e in events if e["event"] == "train"]
+    end = {"event": "end", "trainer": "litgpt", "steps": cfg.max_steps, "tokens": cfg.max_steps * cfg.tokens_per_step,
+           "params": summary["params"], "val_loss_start": evals[0]["val_loss"] if evals else None,
+           "val_loss_end": evals[-1]["val_loss"] if evals else None,
+           "elapsed_s": trains[-1]["elapsed_s"] if trains else None, "wall_s": wall, "peak_rss_gib": rss / 2**30,
+           "checkpoint": str(ckpt), "litgpt_checkpoint": str(final / LIT_WEIGHTS), "world_size": cfg.world}
+    log.write(**end)
+    log.close()
+    return end

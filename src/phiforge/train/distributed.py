@@ -1,0 +1,98 @@
+"""Process group setup: one code path for 1 process (plain `phiforge train`) and N processes (torchrun).
+
+Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR in the environment) the default process group is
+initialised from the environment: `cpu:gloo,cuda:nccl` on GPUs (NCCL for tensors on the GPU, gloo for CPU
+tensors such as checkpoint bookkeeping), gloo on CPUs. Without torchrun a world of one is initialised on an
+in-process store, so FSDP, DCP and the collectives below run unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from phiforge.errors import ConfigError
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    launched: bool  # started by torchrun (or another launcher that sets RANK/WORLD_SIZE)
+    owns_group: bool  # we initialised the default process group, so we destroy it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise ConfigError(f"environment variable {name} must be an integer, got {os.environ[name]!r}") from None
+
+
+def init_distributed(device_name: str = "auto") -> DistEnv:
+    """Initialise (or join) the default process group and pick this rank's device."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = (_env_int("RANK", 0), _env_int("WORLD_SIZE", 1)) if launched else (0, 1)
+    local_rank = _env_int("LOCAL_RANK", 0) if launched else 0
+    local_world = _env_int("LOCAL_WORLD_SIZE", world) if launched else 1
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device '{device_name}' requested but CUDA is not available")
+        if device.index is None:  # one GPU per process: LOCAL_RANK picks it
+            if local_rank >= torch.cuda.device_count():
+                raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible")
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    owns = False
+    if dist.is_initialized():  # e.g. a caller set it up already: join it as is
+        rank, world = dist.get_rank(), dist.get_world_size()
+    elif launched:
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+        owns = True
+    else:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        owns = True
+    return DistEnv(rank, world, local_rank, local_world, device, launched, owns)
+
+
+def shutdown(env: DistEnv | None) -> None:
+    if env is not None and env.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.world_size > 1:
+        dist.barrier()
+
+
+def all_reduce_(t: torch.Tensor, env: DistEnv, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if env.world_size > 1:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def broadcast_object(obj, env: DistEnv, src: int = 0):
+    if env.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

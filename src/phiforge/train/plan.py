@@ -1,0 +1,337 @@
+"""`phiforge plan`: predict per-device training memory, and the largest micro-batch that fits.
+
+The model (dense Phi-2 blocks; bytes per device, P = parameters, S = FSDP shard degree, BT = tokens per
+micro-batch, d = n_embd, V = vocab_size, c = compute bytes (2 for bf16, 4 for fp32), m = master bytes
+(4 for fp32 and bf16-mixed, 2 for bf16-true)):
+
+  parameters     P * m / S                      (fp32 master weights; sharded under fsdp/hsdp)
+  optimizer      2 * P * m / S                  (AdamW exp_avg and exp_avg_sq, same dtype as the weights)
+  gradients      P * m / S                      (exist from the backward pass to the optimizer step)
+  ddp buckets    P * m                          (ddp only: the all-reduce buffers)
+  fsdp buffers   (root + 2 blocks) * c          (gathered bf16 parameters of the block in use + the prefetched
+                 + 1 block * (c + 4)             one, the root's embedding/head, and one block's unsharded grads)
+  fsdp accum     P * 4                          (grad_accum_steps > 1 with defer_grad_sync: unsharded fp32
+                                                 gradients kept between micro-steps, no communication)
+  activations    BT * L * a + BT * head         (what autograd keeps for the backward pass)
+  head           BT * (2 * d * c + 4 * V) saved, + BT * 4 * V transient in fp32 (logsumexp's temporary: the
+                 loss's backward writes the logits' gradient into the fp32 logits themselves, model/fused.py),
+                 BT * 8 * V in bf16 (measured; the bf16 logits and their bf16 gradient add to it)
+
+Activation bytes per token and layer, counted from this implementation (tests/test_engine_plan.py checks the
+counts against measured peaks): a block keeps its input (d), the LayerNorm output (d), the qkv output (3d), the
+rotated q and k (2d), the attention output (d) and its [B, T, d] copy (d), fc1's output (4d) and GELU's (4d):
+17 d values. Under autocast (bf16-mixed without FSDP) the fp32 residual, two bf16 casts of the LayerNorm output
+and bf16 copies of q and k give 38 d bytes instead of 17 * 2. Checkpointing keeps less:
+  full                 the block input only (d), plus one block's full set while it is recomputed
+  selective, layer     full for every ac_every-th block, none for the others
+  selective, op        the input + the outputs of the matmuls and attention (qkv 3d, attention d, dense d,
+                       fc1 4d, fc2 d): 11 d, plus one block's remainder while it is recomputed
+
+Peak = max(forward end + head transient, end of backward / optimizer step): the first wins with long
+sequences and large vocabularies, the second (all gradients plus optimizer state) with small batches.
+MoE layers' routed activations are not modelled. The largest micro-batch is the largest B whose peak fits
+in gpu_mem minus a reserve (the CUDA context, NCCL buffers and allocator fragmentation: 10% + 1 GiB).
+
+On a CPU the prediction is compared with the peak of live tensor bytes that torch's CPU allocator reports to
+the profiler (`measure_cpu_peak`): the CPU analogue of torch.cuda.max_memory_allocated. Process RSS would
+add the Python interpreter, libraries and the allocator's cached pages, which are not training state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from phiforge.errors import ConfigError
+from phiforge.model import Phi2Config, count_params_meta
+from phiforge.train.config import TrainConfig
+
+GiB = 2**30
+
+
+@dataclass
+class MemoryPlan:
+    strategy: str
+    precision: str
+    world_size: int
+    shard: int
+    micro_batch_size: int
+    seq_len: int
+    activation_checkpointing: str
+    params: int
+    components: dict = field(default_factory=dict)  # bytes
+    peak_bytes: float = 0.0
+    peak_phase: str = ""
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["peak_gib"] = self.peak_bytes / GiB
+        d["components_gib"] = {k: v / GiB for k, v in self.components.items()}
+        return d
+
+
+def _strategy(cfg: TrainConfig, world: int) -> str:
+    s = cfg.parallel.strategy
+    return ("fsdp" if world > 1 else "none") if s == "auto" else s
+
+
+def _precision(cfg: TrainConfig, device_type: str) -> str:
+    if cfg.precision == "auto":
+        return "bf16-mixed" if device_type == "cuda" else "fp32"
+    return cfg.precision
+
+
+_COUNTS: dict[str, int] = {}
+
+
+def _param_counts(mcfg: Phi2Config) -> dict:
+    d, V, L = mcfg.n_embd, mcfg.vocab_size, mcfg.n_layer
+    key = json.dumps(mcfg.to_dict(), sort_keys=True, default=str)
+    if key not in _COUNTS:  # building even a meta model is slow enough to matter in max_micro_batch's search
+        _COUNTS[key] = count_params_meta(mcfg)[0]
+    total = _COUNTS[key]
+    embed = V * d
+    head = V * d + V + 2 * d  # lm_head (+ bias) and the final LayerNorm
+    block = (total - embed - head) // max(1, L)
+    return {"total": total, "embed": embed, "root": embed + head, "block": block}
+
+
+def activation_bytes_per_token(mcfg: Phi2Config, precision: str, strategy: str, ac: str, ac_policy: str,
+                               ac_every: int) -> tuple[float, float]:
+    """(bytes kept per token for all blocks at the end of the forward pass, extra transient bytes per token)."""
+    d, L = mcfg.n_embd, mcfg.n_layer
+    autocast = precision == "bf16-mixed" and strategy not in ("fsdp", "hsdp")
+    c = 4 if precision == "fp32" else 2
+    x_bytes = 4 if precision == "fp32" or autocast else 2  # the residual stream (block input)
+    full = 38 * d if autocast else 17 * d * c
+    inp = x_bytes * d
+    if ac == "none":
+        return L * full, 0.0
+    if ac == "full":
+        return L * inp, full
+    if ac_policy == "layer":
+        n_ck = len(range(0, L, ac_every))
+        return n_ck * inp + (L - n_ck) * full, full
+    op = inp + 10 * d * c  # qkv, attention, dense, fc1, fc2 outputs
+    return L * op, full - op
+
+
+def plan_memory(cfg: TrainConfig, n_gpus: int, gpus_per_node: int = 8, device_type: str = "cuda",
+                micro_batch_size: int | None = None) -> MemoryPlan:
+    mcfg = cfg.model_config()
+    strategy = _strategy(cfg, n_gpus)
+    precision = _precision(cfg, device_type)
+    if strategy == "none" and n_gpus > 1:
+        raise ConfigError("parallel.strategy=none runs on one device; use fsdp, hsdp or ddp for several")
+    if strategy == "fsdp":
+        shard = n_gpus
+    elif strategy == "hsdp":
+        replicate = cfg.parallel.hsdp_replicate or max(1, n_gpus // gpus_per_node)
+        if n_gpus % replicate:
+            raise ConfigError(f"parallel.hsdp_replicate={replicate} does not divide {n_gpus} GPUs")
+        shard = n_gpus // replicate
+    else:
+        shard = 1
+    B = micro_batch_size or cfg.micro_batch_size
+    T = cfg.data.seq_len
+    BT = B * T
+    counts = _param_counts(mcfg)
+    P = counts["total"]
+    m = 2 if precision == "bf16-true" else 4
+    c = 4 if precision == "fp32" else 2
+    fsdp = strategy in ("fsdp", "hsdp")
+    autocast = precision == "bf16-mixed" and not fsdp
+    V, d = mcfg.vocab_size, mcfg.n_embd
+
+    comp = {}
+    comp["parameters"] = P * m / shard
+    comp["optimizer"] = 2 * P * m / shard
+    grads = P * m / shard
+    if strategy == "ddp":
+        comp["ddp_buckets"] = P * m
+    if fsdp:
+        # gathered root + current and prefetched block (+ the last block, kept gathered), one block's grads
+        comp["fsdp_buffers"] = (counts["root"] + 2 * counts["block"]) * c + counts["block"] * (c + 4)
+    if fsdp and cfg.grad_accum_steps > 1 and cfg.parallel.defer_grad_sync:
+        # FSDP2 accumulates unsynced gradients unsharded, upcast to the fp32 reduce dtype
+        comp["fsdp_accumulated_grads"] = P * (4 if precision == "bf16-mixed" else m)
+    if autocast:  # bf16 copies of the weights, cached by autocast and kept by the matmuls for backward
+        comp["autocast_weights"] = (P - counts["embed"]) * 2
+    kept, transient = activation_bytes_per_token(mcfg, precision, strategy, cfg.parallel.activation_checkpointing,
+                                                 cfg.parallel.ac_policy, cfg.parallel.ac_every)
+    comp["activations"] = BT * kept
+    head_saved = BT * (2 * d * c + 4 * V)
+    head_transient = BT * (4 if c == 4 else 8) * V
+    comp["head_activations"] = head_saved
+    # later micro-steps of an accumulated step run with the (sharded, or DDP/none: full) gradients alive
+    accum_grads = grads if cfg.grad_accum_steps > 1 and "fsdp_accumulated_grads" not in comp else 0
+    fwd = sum(comp.values()) + accum_grads + max(head_transient, BT * transient)
+    # end of the backward pass: every gradient exists, activations are gone (the optimizer step adds at most a
+    # weight-sized temporary on CPU; fused AdamW on GPUs adds none)
+    static = comp["parameters"] + comp["optimizer"] + comp.get("ddp_buckets", 0) + comp.get("fsdp_buffers", 0) \
+        + comp.get("fsdp_accumulated_grads", 0)
+    bwd = static + grads + (2 * counts["embed"] * m if device_type == "cpu" else 0)
+    comp["gradients (at the step)"] = grads
+    comp["transient (loss grad / recompute)"] = max(head_transient, BT * transient)
+    plan = MemoryPlan(strategy, precision, n_gpus, shard, B, T, cfg.parallel.activation_checkpointing, P, comp)
+    plan.peak_bytes, plan.peak_phase = (fwd, "forward end + loss gradient") if fwd >= bwd else \
+        (bwd, "end of backward + optimizer step")
+    return plan
+
+
+def usable_bytes(gpu_mem_gib: float) -> float:
+    return gpu_mem_gib * GiB * 0.9 - 1 * GiB
+
+
+def max_micro_batch(cfg: TrainConfig, n_gpus: int, gpu_mem_gib: float, gpus_per_node: int = 8,
+                    limit: int = 4096) -> int:
+    """Largest micro-batch whose predicted peak fits (0 if not even 1 does)."""
+    budget = usable_bytes(gpu_mem_gib)
+    best, lo, hi = 0, 1, limit
+    while lo <= hi:  # peak is increasing in B
+        mid = (lo + hi) // 2
+        if plan_memory(cfg, n_gpus, gpus_per_node, micro_batch_size=mid).peak_bytes <= budget:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def format_plan(cfg: TrainConfig, n_gpus: int, gpu_mem_gib: float, gpus_per_node: int = 8) -> str:
+    plan = plan_memory(cfg, n_gpus, gpus_per_node)
+    best = max_micro_batch(cfg, n_gpus, gpu_mem_gib, gpus_per_node)
+    mcfg = cfg.model_config()
+    lines = [f"model: {plan.params:,} parameters, {mcfg.n_layer} layers, d={mcfg.n_embd}, vocab {mcfg.vocab_size}; "
+             f"seq_len {plan.seq_len}",
+             f"layout: {plan.strategy} on {n_gpus} GPU(s) (shard degree {plan.shard}), precision {plan.precision}, "
+             f"activation checkpointing {plan.activation_checkpointing}"
+             + (f" ({cfg.parallel.ac_policy})" if plan.activation_checkpointing == "selective" else ""),
+             f"per-GPU memory at micro_batch_size={plan.micro_batch_size}:"]
+    for k, v in plan.components.items():
+        lines.append(f"  {k:<36} {v / GiB:8.2f} GiB")
+    lines.append(f"  {'predicted peak':<36} {plan.peak_bytes / GiB:8.2f} GiB   (at the {plan.peak_phase})")
+    fits = plan.peak_bytes <= usable_bytes(gpu_mem_gib)
+    lines.append(f"{'fits' if fits else 'does NOT fit'} in {gpu_mem_gib:g} GiB (usable {usable_bytes(gpu_mem_gib) / GiB:.1f} "
+                 f"GiB after the reserve); largest micro_batch_size that fits: {best}{'+' if best == 4096 else ''}")
+    if best == 0:
+        lines.append("  not even 1 fits: use more GPUs with fsdp, activation_checkpointing=full, or a shorter seq_len")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement on CPU
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _measure_worker() -> None:
+    """Entry point of one measuring process (see measure_cpu_peak); arguments come in PHIFORGE_MEASURE."""
+    from phiforge.config import from_dict
+
+    args = json.loads(os.environ["PHIFORGE_MEASURE"])
+    torch.set_num_threads(1)
+    peak = _measure_in_process(from_dict(TrainConfig, args["cfg"]), args["steps"])
+    with open(f"{args['out']}.{os.environ['RANK']}", "w") as f:
+        json.dump({"peak": peak}, f)
+
+
+def _measure_in_process(cfg: TrainConfig, steps: int) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    from phiforge.model import Phi2
+    from phiforge.train.distributed import init_distributed, shutdown
+    from phiforge.train.optim import build_optimizer
+    from phiforge.train.parallelize import (autocast_for, build_mesh, clip_grad_norm_, grad_sync, parallelize,
+                                            resolve_strategy)
+
+    env = init_distributed("cpu")
+    try:
+        strategy = resolve_strategy(cfg, env.world_size)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+            torch.manual_seed(cfg.seed)
+            model = Phi2(cfg.model_config()).train()
+            mesh = build_mesh(cfg, env)
+            train_model = parallelize(model, cfg, mesh, env)
+            autocast = autocast_for(cfg, strategy, env.device)
+            opt = build_optimizer(model, cfg.optim)
+            params = [p for p in model.parameters()]
+            V, B, T = model.cfg.vocab_size, cfg.micro_batch_size, cfg.data.seq_len
+            g = torch.Generator().manual_seed(env.rank)
+            for _ in range(steps):
+                for micro in range(cfg.grad_accum_steps):
+                    x = torch.randint(0, V, (B, T), generator=g)
+                    with grad_sync(train_model, strategy, micro == cfg.grad_accum_steps - 1, cfg.parallel.defer_grad_sync):
+                        with autocast():
+                            loss = train_model(x, x)
+                        (loss / cfg.grad_accum_steps).backward()
+                clip_grad_norm_(params, cfg.optim.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                events = json.load(f)["traceEvents"]
+        mem = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
+                     key=lambda e: e["ts"])
+        if not mem:
+            return 0
+        base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]  # counted before this session
+        return max(e["args"]["Total Allocated"] for e in mem) - base
+    finally:
+        shutdown(env)
+
+
+def measure_cpu_peak(cfg: TrainConfig, world_size: int = 1, steps: int = 3, timeout: float = 600) -> list[int]:
+    """Peak live tensor bytes per rank over `steps` training steps on CPU (gloo, random tokens), each rank in a
+    fresh process (the allocator's profiling counters are per process)."""
+    import subprocess
+    import sys
+
+    from phiforge.config import to_dict
+
+    cfg = replace(cfg, device="cpu")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "peak")
+        arg = json.dumps({"cfg": to_dict(cfg), "steps": steps, "out": out})
+        procs = []
+        for r in range(world_size):
+            env = {**os.environ, "PHIFORGE_MEASURE": arg, "OMP_NUM_THREADS": "1"}
+            if world_size > 1:
+                env.update(RANK=str(r), WORLD_SIZE=str(world_size), LOCAL_RANK=str(r),
+                           LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            else:
+                for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+                    env.pop(k, None)
+                env["RANK"] = "0"  # names the output file; without WORLD_SIZE it is not a launch
+            procs.append(subprocess.Popen([sys.executable, "-c",
+                                           "from phiforge.train.plan import _measure_worker; _measure_worker()"],
+                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        errors = []
+        for p in procs:
+            _, err = p.communicate(timeout=timeout)
+            if p.returncode:
+                errors.append(err.decode(errors="replace").strip().splitlines()[-1:] or ["?"])
+        if errors:
+            raise RuntimeError(f"memory measurement failed: {errors[0][0]}")
+        peaks = []
+        for r in range(world_size):
+            with open(f"{out}.{r}") as f:
+                peaks.append(int(json.load(f)["peak"]))
+    return peaks
+
+
+def cpu_plan(cfg: TrainConfig, world_size: int = 1) -> MemoryPlan:
+    """The prediction for a CPU run of `cfg` on world_size processes (what measure_cpu_peak measures)."""
+    return plan_memory(replace(cfg, device="cpu"), world_size, gpus_per_node=world_size, device_type="cpu")
+
