@@ -183,7 +183,8 @@ def main(argv=None):
                                                        results[other]["tokens_per_s"], 3)
     print(" ".join(f"{k}={v}x" for k, v in ratios.items()))
     tag = "cuda-" + dev_name.replace(" ", "_") if gpu else "cpu"
-    out = Path(a.out or Path(__file__).parent / "results" / f"throughput-{tag}-{a.ac}.json")
+    name = f"throughput-{tag}-{a.ac}{'-compile' if a.compile else ''}.json"
+    out = Path(a.out or Path(__file__).parent / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": dev_name, "torch": torch.__version__, "command": " ".join(sys.argv),
                                "date": time.strftime("%Y-%m-%d"), "preset": a.preset or ("phi-2" if gpu else "small"),

@@ -61,7 +61,7 @@ def evaluate_file(model: VisionLM, tok: Tokenizer, data: str | Path, image_dir: 
     qs = question_pairs(pairs)
     refs = [a.strip().lower() for _, _, _, a in qs]
     kinds = [k for _, k, _, _ in qs]
-    result = {"data": str(data), "images": len(pairs), "questions": len(qs), "skipped": dict(stats), "results": {}}
+    result = {"data": str(data), "images": len(pairs), "questions": len(qs), "records": dict(stats), "results": {}}
     model.eval()
     for ablation in ablations:
         got = []
