@@ -123,8 +123,21 @@ def test_consolidate_round_trip(capsys, fsdp2, tmp_path):
     assert code == 1 and "not found" in err
 
 
+def test_fsdp2_with_moe_matches_one_rank(data, runs):
+    """MoE under FSDP2: the stacked expert parameters shard on dim 0 and the losses stay those of 1 process.
+    The balancing loss is off: it is a product of per-batch means, so it depends on how the batch is split."""
+    moe = "model.moe={num_experts: 4, top_k: 2, aux_loss_coef: 0.0}"
+    run_train(1, data, runs / "moe1", "micro_batch_size=8", "save_interval=0", moe)
+    run_train(2, data, runs / "moe2", "parallel.strategy=fsdp", "save_interval=0", moe)
+    a, b = losses(runs / "moe1"), losses(runs / "moe2")
+    assert sorted(b) == list(STEPS) and max_rel_diff(a, b, STEPS) < TOL
+    moe_events = [e for e in metrics(runs / "moe2") if e["event"] == "moe"]
+    assert moe_events and set(moe_events[-1]["layers"]) == {"0", "1"}  # MoE was on, in both blocks
+
+
 @pytest.mark.parametrize("precision", ["fp32"])
-def test_activation_checkpointing_and_compile_change_nothing(precision):
+@pytest.mark.parametrize("moe", [False, True])
+def test_activation_checkpointing_and_compile_change_nothing(precision, moe):
     """parallelize(): AC modes (full, every 2nd block, op-level SAC) and per-block compile give the same loss and
     gradients as the plain model; the state-dict keys stay the plain model's."""
     from phiforge.config import load_config
@@ -133,6 +146,7 @@ def test_activation_checkpointing_and_compile_change_nothing(precision):
     from phiforge.train.parallelize import parallelize
 
     base = ["model.preset=tiny", "model.n_layer=4", f"precision={precision}", "device=cpu"]
+    base += ["model.moe={num_experts: 4, top_k: 2}"] if moe else []
     variants = {
         "none": [],
         "full": ["parallel.activation_checkpointing=full"],

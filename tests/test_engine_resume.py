@@ -48,6 +48,26 @@ def test_exact_resume_after_kill9_is_bit_identical(data, straight, tmp_path):
     assert ends[-1]["tokens"] == 40 * 4 * 32
 
 
+def test_exact_resume_with_moe_and_bias_balancing(data, tmp_path):
+    """MoE resumes bit-identically too: expert weights, router, optimizer state and the balancing bias buffer."""
+    moe = [*LONG, "model.moe={num_experts: 4, top_k: 2, bias_balancing: true, bias_update_rate: 0.01}"]
+    straight = tmp_path / "moe-straight"
+    run_train(1, data, straight, *moe)
+    run = tmp_path / "moe-killed"
+    proc = start_train(1, data, run, *moe, fault="hang@25")
+    wait_for(run / "fault-hang", proc)
+    kill9(proc)
+    run_train(1, data, run, *moe, resume="auto")
+    assert [e for e in metrics(run) if e["event"] == "start"][-1]["start_step"] == 20
+    a, b = losses(straight), losses(run)
+    assert [b[s] for s in range(21, 41)] == [a[s] for s in range(21, 41)]
+    wa = load_file(straight / "checkpoints" / "step-00000040" / "model.safetensors")
+    wb = load_file(run / "checkpoints" / "step-00000040" / "model.safetensors")
+    biases = [k for k in wa if k.endswith("expert_bias")]
+    assert biases and any(wa[k].abs().sum() > 0 for k in biases)  # balancing moved the bias, so it is tested
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_kill_during_save_leaves_previous_checkpoint_usable(data, straight, tmp_path):
     run = tmp_path / "killed-in-save"
     proc = start_train(1, data, run, *LONG, fault="hang_save@20")  # step 20's DCP files written, not completed

@@ -209,3 +209,24 @@ def test_study_three_routes_on_redpajama_fixture(capsys, tmp_path, redpajama_dir
     assert [c["check"].split(":")[0] for c in res["checks"]] == ["final val loss", "tokens/s"]
     assert sorted(p.name for p in (tmp_path / "report" / "metrics").iterdir()) == \
         ["dense.jsonl", "litgpt.jsonl", "moe.jsonl"]
+
+
+def test_study_checks_compare_like_with_like():
+    """LitGPT is checked on loss gap and speed; an MoE variant with the dense model's active parameters on loss."""
+    from types import SimpleNamespace
+
+    from phiforge.litgpt.report import _checks
+
+    def route(trainer, loss, tps, params=100, active=100, tokens=1000):
+        return {"trainer": trainer, "val_loss": loss, "steady_tokens_per_s": tps, "params": params,
+                "active_params": active, "tokens": tokens}
+
+    study = SimpleNamespace(reference_route=SimpleNamespace(name="dense"), max_val_gap=0.02)
+    routes = {"dense": route("phiforge", 5.0, 110), "moe": route("phiforge", 4.9, 90, params=150, active=101),
+              "wide": route("phiforge", 4.0, 50, params=150, active=150), "litgpt": route("litgpt", 5.2, 100)}
+    checks = {c["check"]: c["pass"] for c in _checks(study, routes)}
+    assert checks == {"final val loss: moe <= dense at equal active parameters and tokens": True,
+                      "final val loss: dense vs litgpt within 2% at equal tokens": False,  # 4% apart
+                      "tokens/s: dense >= litgpt": True}
+    routes["moe"]["val_loss"], routes["litgpt"]["val_loss"], routes["litgpt"]["steady_tokens_per_s"] = 5.01, 5.05, 120
+    assert [c["pass"] for c in _checks(study, routes)] == [False, True, False]

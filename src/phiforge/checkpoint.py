@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from phiforge.errors import CheckpointError, ConfigError
+from phiforge.fileio import write_json_atomic
 from phiforge.model import Phi2, Phi2Config
 
 FORMAT = "phiforge"
@@ -38,14 +39,6 @@ def _read_json(path: Path, what: str) -> dict:
         raise CheckpointError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{what} is not valid JSON: {path} ({e})") from None
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

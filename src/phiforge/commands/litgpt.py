@@ -11,15 +11,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+from phiforge.commands.prepare import positive_int
 
 
 def register(sub) -> None:
@@ -38,17 +30,17 @@ def register(sub) -> None:
     pr.add_argument("--prepare-args", default="", metavar="ARGS",
                     help="arguments for `phiforge prepare DATA`, as one string, e.g. \"--source bundled --val-books 1\"")
     pr.add_argument("--out", required=True, metavar="DIR", help="output directory (litdata train/ and val/ + manifest)")
-    pr.add_argument("--seq-len", type=_positive_int, required=True, metavar="N",
+    pr.add_argument("--seq-len", type=positive_int, required=True, metavar="N",
                     help="training sequence length; windows are N+1 tokens (must match the training config)")
-    pr.add_argument("--micro-batch-size", type=_positive_int, default=1, metavar="N",
+    pr.add_argument("--micro-batch-size", type=positive_int, default=1, metavar="N",
                     help="phiforge's micro-batch size, for its per-epoch order (default 1)")
     pr.add_argument("--seed", type=int, default=0, help="phiforge's data.seed: the window order (default 0)")
-    pr.add_argument("--epochs", type=_positive_int, default=1, help="epochs of training windows to write (default 1)")
+    pr.add_argument("--epochs", type=positive_int, default=1, help="epochs of training windows to write (default 1)")
     pr.add_argument("--mixture", default="none", metavar="none|index|SPEC",
                     help="sample sources as phiforge's loader does with this mixture: index = the weights `prepare "
                          "redpajama` recorded, SPEC = e.g. github=3,wikipedia=1 (default none: one stream, as "
                          "`phiforge train`)")
-    pr.add_argument("--eval-batches", type=_positive_int, metavar="N",
+    pr.add_argument("--eval-batches", type=positive_int, metavar="N",
                     help="with --mixture index: the validation batches phiforge evaluates (eval_batches)")
     pr.set_defaults(func=run_prepare)
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     import argparse
 
     try:
@@ -47,7 +47,7 @@ def _common(p) -> None:
                    "is replaced at the end; any other non-empty directory is refused)")
     p.add_argument("--tokenizer-dir", metavar="DIR",
                    help="directory with a tokenizer.json (default: built-in GPT-2 BPE)")
-    p.add_argument("--shard-tokens", type=_positive_int, default=DEFAULT_SHARD_TOKENS, metavar="N",
+    p.add_argument("--shard-tokens", type=positive_int, default=DEFAULT_SHARD_TOKENS, metavar="N",
                    help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
     p.add_argument("--workers", type=_nonneg_int, default=None, metavar="N",
                    help="worker processes for cleaning and tokenizing (default: all cores; 0: in this process)")
@@ -73,7 +73,7 @@ def register(sub) -> None:
                    help=f"where the books come from (default bundled; {sources})")
     _common(g)
     val = g.add_mutually_exclusive_group()
-    val.add_argument("--val-books", type=_positive_int, metavar="N",
+    val.add_argument("--val-books", type=positive_int, metavar="N",
                      help="hold out N whole books for validation, chosen deterministically (default: Persuasion for "
                           "bundled, else 0.5%% of the books, at least 1)")
     val.add_argument("--val-ids", metavar="ID,...", help="hold out these ebook numbers for validation, e.g. 105,121")

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from phiforge.errors import DataError
+from phiforge.fileio import fsync_dir, write_json_atomic
 
 FORMAT = "phiforge-tokens"
 VERSION = 2
@@ -74,31 +75,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # not supported on this platform/filesystem
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class ShardWriter:
@@ -283,7 +259,7 @@ class DatasetWriter:
         docs = {"file": DOCUMENTS, "count": self.n_documents, "sha256": sha256_file(self.out_dir / DOCUMENTS)}
         index = {"format": FORMAT, "version": VERSION, "dtype": dtype_name(self.dtype),
                  "tokenizer": self.tokenizer, "splits": splits, "documents": docs, **extra}
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         write_json_atomic(self.out_dir / INDEX, index)
         return index
 

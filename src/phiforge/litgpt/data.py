@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from phiforge.data.loader import PackedLoader, _count_windows, eval_batches
-from phiforge.data.shards import INDEX, open_token_dataset, write_json_atomic
+from phiforge.data.shards import INDEX, open_token_dataset
 from phiforge.errors import DataError
+from phiforge.fileio import write_json_atomic
 
 MANIFEST = "litgpt-data.json"
 FORMAT = "phiforge-litdata"

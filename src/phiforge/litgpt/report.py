@@ -156,7 +156,18 @@ def _checks(study, routes: dict) -> list[dict]:
         return out
     r0 = routes[ref]
     for name, r in routes.items():
-        if r["trainer"] != "litgpt" or r["val_loss"] is None or r0["val_loss"] is None:
+        if name == ref or r["val_loss"] is None or r0["val_loss"] is None:
+            continue
+        if r["trainer"] == "phiforge":
+            # a variant of the reference (e.g. MoE) with as many active parameters per token should do no worse;
+            # "as many" allows 1% for what routing itself adds (router, the MoE sublayer's LayerNorm)
+            same_active = abs(r["active_params"] - r0["active_params"]) <= 0.01 * r0["active_params"]
+            if same_active and r["params"] != r0["params"]:
+                out.append({"check": f"final val loss: {name} <= {ref} at equal active parameters and tokens",
+                            "value": f"{r['val_loss']:.4f} vs {r0['val_loss']:.4f} "
+                                     f"({r['val_loss'] - r0['val_loss']:+.4f}); active {r['active_params'] / 1e6:.2f}M vs {r0['active_params'] / 1e6:.2f}M,"
+                                     f" {r['tokens']:,} vs {r0['tokens']:,} tokens",
+                            "pass": r["val_loss"] <= r0["val_loss"] and r["tokens"] == r0["tokens"]})
             continue
         gap = abs(r["val_loss"] - r0["val_loss"]) / r0["val_loss"]
         out.append({"check": f"final val loss: {ref} vs {name} within {study.max_val_gap:.0%} at equal tokens",

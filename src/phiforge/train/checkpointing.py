@@ -39,34 +39,12 @@ import torch.distributed.checkpoint as dcp
 
 from phiforge.checkpoint import atomic_dir, write_model_files
 from phiforge.errors import CheckpointError
+from phiforge.fileio import fsync_dir, write_text_atomic
 from phiforge.model import Phi2, Phi2Config
 
 TRAIN_STATE = "train_state.json"
 STATE_FORMAT = "phiforge-train-state"
 STATE_VERSION = 1
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def step_name(step: int) -> str:
@@ -241,7 +219,7 @@ class Checkpointer:
             if f.is_file() and f.suffix in (".json", ".pt", ".safetensors"):
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. a resumed run that stopped at once)
             old = final.with_name(final.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -250,8 +228,8 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(self.root)
-        _write_text_atomic(self.run_dir / "latest", final.name + "\n")
+        fsync_dir(self.root)
+        write_text_atomic(self.run_dir / "latest", final.name + "\n")
         self.last_complete = final
         self.prune()
 
