@@ -215,7 +215,9 @@ def main() -> int:
                 "peak_tree_rss_bytes": pipe["peak_tree_rss_bytes"],
                 "peak_tree_rss_gb": round(pipe["peak_tree_rss_bytes"] / 2**30, 3),
                 "max_single_process_rss_gb": round(maxrss_children / 2**30, 3),
-                "target": "< 1.5 GB", "pass": pipe["peak_tree_rss_bytes"] < 1.5 * 2**30,
+                # the sampled tree can miss a short peak; ru_maxrss cannot (it also covers this script's earlier
+                # children), so the target holds only if both are under it
+                "target": "< 1.5 GB", "pass": max(pipe["peak_tree_rss_bytes"], maxrss_children) < 1.5 * 2**30,
             }
             print(f"memory: {stats['bytes'] / 2**30:.2f} GB input, prepare {pipe['seconds']:.0f} s, peak RSS of "
                   f"the process tree {pipe['peak_tree_rss_bytes'] / 2**30:.2f} GB, largest process "

@@ -105,3 +105,13 @@ def losses(run: Path) -> dict[int, float]:
 
 def max_rel_diff(a: dict[int, float], b: dict[int, float], steps) -> float:
     return max(abs(a[s] - b[s]) / abs(a[s]) for s in steps)
+
+
+# `--set` overrides for each activation-checkpointing mode, and compile on top (the tests compare each with "none")
+AC_VARIANTS = {
+    "none": [],
+    "full": ["parallel.activation_checkpointing=full"],
+    "every2": ["parallel.activation_checkpointing=selective", "parallel.ac_every=2"],
+    "op": ["parallel.activation_checkpointing=selective", "parallel.ac_policy=op"],
+    "full+compile": ["parallel.activation_checkpointing=full", "compile=true", "parallel.compile_backend=aot_eager"],
+}

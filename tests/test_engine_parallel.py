@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine_helpers import losses, make_synthetic, max_rel_diff, metrics, run_train
+from engine_helpers import AC_VARIANTS, losses, make_synthetic, max_rel_diff, metrics, run_train
 
 from conftest import run_cli
 
@@ -147,14 +147,7 @@ def test_activation_checkpointing_and_compile_change_nothing(precision, moe):
 
     base = ["model.preset=tiny", "model.n_layer=4", f"precision={precision}", "device=cpu"]
     base += ["model.moe={num_experts: 4, top_k: 2}"] if moe else []
-    variants = {
-        "none": [],
-        "full": ["parallel.activation_checkpointing=full"],
-        "every2": ["parallel.activation_checkpointing=selective", "parallel.ac_every=2"],
-        "op": ["parallel.activation_checkpointing=selective", "parallel.ac_policy=op"],
-        "full+compile": ["parallel.activation_checkpointing=full", "compile=true",
-                         "parallel.compile_backend=aot_eager"],
-    }
+    variants = AC_VARIANTS
     x = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
     results = {}
     for name, sets in variants.items():

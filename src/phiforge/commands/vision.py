@@ -21,10 +21,13 @@ def register(sub) -> None:
     s.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     s.set_defaults(func=run_synth)
 
-    f = vsub.add_parser("finetune", help="two-stage fine-tuning (see configs/vision-synth-cpu.yaml)")
+    f = vsub.add_parser("finetune", help="two-stage fine-tuning (see configs/vision-synth-cpu.yaml); also under "
+                                         "torchrun (DDP)")
     f.add_argument("--config", help="YAML config file (keys of phiforge.vision.config.FinetuneConfig)")
     f.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set stage1.steps=200 (repeatable)")
+    f.add_argument("--resume", default=None, metavar="auto|none|PATH",
+                   help="same as --set resume=...: auto continues from out_dir's latest complete checkpoint")
     f.set_defaults(func=run_finetune)
 
     g = vsub.add_parser("generate", help="answer a prompt about an image")
@@ -63,7 +66,10 @@ def run_finetune(args) -> int:
     from phiforge.vision.config import FinetuneConfig
     from phiforge.vision.finetune import finetune
 
-    summary = finetune(load_config(FinetuneConfig, args.config, args.sets))
+    sets = list(args.sets) + ([f"resume={args.resume}"] if args.resume is not None else [])
+    summary = finetune(load_config(FinetuneConfig, args.config, sets))
+    if summary["rank"] != 0:
+        return 0
     val = f", val loss {summary['val_loss_end']:.4f}" if summary["val_loss_end"] is not None else ""
     print(f"done: {summary['steps']} steps in {summary['elapsed_s']:.0f} s{val}; checkpoint {summary['checkpoint']}")
     return 0

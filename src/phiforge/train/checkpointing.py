@@ -169,7 +169,9 @@ class Checkpointer:
             dist.barrier()
 
     def save(self, step: int, model, optimizer, train_state: dict, export_model: bool = False) -> Path:
-        """Write checkpoint step-N (sync, or async when configured and not exporting); returns its final path."""
+        """Write checkpoint step-N (sync, or async when configured and not exporting); returns its final path.
+        export_model: True adds the single-directory Phi2 model files; a callable(dir) writes its own instead
+        (the vision fine-tune's model files), on rank 0, into the checkpoint before it is completed."""
         self.wait()  # one save at a time
         final = self.root / step_name(step)
         tmp = self.root / (final.name + ".tmp")
@@ -213,7 +215,9 @@ class Checkpointer:
         if not self.env.is_main:
             self.last_complete = final
             return
-        if export_model:  # the single-directory model format, read back from the DCP files just written
+        if callable(export_model):
+            export_model(tmp)
+        elif export_model:  # the single-directory model format, read back from the DCP files just written
             export_model_files(tmp, tmp)
         for f in tmp.rglob("*"):
             if f.is_file() and f.suffix in (".json", ".pt", ".safetensors"):

@@ -50,6 +50,17 @@ class ParallelConfig:
     ac_every: int = 2  # selective/layer: checkpoint blocks 0, k, 2k, ...
     compile_backend: str = "inductor"  # torch.compile backend for `compile: true` (per block)
 
+    def __post_init__(self):  # here, not in TrainConfig, so the vision fine-tune's `parallel` is checked too
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
+        if self.activation_checkpointing not in AC_MODES:
+            raise ConfigError(f"parallel.activation_checkpointing must be one of {', '.join(AC_MODES)}, "
+                              f"got '{self.activation_checkpointing}'")
+        if self.ac_policy not in ("layer", "op"):
+            raise ConfigError(f"parallel.ac_policy must be layer or op, got '{self.ac_policy}'")
+        if self.ac_every < 1 or self.hsdp_replicate < 0:
+            raise ConfigError("parallel.ac_every must be at least 1 and parallel.hsdp_replicate 0 or more")
+
 
 @dataclass
 class TrainConfig:
@@ -93,16 +104,6 @@ class TrainConfig:
             raise ConfigError("eval_interval must be at least 1")
         if self.save_interval < 0 or self.keep_checkpoints < 0:
             raise ConfigError("save_interval and keep_checkpoints must be 0 or more")
-        p = self.parallel
-        if p.strategy not in STRATEGIES:
-            raise ConfigError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got '{p.strategy}'")
-        if p.activation_checkpointing not in AC_MODES:
-            raise ConfigError(f"parallel.activation_checkpointing must be one of {', '.join(AC_MODES)}, "
-                              f"got '{p.activation_checkpointing}'")
-        if p.ac_policy not in ("layer", "op"):
-            raise ConfigError(f"parallel.ac_policy must be layer or op, got '{p.ac_policy}'")
-        if p.ac_every < 1 or p.hsdp_replicate < 0:
-            raise ConfigError("parallel.ac_every must be at least 1 and parallel.hsdp_replicate 0 or more")
         if not self.resume:
             raise ConfigError("resume must be none, auto or a checkpoint path")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from phiforge.errors import ConfigError
-from phiforge.train.config import OptimConfig
+from phiforge.train.config import OptimConfig, ParallelConfig
 
 ENCODERS = ("conv", "timm", "hf", "features")
 PROJECTORS = ("mlp", "resampler")
@@ -93,6 +93,12 @@ class FinetuneConfig:
     precision: str = "auto"
     seed: int = 1337
     threads: int = 0
+    # the training engine's pieces (docs/vision.md, "Checkpoints, resume, activation checkpointing, ranks")
+    save_interval: int = 0  # steps between checkpoints; 0: only at the end of each stage
+    keep_checkpoints: int = 0  # newest checkpoints to keep; 0 keeps all (the stage ends are often wanted)
+    resume: str = "none"  # none | auto (out_dir's newest complete checkpoint, if any) | PATH to a step-N dir
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # activation_checkpointing, ac_*, strategy
+    compile: bool = False  # torch.compile each LM block (after activation checkpointing)
 
     def __post_init__(self):
         for name, parts in STAGE_DEFAULTS.items():
@@ -106,3 +112,10 @@ class FinetuneConfig:
         for name in ("micro_batch_size", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.save_interval < 0 or self.keep_checkpoints < 0:
+            raise ConfigError("save_interval and keep_checkpoints must be 0 or more")
+        if not self.resume:
+            raise ConfigError("resume must be none, auto or a checkpoint path")
+        if self.parallel.strategy not in ("auto", "none", "ddp"):
+            raise ConfigError(f"parallel.strategy for the vision fine-tune must be auto, none or ddp "
+                              f"(no FSDP yet), got '{self.parallel.strategy}'")

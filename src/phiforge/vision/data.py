@@ -174,11 +174,23 @@ class VisionDataset:
             labels[row, : len(lab)] = lab
         return torch.stack([v for v, _, _ in items]), idx, labels
 
-    def shuffled_batches(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Endless batches: a fresh seeded permutation each epoch, full batches only."""
+    def shuffled_batches(self, batch_size: int, seed: int, start: int = 0, rank: int = 0,
+                         world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Endless batches: a fresh seeded permutation each epoch, full batches only.
+
+        The stream is one of global batches of batch_size x world_size records; rank r gets records r, r + world,
+        ... of each, so the ranks together see exactly the batches of one process with the global batch size.
+        start skips that many global batches (a resumed run's position) without building them."""
         g = torch.Generator().manual_seed(seed)
-        size = min(batch_size, len(self))
+        size = min(batch_size * world_size, len(self) - len(self) % world_size)
+        if size < world_size:
+            raise DataError(f"{len(self)} usable records cannot feed {world_size} ranks")
+        per_epoch = len(self) // size
+        epoch, skip = divmod(start, per_epoch)
+        for _ in range(epoch):  # advance the generator past whole epochs already seen
+            torch.randperm(len(self), generator=g)
         while True:
             order = torch.randperm(len(self), generator=g).tolist()
-            for i in range(0, len(order) - size + 1, size):
-                yield self.batch(order[i : i + size])
+            for i in range(skip, per_epoch):
+                yield self.batch(order[i * size : (i + 1) * size][rank::world_size])
+            skip = 0
