@@ -279,3 +279,25 @@ def test_reads_version_1_datasets(tmp_path):
     assert state == {"version": 1, "epoch": 0, "position": 0, "seed": 1, "seq_len": 32, "batch_size": 2,
                      "world_size": 1, "windows": ld.n_windows}  # the old loader's state, unchanged
     ld.next_batch()
+
+
+def test_train_on_the_mixture(capsys, tmp_path, redpajama_dir):
+    """`phiforge train --set data.mixture=index` samples sources by the recorded weights and saves the
+    per-source position for resume; a bad mixture is a one-line error."""
+    model = "model={preset: tiny, vocab_size: 50304, max_seq_len: 64}"
+    common = ["--set", model, "--set", f"data.dir={redpajama_dir}", "--set", "data.seq_len=32",
+              "--set", "micro_batch_size=4", "--set", "max_steps=6", "--set", "eval_interval=6",
+              "--set", "eval_batches=1", "--set", "save_interval=6", "--set", "optim.warmup_steps=1"]
+    run = tmp_path / "mix"
+    code, _, err = run_cli(capsys, "train", *common, "--set", f"out_dir={run}", "--set", "data.mixture=index")
+    assert code == 0, err
+    state = json.loads((run / "checkpoints" / "step-00000006" / "train_state.json").read_text())["loader"]
+    weights = open_token_dataset(redpajama_dir).index["mixture"]["weights"]
+    assert state["order"] == "mixture" and state["mixture"] == {k: float(v) for k, v in weights.items() if v}
+    assert sum(state["consumed"].values()) == 6 * 4 and len([v for v in state["consumed"].values() if v]) >= 2
+    code, _, err = run_cli(capsys, "train", *common, "--set", f"out_dir={tmp_path / 'bad'}",
+                           "--set", "data.mixture=weighted")
+    assert_one_line_error(code, err, "data.mixture")
+    code, _, err = run_cli(capsys, "train", *common, "--set", f"out_dir={tmp_path / 'bad2'}",
+                           "--set", "data.mixture={nosuch: 1}")
+    assert_one_line_error(code, err, "nosuch")

@@ -116,9 +116,10 @@ class FeistelOrder:
         return y[0] if scalar else y
 
 
-def resolve_mixture(dataset, split: str, mixture) -> dict[str, float] | None:
+def resolve_mixture(dataset, split: str, mixture, drop_missing: bool = False) -> dict[str, float] | None:
     """The {source: weight} to sample a split with: None (no mixture), "index" (the weights recorded by
-    `prepare`), or a dict. Sources with weight 0 are left out; a weighted source the split lacks is an error."""
+    `prepare`), or a dict. Sources with weight 0 are left out; a weighted source the split lacks is an error,
+    or with drop_missing (a small held-out split that did not draw every source) left out too."""
     if mixture is None or mixture is False:
         return None
     if mixture == "index" or mixture is True:
@@ -144,6 +145,8 @@ def resolve_mixture(dataset, split: str, mixture) -> dict[str, float] | None:
         raise ConfigError("mixture: at least one source needs a positive weight")
     have = dataset.source_tokens(split)
     missing = sorted(k for k in weights if not have.get(k))
+    if drop_missing and len(missing) < len(weights):
+        return {k: w for k, w in sorted(weights.items()) if k not in missing}
     if missing:
         raise DataError(f"mixture weights name source(s) {', '.join(missing)} that split '{split}' of {dataset.dir} "
                         f"does not have (it has: {', '.join(k or '(none)' for k in have)}); give them weight 0")
@@ -350,13 +353,14 @@ def eval_batches(data_dir, split: str, seq_len: int, batch_size: int, max_batche
     """The split's first windows in order, as up to max_batches full batches [(x, y), ...]; the same every call.
 
     A split too small for one full batch gives one smaller batch. With a mixture, the windows are the first
-    ones of each source, in numbers proportional to the weights (largest remainder), sources interleaved.
+    ones of each source, in numbers proportional to the weights (largest remainder), sources interleaved;
+    weighted sources the split does not have are left out.
     """
     seq_len, batch_size = _int(seq_len, "seq_len", 1), _int(batch_size, "batch size", 1)
     max_batches = _int(max_batches, "max_batches", 1)
     ds = open_token_dataset(data_dir)
     stream = ds.stream(split)
-    weights = resolve_mixture(ds, split, mixture)
+    weights = resolve_mixture(ds, split, mixture, drop_missing=True)
     if weights is None:
         n = min(_count_windows(stream, seq_len, f"split '{split}' of {data_dir}"), batch_size * max_batches)
         if n >= batch_size:

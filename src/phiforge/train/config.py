@@ -18,6 +18,17 @@ class DataConfig:
     dir: str = "data/gutenberg"  # output of `phiforge prepare`
     seq_len: int = 256
     seed: int = 0  # shuffling seed for the training windows
+    # none: every token of the split in one stream; index: sample sources by the weights `prepare redpajama`
+    # recorded; or {source: weight, ...}. The same mixture is used for validation.
+    mixture: str | dict | None = None
+
+    def __post_init__(self):
+        if isinstance(self.mixture, str):
+            if self.mixture.lower() in ("none", "null", ""):
+                self.mixture = None
+            elif self.mixture != "index":
+                raise ConfigError(f"data.mixture must be none, index or a {{source: weight}} mapping, "
+                                  f"got '{self.mixture}'")
 
 
 @dataclass

@@ -155,8 +155,9 @@ def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest) -> dict:
     optimizer = build_optimizer(model, cfg.optim, fused=device.type == "cuda" or strategy == "none")
     params = [p for p in model.parameters() if p.requires_grad]
     loader = PackedLoader(cfg.data.dir, "train", cfg.data.seq_len, cfg.micro_batch_size, seed=cfg.data.seed,
-                          rank=env.rank, world_size=world)
-    val = eval_batches(cfg.data.dir, "val", cfg.data.seq_len, cfg.micro_batch_size, cfg.eval_batches)
+                          rank=env.rank, world_size=world, mixture=cfg.data.mixture)
+    val = eval_batches(cfg.data.dir, "val", cfg.data.seq_len, cfg.micro_batch_size, cfg.eval_batches,
+                       mixture=cfg.data.mixture)
     tokens_per_step = cfg.micro_batch_size * cfg.data.seq_len * cfg.grad_accum_steps * world
     flops_tok = flops_per_token(n_matmul, mcfg.n_layer, mcfg.n_embd, cfg.data.seq_len)
     peak, peak_label = peak_flops(device, cfg.mfu_peak_tflops)
