@@ -85,6 +85,18 @@ def test_fast_path_equals_reference_loop(impl, kw):
 
 
 @pytest.mark.parametrize("impl", FAST)
+def test_bf16_bias_gradients_are_summed_in_fp32(impl):
+    """An expert's bias gradient sums thousands of rows. In bf16 the fast path must match the reference loop in
+    bf16 (whose broadcast-sum reduces in fp32); a gather's backward accumulating in bf16 was 2x off here."""
+    x = torch.randn(2048, 32, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    _, _, g_ref, _ = _run(_layer(num_experts=4).to(torch.bfloat16), "loop", x)
+    _, _, g, _ = _run(_layer(num_experts=4).to(torch.bfloat16), impl, x)
+    for name in ("b1", "b2"):
+        err = (g[name].float() - g_ref[name].float()).abs().max() / g_ref[name].float().abs().max()
+        assert err < 1e-2, (name, err.item())
+
+
+@pytest.mark.parametrize("impl", FAST)
 def test_fast_path_with_unused_experts(impl):
     layer = _layer(num_experts=8, bias_balancing=True)
     with torch.no_grad():

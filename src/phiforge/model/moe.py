@@ -83,6 +83,25 @@ def _grouped_mm_ok(x: torch.Tensor, dtype: torch.dtype) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
+class _AddExpertBias(torch.autograd.Function):
+    """h + bias[row_expert]: each row gets its expert's bias. The bias gradient is a sum over all of an expert's
+    rows; autograd's gather backward accumulates it in the bias's dtype, which in bf16 loses most of it (0.7
+    relative error at 4k tokens). A one-hot matmul sums it with the GEMM's fp32 accumulator instead, for
+    E x rows x h FLOPs, E/d of an expert GEMM."""
+
+    @staticmethod
+    def forward(ctx, h, bias, row_expert):
+        ctx.save_for_backward(row_expert)
+        ctx.num_experts, ctx.bias_dtype = bias.size(0), bias.dtype
+        return h + bias.to(h.dtype)[row_expert]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (row_expert,) = ctx.saved_tensors
+        onehot = F.one_hot(row_expert.long(), ctx.num_experts).to(grad.dtype)  # [rows, E]
+        return grad, (onehot.t() @ grad).to(ctx.bias_dtype), None
+
+
 class MoE(nn.Module):
     """Top-k routed experts (+ optional shared experts). Input and output [..., d].
 
@@ -261,8 +280,9 @@ class MoE(nn.Module):
         offs[-1] = R
         row_expert = torch.searchsorted(offs, torch.arange(R, device=x.device, dtype=torch.int32), right=True)
         buf = x.new_zeros(R, d, dtype=dt).index_put((row,), x.repeat_interleave(self.cfg.top_k, dim=0).to(dt))
-        h = torch._grouped_mm(buf, self.w1.to(dt), offs=offs) + self.b1.to(dt)[row_expert]
-        y = torch._grouped_mm(F.gelu(h, approximate="tanh"), self.w2.to(dt), offs=offs) + self.b2.to(dt)[row_expert]
+        h = _AddExpertBias.apply(torch._grouped_mm(buf, self.w1.to(dt), offs=offs), self.b1, row_expert)
+        y = _AddExpertBias.apply(torch._grouped_mm(F.gelu(h, approximate="tanh"), self.w2.to(dt), offs=offs),
+                                 self.b2, row_expert)
         return y[row]
 
 def moe_metrics(model: nn.Module) -> dict[str, dict]:
