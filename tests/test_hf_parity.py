@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM  # noqa: E402
 
 from phiforge.checkpoint import load_checkpoint, load_state_dict, read_config, save_checkpoint  # noqa: E402
 from phiforge.cli import main  # noqa: E402
+from phiforge.errors import CheckpointError  # noqa: E402
 from phiforge.generate import generate  # noqa: E402
 from phiforge.hf import config_from_hf, config_to_hf, state_dict_to_hf  # noqa: E402
 from phiforge.model import Phi2, Phi2Config, count_params_meta  # noqa: E402
@@ -139,6 +140,17 @@ def test_to_hf_dtype_cast(tmp_path):
     expected = {k: v.to(torch.bfloat16) for k, v in state_dict_to_hf(ours.state_dict(), cfg).items()}
     assert_same_tensors(expected, load_state_dict(tmp_path / "hf"))
     assert PhiForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype="auto").dtype == torch.bfloat16
+
+
+def test_config_from_transformers_5_rope_parameters():
+    """transformers >= 5 writes partial_rotary_factor and rope_theta inside rope_parameters, not at the top."""
+    v4 = config_to_hf(Phi2Config.from_preset("phi-2"))
+    v5 = {k: v for k, v in v4.items() if k not in ("partial_rotary_factor", "rope_theta")}
+    v5["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.4}
+    assert config_from_hf(v5) == config_from_hf(v4) == Phi2Config.from_preset("phi-2")
+    assert config_from_hf({**v5, "rope_parameters": {**v5["rope_parameters"], "rope_theta": 500.0}}).rope_theta == 500.0
+    with pytest.raises(CheckpointError, match="rope_parameters"):
+        config_from_hf({**v5, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
 
 
 def test_phi2_config_and_keys_match_microsoft_phi2():

@@ -70,6 +70,14 @@ _QKV = ("q_proj", "k_proj", "v_proj")
 def config_from_hf(hf_config: dict) -> Phi2Config:
     """Phi2Config for an HF PhiConfig dict (config.json). Raises CheckpointError for what we cannot reproduce."""
     c = {**_HF_DEFAULTS, **hf_config}
+    rope = hf_config.get("rope_parameters") or {}  # transformers >= 5 writes the RoPE keys here, not at the top
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"rope_parameters in HF config must be a mapping, got {rope!r}")
+    if rope.get("rope_type", "default") != "default":
+        raise CheckpointError(f"rope_parameters {rope} in HF config is not supported (only plain RoPE)")
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key not in hf_config and key in rope:
+            c[key] = rope[key]
     if c["hidden_act"] not in ("gelu_new", "gelu_pytorch_tanh"):  # both are gelu(approximate="tanh")
         raise CheckpointError(f"unsupported hidden_act '{c['hidden_act']}' in HF config (phiforge implements gelu_new)")
     if c["tie_word_embeddings"]:
