@@ -126,3 +126,19 @@ def test_generate_bad_inputs(capsys, tmp_path):
 def test_missing_config_file(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--config", tmp_path / "nope.yaml")
     assert_one_line_error(code, err, "config file not found", "nope.yaml")
+
+
+def test_print_config_is_a_config_file_that_reproduces_the_run(capsys, tmp_path):
+    """--print-config shows defaults + file + --set, trains nothing, and its output loads back to the same config."""
+    sets = ["--set", "optim.lr=1e-3", "--set", "data.mixture=index", "--set", f"out_dir={tmp_path / 'run'}"]
+    code, out, err = run_cli(capsys, "train", "--config", "configs/demo-cpu.yaml", *sets, "--resume", "auto",
+                             "--print-config")
+    assert code == 0, err
+    (tmp_path / "printed.yaml").write_text(out)
+    printed = load_config(TrainConfig, tmp_path / "printed.yaml")
+    expected = load_config(TrainConfig, "configs/demo-cpu.yaml",
+                           ["optim.lr=1e-3", "data.mixture=index", f"out_dir={tmp_path / 'run'}", "resume=auto"])
+    assert printed == expected and printed.optim.lr == 1e-3 and printed.resume == "auto"
+    assert "parallel:" in out and not (tmp_path / "run").exists()
+    code, out, err = run_cli(capsys, "vision", "finetune", "--set", "stage1.steps=7", "--print-config")
+    assert code == 0 and yaml.safe_load(out)["stage1"]["steps"] == 7, err

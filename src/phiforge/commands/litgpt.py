@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from phiforge.commands import add_config_args, load_command_config
 from phiforge.commands.prepare import positive_int
 
 
@@ -46,9 +47,7 @@ def register(sub) -> None:
 
     pt = cmds.add_parser("pretrain", help="run `litgpt pretrain` on prepared data; metrics and checkpoint in "
                                           "phiforge's run format")
-    pt.add_argument("--config", help="YAML config (keys of phiforge.litgpt.pretrain.LitPretrainConfig)")
-    pt.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key, e.g. --set max_steps=100 (repeatable)")
+    add_config_args(pt, "phiforge.litgpt.pretrain.LitPretrainConfig", "max_steps=100")
     pt.set_defaults(func=run_pretrain)
 
     c = cmds.add_parser("config", help="print the LitGPT model_config (YAML) of a phiforge model")
@@ -131,10 +130,11 @@ def _mixture(text: str):
 
 
 def run_pretrain(args) -> int:
-    from phiforge.config import load_config
     from phiforge.litgpt.pretrain import LitPretrainConfig, pretrain
 
-    cfg = load_config(LitPretrainConfig, args.config, args.sets)
+    cfg = load_command_config(LitPretrainConfig, args)
+    if cfg is None:
+        return 0
     s = pretrain(cfg)
     start, end = s["val_loss_start"], s["val_loss_end"]
     val = (f"{start:.4f} -> " if start is not None else "") + (f"{end:.4f}" if end is not None else "n/a")

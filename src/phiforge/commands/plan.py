@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 
-from phiforge.config import load_config
+from phiforge.commands import add_config_args, load_command_config
 from phiforge.errors import ConfigError
 
 
 def register(sub) -> None:
     p = sub.add_parser("plan", help="predict per-GPU training memory and the largest micro-batch that fits")
-    p.add_argument("--config", help="training YAML config (as for `phiforge train`)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable)")
+    add_config_args(p, "phiforge.train.config.TrainConfig, as for `phiforge train`", "micro_batch_size=8")
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (world size)")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB (H100 80GB: 79.1)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="hsdp: shard within groups of this size")
@@ -29,7 +27,9 @@ def run(args) -> int:
 
     if args.gpus < 1 or args.gpu_mem <= 0 or args.gpus_per_node < 1:
         raise ConfigError("--gpus and --gpus-per-node must be at least 1 and --gpu-mem positive")
-    cfg = load_config(TrainConfig, args.config, args.sets)
+    cfg = load_command_config(TrainConfig, args)
+    if cfg is None:
+        return 0
     if args.json:
         plan = plan_memory(cfg, args.gpus, args.gpus_per_node).to_dict()
         plan["max_micro_batch_size"] = max_micro_batch(cfg, args.gpus, args.gpu_mem, args.gpus_per_node)

@@ -1,19 +1,15 @@
-"""`phiforge train --config FILE [--set key=value ...] [--resume auto|none|PATH]`.
+"""`phiforge train --config FILE [--set key=value ...] [--resume auto|none|PATH] [--print-config]`.
 
 Also under torchrun: `torchrun --nproc-per-node N -m phiforge train ...` (docs/training.md)."""
 
 from __future__ import annotations
 
-from phiforge.config import load_config
+from phiforge.commands import add_config_args, load_command_config
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a model (see configs/ and docs/training.md)")
-    p.add_argument("--config", help="YAML config file (keys of phiforge.train.config.TrainConfig)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set optim.lr=1e-3 (repeatable)")
-    p.add_argument("--resume", default=None, metavar="auto|none|PATH",
-                   help="same as --set resume=...: auto continues from out_dir's latest complete checkpoint")
+    add_config_args(p, "phiforge.train.config.TrainConfig", "optim.lr=1e-3", resume=True)
     p.set_defaults(func=run)
 
 
@@ -21,8 +17,9 @@ def run(args) -> int:
     from phiforge.train.config import TrainConfig
     from phiforge.train.loop import train
 
-    sets = list(args.sets) + ([f"resume={args.resume}"] if args.resume is not None else [])
-    cfg = load_config(TrainConfig, args.config, sets)
+    cfg = load_command_config(TrainConfig, args)
+    if cfg is None:
+        return 0
     summary = train(cfg)
     if summary.get("rank", 0) != 0:
         return 0

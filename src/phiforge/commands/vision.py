@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from phiforge.commands import add_config_args, load_command_config
 from phiforge.errors import PhiforgeError
 
 
@@ -23,11 +24,7 @@ def register(sub) -> None:
 
     f = vsub.add_parser("finetune", help="two-stage fine-tuning (see configs/vision-synth-cpu.yaml); also under "
                                          "torchrun (DDP)")
-    f.add_argument("--config", help="YAML config file (keys of phiforge.vision.config.FinetuneConfig)")
-    f.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set stage1.steps=200 (repeatable)")
-    f.add_argument("--resume", default=None, metavar="auto|none|PATH",
-                   help="same as --set resume=...: auto continues from out_dir's latest complete checkpoint")
+    add_config_args(f, "phiforge.vision.config.FinetuneConfig", "stage1.steps=200", resume=True)
     f.set_defaults(func=run_finetune)
 
     g = vsub.add_parser("generate", help="answer a prompt about an image")
@@ -62,12 +59,13 @@ def run_synth(args) -> int:
 
 
 def run_finetune(args) -> int:
-    from phiforge.config import load_config
     from phiforge.vision.config import FinetuneConfig
     from phiforge.vision.finetune import finetune
 
-    sets = list(args.sets) + ([f"resume={args.resume}"] if args.resume is not None else [])
-    summary = finetune(load_config(FinetuneConfig, args.config, sets))
+    cfg = load_command_config(FinetuneConfig, args)
+    if cfg is None:
+        return 0
+    summary = finetune(cfg)
     if summary["rank"] != 0:
         return 0
     val = f", val loss {summary['val_loss_end']:.4f}" if summary["val_loss_end"] is not None else ""
