@@ -178,21 +178,23 @@ def save_checkpoint(model: Phi2, out_dir: Path, tokenizer_dir: Path | None = Non
     `extra_weights` maps file names to state dicts saved beside the model's (e.g. vision.safetensors)."""
     with atomic_dir(out_dir) as tmp:
         write_model_files(tmp, model.state_dict(), model.cfg, tokenizer_dir=tokenizer_dir, extra=extra,
-                          max_shard_bytes=max_shard_bytes)
-        for name, extra_state in (extra_weights or {}).items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in extra_state.items()}, str(tmp / name))
+                          max_shard_bytes=max_shard_bytes, extra_weights=extra_weights)
     return Path(out_dir)
 
 
 def write_model_files(out_dir: Path, state: dict[str, torch.Tensor], cfg: Phi2Config,
                       tokenizer_dir: Path | None = None, extra: dict | None = None,
-                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """Write weights, tokenizer and config.json (last) into an existing directory; not atomic by itself
-    (save_checkpoint wraps it in atomic_dir; the training engine writes into its own step-N.tmp)."""
+                      max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                      extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """Write weights (and any extra weight files), tokenizer and config.json (last) into an existing directory;
+    not atomic by itself (save_checkpoint wraps it in atomic_dir; the training engine writes into its own
+    step-N.tmp)."""
     from phiforge.tokenizer import save_tokenizer_files
 
     out_dir = Path(out_dir)
     save_state_dict(dict(state), out_dir, max_shard_bytes=max_shard_bytes)
+    for name, extra_state in (extra_weights or {}).items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra_state.items()}, str(out_dir / name))
     save_tokenizer_files(out_dir, source_dir=tokenizer_dir)
     write_json_atomic(out_dir / "config.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
                                                 "model": cfg.to_dict(), **(extra or {})})

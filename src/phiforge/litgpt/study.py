@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from phiforge.config import apply_overrides, from_dict, read_yaml, to_dict
+from phiforge.config import apply_overrides, from_dict, read_yaml
 from phiforge.errors import ConfigError, PhiforgeError
 
 TRAINERS = ("phiforge", "litgpt")

@@ -97,7 +97,8 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
     run_dir = Path(cfg.out_dir)
     main, world, device = env.is_main, env.world_size, env.device
     # auto means fsdp for several ranks in the text engine; the vision model has no FSDP layout yet: DDP
-    strategy = "ddp" if resolve_strategy(cfg, world) == "fsdp" else resolve_strategy(cfg, world)
+    strategy = resolve_strategy(cfg, world)
+    strategy = "ddp" if strategy == "fsdp" else strategy
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:

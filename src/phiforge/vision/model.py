@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from phiforge.checkpoint import atomic_dir, check_state_dict, load_checkpoint, write_model_files
 from phiforge.config import from_dict, to_dict
@@ -103,10 +103,10 @@ def write_vision_files(model: VisionLM, out_dir: Path, tokenizer_dir: Path | Non
                        extra: dict | None = None) -> None:
     """A vision checkpoint's files into existing directory out_dir (the fine-tune's training checkpoints carry
     them beside the DCP files); config.json comes last."""
-    vision_state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("lm.")}
-    save_file(vision_state, str(Path(out_dir) / VISION_WEIGHTS))
+    vision_state = {k: v for k, v in model.state_dict().items() if not k.startswith("lm.")}
     write_model_files(out_dir, model.lm.state_dict(), model.lm.cfg, tokenizer_dir=tokenizer_dir,
-                      extra={"vision": to_dict(model.vcfg), **(extra or {})})
+                      extra={"vision": to_dict(model.vcfg), **(extra or {})},
+                      extra_weights={VISION_WEIGHTS: vision_state})
 
 
 def save_vision_checkpoint(model: VisionLM, out_dir: Path, tokenizer_dir: Path | None = None,
