@@ -51,7 +51,7 @@ def build(impl: str, cfg: Phi2Config, device: str):
     if impl == "phiforge":
         with torch.device(device):
             m = Phi2(cfg)
-        return m, lambda x, y: m(x, y), Block
+        return m, lambda x, y: m(x, y).loss, Block
     if impl == "hf":
         from transformers import PhiConfig, PhiForCausalLM
 

@@ -54,7 +54,7 @@ def test_model_loss_uses_fused_path_and_matches_logits():
     m.loss_chunk_rows = 16
     x = torch.randint(0, 4096, (2, 30))
     y = torch.randint(0, 4096, (2, 30))
-    loss = m(x, y)
+    loss = m(x, y).loss
     loss.backward()
     g_fused = m.lm_head.weight.grad.clone()
     m.zero_grad()

@@ -35,7 +35,7 @@ def test_cross_entropy_all_ignored_is_nan_like_torch():
 
 def _model_loss_and_grads(model, x, y):
     model.zero_grad(set_to_none=True)
-    loss = model(x, y)
+    loss = model(x, y).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -63,7 +63,7 @@ def test_dataset_targets_and_model_loss(data_dir):
     model = VisionLM(lm, VisionConfig(encoder=ENC)).eval()
     logits = lm(idx, context=model.encode(visual))
     expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-    torch.testing.assert_close(model(visual, idx, labels), expected)
+    torch.testing.assert_close(model(visual, idx, labels).lm_loss, expected)
 
 
 def test_missing_and_unreadable_images_are_skipped_and_counted(data_dir):

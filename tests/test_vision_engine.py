@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -135,7 +136,7 @@ def test_activation_checkpointing_and_compile_change_nothing():
                 apply_activation_checkpointing(model.lm, cfg)
             if cfg.compile:
                 apply_compile(model.lm, cfg)
-            loss = model(visual, idx, labels)
+            loss = model(visual, idx, labels).loss
             loss.backward()
             assert list(model.state_dict()) == keys, name
             grads = {n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): p.grad
@@ -163,3 +164,69 @@ def test_ddp_two_ranks_match_one_rank(config, tmp_path):
     start = metrics(tmp_path / "two")[0]
     assert start["world_size"] == 2 and start["strategy"] == "ddp" and start["samples_per_step"] == 4
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-00000004", "step-00000010"]
+
+
+def _start_vision(config, run, *sets: str, fault: str | None = None, resume: str | None = None):
+    env = child_env(**({"PHIFORGE_FAULT": fault} if fault else {}))
+    return subprocess.Popen(vision_cmd(1, config, run, *sets, resume=resume), cwd=ROOT, text=True, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_nan_step_is_skipped_and_tensorboard_is_written(config, tmp_path):
+    run = tmp_path / "nan"
+    p = _start_vision(config, run, *SETS, fault="nan@2")
+    out, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0, err[-3000:]
+    skips = [e for e in metrics(run) if e["event"] == "skip"]
+    assert [e["step"] for e in skips] == [2] and skips[0]["stage"] == "stage1"
+    assert "step 2: non-finite loss" in out
+    trains = {e["step"]: e for e in metrics(run) if e["event"] == "train"}
+    assert trains[2]["loss"] is None and trains[3]["skipped_steps"] == 1  # step 2 had no good loss to log
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_sigterm_saves_and_resume_continues_bit_identically(config, tmp_path):
+    straight = tmp_path / "straight"
+    run_vision(1, config, straight, *SETS)
+    run = tmp_path / "term"
+    p = _start_vision(config, run, *SETS, fault="sleep=0.5")
+    wait_for(lambda: any(e["event"] == "train" and e["step"] >= 5 for e in metrics(run))
+             if (run / "metrics.jsonl").exists() else False, p)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0, err[-3000:]
+    stopped = [e for e in metrics(run) if e["event"] == "stopped"]
+    assert stopped and stopped[0]["signal"] == "SIGTERM" and stopped[0]["stage"] == "stage2"
+    run_vision(1, config, run, *SETS, resume="auto")
+    a, b = losses(straight), losses(run)
+    assert [b[s] for s in range(1, 11)] == [a[s] for s in range(1, 11)]
+
+
+def test_oom_message_names_the_settings(config, tmp_path, capsys):
+    import os
+
+    os.environ["PHIFORGE_FAULT"] = "oom@1"
+    try:
+        code, _, err = run_cli(capsys, "vision", "finetune", "--config", config, "--set", f"out_dir={tmp_path / 'o'}",
+                               *[x for s in SETS for x in ("--set", s)])
+    finally:
+        del os.environ["PHIFORGE_FAULT"]
+    assert_one_line_error(code, err, "out of memory at step 1", "micro_batch_size=4", "activation_checkpointing",
+                          "stage=stage1")
+    assert not (tmp_path / "o").exists()  # failed inside its first step: no run directory left behind
+
+
+def test_resume_auto_skips_a_damaged_vision_checkpoint(config, tmp_path):
+    straight = tmp_path / "straight"
+    run_vision(1, config, straight, *SETS)
+    run = tmp_path / "damaged"
+    kill_at(config, run, 8)  # checkpoints at steps 3, 4 and 6
+    (run / "checkpoints" / "step-00000006" / "__0_0.distcp").unlink()
+    p = _start_vision(config, run, *SETS, resume="auto")
+    out, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0, err[-3000:]
+    assert "skipping damaged checkpoint" in err and "step-00000006" in err
+    start = [e for e in metrics(run) if e["event"] == "start"][-1]
+    assert start["resumed_from"].endswith("step-00000004")
+    a, b = losses(straight), losses(run)
+    assert [b[s] for s in range(5, 11)] == [a[s] for s in range(5, 11)]

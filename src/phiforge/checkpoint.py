@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from phiforge.errors import CheckpointError, ConfigError
 from phiforge.fileio import write_json_atomic
 from phiforge.model import Phi2, Phi2Config
+from phiforge.model.init import on_meta
 
 FORMAT = "phiforge"
 FORMAT_VERSION = 1
@@ -73,31 +74,72 @@ def save_state_dict(state: dict[str, torch.Tensor], out_dir: Path, max_shard_byt
     write_json_atomic(out_dir / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def load_state_dict(src_dir: Path) -> dict[str, torch.Tensor]:
-    """Read model.safetensors or an indexed set of shards from src_dir."""
+def weight_files(src_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: model.safetensors, or the shards its index lists."""
     src_dir = Path(src_dir)
     index = src_dir / INDEX_NAME
     if index.exists():
         weight_map = _read_json(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"safetensors index has no weight_map: {index}")
-        files = sorted(set(weight_map.values()))
+        names = sorted(set(weight_map.values()))
     elif (src_dir / SINGLE_NAME).exists():
-        files = [SINGLE_NAME]
+        names = [SINGLE_NAME]
     else:
         raise CheckpointError(f"no {SINGLE_NAME} or {INDEX_NAME} in {src_dir}")
-    state = {}
-    for name in files:
-        path = src_dir / name
+    files = [src_dir / name for name in names]
+    for path in files:
         if not path.exists():
             raise CheckpointError(f"weight file listed in the index is missing: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for k in f.keys():
-                    state[k] = f.get_tensor(k)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"corrupt safetensors file {path}: {e}") from None
+    return files
+
+
+@contextmanager
+def open_weights(src_dir: Path):
+    """{tensor name: an open safetensors file holding it}, for reading whole tensors or slices lazily."""
+    with ExitStack() as stack:
+        by_name = {}
+        for path in weight_files(src_dir):
+            try:
+                f = stack.enter_context(safe_open(str(path), framework="pt"))
+                by_name.update({k: (f, path) for k in f.keys()})
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"corrupt safetensors file {path}: {e}") from None
+        yield by_name
+
+
+def load_state_dict(src_dir: Path) -> dict[str, torch.Tensor]:
+    """Read model.safetensors or an indexed set of shards from src_dir."""
+    state = {}
+    with open_weights(src_dir) as tensors:
+        for k, (f, path) in tensors.items():
+            try:
+                state[k] = f.get_tensor(k)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"corrupt safetensors file {path}: {e}") from None
     return state
+
+
+@torch.no_grad()
+def load_weights_(model: torch.nn.Module, src_dir: Path) -> None:
+    """Fill `model`'s weights (plain tensors, or this rank's FSDP shards) from the checkpoint in src_dir,
+    reading only the rows this rank holds. Checks every name and shape first."""
+    from phiforge.model.init import canonical_name, local_rows
+
+    keys = {canonical_name(k) for k in model.state_dict()}
+    targets = {canonical_name(n): t for n, t in [*model.named_parameters(), *model.named_buffers()]
+               if canonical_name(n) in keys}
+    with open_weights(src_dir) as tensors:
+        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k, (f, _) in tensors.items()}
+        check_state_dict({k: torch.empty(t.shape, device="meta") for k, t in targets.items()}, shapes, str(src_dir))
+        for name, t in targets.items():
+            f, path = tensors[name]
+            local, start = local_rows(t)
+            try:
+                src = f.get_slice(name)[start : start + local.size(0)] if t.dim() else f.get_tensor(name)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"corrupt safetensors file {path}: {e}") from None
+            local.copy_(src)
 
 
 def check_state_dict(model: torch.nn.Module | dict[str, torch.Tensor], state: dict[str, torch.Tensor],
@@ -203,7 +245,7 @@ def write_model_files(out_dir: Path, state: dict[str, torch.Tensor], cfg: Phi2Co
 def load_checkpoint(ckpt_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Phi2:
     """Build the model from config.json and load its weights, checking every key and shape."""
     cfg = read_config(ckpt_dir)
-    with torch.device("meta"):
+    with on_meta():
         model = Phi2(cfg)
     state = load_state_dict(ckpt_dir)
     check_state_dict(model, state, str(ckpt_dir))

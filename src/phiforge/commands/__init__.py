@@ -10,7 +10,9 @@ def add_config_args(p, config_class: str, set_example: str, resume: bool = False
                    help=f"override a config key, e.g. --set {set_example} (repeatable)")
     if resume:
         p.add_argument("--resume", default=None, metavar="auto|none|PATH",
-                       help="same as --set resume=...: auto continues from out_dir's latest complete checkpoint")
+                       help="same as --set resume=...: auto continues from out_dir's newest intact checkpoint")
+        p.add_argument("--overwrite", action="store_true",
+                       help="start over in an out_dir that holds an earlier run (deletes its checkpoints and metrics)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (defaults, then the file, then --set) as YAML and exit; "
                         "the output is itself a valid --config file")

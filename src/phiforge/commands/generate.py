@@ -26,7 +26,7 @@ def run(args) -> int:
     from phiforge.checkpoint import load_checkpoint, resolve_checkpoint
     from phiforge.generate import generate
     from phiforge.tokenizer import eot_id, load_tokenizer
-    from phiforge.train.loop import resolve_device
+    from phiforge.train.distributed import resolve_device
 
     if not args.prompt.strip():
         raise PhiforgeError("empty prompt: give some text with --prompt")

@@ -1,4 +1,4 @@
-"""`phiforge train --config FILE [--set key=value ...] [--resume auto|none|PATH] [--print-config]`.
+"""`phiforge train --config FILE [--set key=value ...] [--resume auto|none|PATH | --overwrite] [--print-config]`.
 
 Also under torchrun: `torchrun --nproc-per-node N -m phiforge train ...` (docs/training.md)."""
 
@@ -20,7 +20,7 @@ def run(args) -> int:
     cfg = load_command_config(TrainConfig, args)
     if cfg is None:
         return 0
-    summary = train(cfg)
+    summary = train(cfg, overwrite=args.overwrite)
     if summary.get("rank", 0) != 0:
         return 0
     start = summary["val_loss_start"]

@@ -65,7 +65,7 @@ def run_finetune(args) -> int:
     cfg = load_command_config(FinetuneConfig, args)
     if cfg is None:
         return 0
-    summary = finetune(cfg)
+    summary = finetune(cfg, overwrite=args.overwrite)
     if summary["rank"] != 0:
         return 0
     val = f", val loss {summary['val_loss_end']:.4f}" if summary["val_loss_end"] is not None else ""
@@ -76,7 +76,7 @@ def run_finetune(args) -> int:
 def _load(checkpoint: str, device_name: str):
     from phiforge.checkpoint import resolve_checkpoint
     from phiforge.tokenizer import load_tokenizer
-    from phiforge.train.runtime import resolve_device
+    from phiforge.train.distributed import resolve_device
     from phiforge.vision.model import load_vision_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)

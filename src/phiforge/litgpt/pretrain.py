@@ -287,7 +287,7 @@ def pretrain(cfg: LitPretrainConfig) -> dict:
     from phiforge.checkpoint import load_checkpoint
     from phiforge.model import count_params_meta
     from phiforge.litgpt.convert import LIT_WEIGHTS, convert_from_litgpt
-    from phiforge.train.runtime import MetricsLog
+    from phiforge.train.metrics import Sinks
 
     run_dir = Path(cfg.out_dir)
     data_dir = Path(cfg.data.dir)
@@ -319,7 +319,7 @@ def pretrain(cfg: LitPretrainConfig) -> dict:
     cfg_path.write_text(yaml.safe_dump(lit_yaml, sort_keys=False), encoding="utf-8")
     metrics_path = run_dir / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
-    log = MetricsLog(metrics_path)
+    log = Sinks(run_dir, True, tensorboard=False)
     cmd = [sys.executable, "-m", "litgpt", "pretrain", "--config", str(cfg_path), *cfg.litgpt_args]
     train_tokens = int(manifest["splits"]["train"]["tokens"])
     log.write(event="start", trainer="litgpt", litgpt_version=_litgpt_version(), command=" ".join(cmd),

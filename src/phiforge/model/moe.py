@@ -109,6 +109,8 @@ class MoE(nn.Module):
     load [E] = share of routed assignments per expert, imbalance = max/mean load, dropped = assignments over
     capacity, aux and z = the weighted loss terms)."""
 
+    RANDOM_INIT = ("router", "w1", "shared_w1")  # N(0, init_std); every other parameter starts at zero
+
     def __init__(self, cfg: MoEConfig, d_model: int, init_std: float = 0.02):
         super().__init__()
         if cfg.expert_hidden is None:
@@ -137,7 +139,7 @@ class MoE(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters(recurse=False):
-            if name in ("router", "w1", "shared_w1"):
+            if name in self.RANDOM_INIT:
                 nn.init.normal_(p, mean=0.0, std=self.init_std)
             else:  # biases and output projections: zero, so a new MoE sublayer adds exactly nothing
                 nn.init.zeros_(p)
@@ -167,6 +169,15 @@ class MoE(nn.Module):
         load = self._load_sum.float()
         # Only the sign is used, so counting a recomputed forward twice (activation checkpointing) changes nothing.
         self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        self._load_sum = None
+
+    def balancing_load(self) -> torch.Tensor | None:
+        """Routed assignments per expert since the last update_bias(), or None: the training engine sums it
+        over the ranks before update_bias(), so every rank balances on the global load."""
+        return self._load_sum
+
+    def discard_load(self) -> None:
+        """Forget the load of a step that was skipped (no balancing update from it)."""
         self._load_sum = None
 
     def capacity(self, n_tokens: int) -> int | None:

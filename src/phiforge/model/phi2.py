@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from phiforge.errors import ConfigError
 from phiforge.model.fused import cross_entropy, linear_cross_entropy
+from phiforge.model.init import ONES, ZEROS, Init, init_weights_, on_meta, random_seed
 from phiforge.model.moe import MoE, MoEConfig
 from phiforge.model.xattn import GatedCrossAttention, XAttnConfig
 
@@ -244,26 +246,41 @@ class Phi2(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
         # >0: compute the training loss with the chunked linear+cross-entropy (model/fused.py), this many
         # rows at a time. It saves GPU memory (no fp32 logits); on CPU the plain path is a little faster.
+        # The training engine sets it from the config key `loss_chunk_rows`.
         self.loss_chunk_rows = 0
         self._init_rope(device=None)
-        self.apply(self._init_weights)
+        if not self.lm_head.weight.is_meta:  # on the meta device the engine initialises after parallelize()
+            init_weights_(self, random_seed())
 
     def _init_rope(self, device):
-        cos, sin = rope_cache(self.cfg, device=device)
+        if self.lm_head.weight.is_meta:  # shapes only: init_buffers() computes them once the model is real
+            cos = sin = torch.empty(self.cfg.max_seq_len, self.cfg.rotary_dim, device="meta")
+        else:
+            cos, sin = rope_cache(self.cfg, device=device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def _init_weights(self, module):
-        std = self.cfg.init_std
+    def init_rule(self, module: nn.Module, leaf: str) -> Init:
+        """How parameter `leaf` of `module` starts (phiforge.model.init draws it): N(0, init_std) for Linear
+        and Embedding weights, zero biases, LayerNorms at identity, MoE and cross-attention gates by their own
+        rules (both start as exact no-ops)."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, MoE):
-            module.reset_parameters()
+            return Init("normal", self.cfg.init_std) if leaf == "weight" else ZEROS
+        if isinstance(module, nn.LayerNorm):
+            return ONES if leaf == "weight" else ZEROS
+        if isinstance(module, MoE):
+            return Init("normal", module.init_std) if leaf in MoE.RANDOM_INIT else ZEROS
+        if isinstance(module, GatedCrossAttention):
+            return Init("const", module.gate_init)
+        raise ValueError(f"no initialisation rule for parameter '{leaf}' of {type(module).__name__}")
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Buffers after `to_empty()`: the RoPE tables recomputed, MoE balancing biases at zero."""
+        self.reset_rope()
+        for moe in self.moe_layers().values():
+            if moe.cfg.bias_balancing:
+                moe.expert_bias.zero_()
 
     def reset_rope(self):
         """Recompute the RoPE tables on the current device, e.g. after building on the meta device."""
@@ -300,10 +317,8 @@ class Phi2(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 context: torch.Tensor | None = None):
-        """Logits [B, T, V]; with targets, the mean cross-entropy loss instead (ignore_index -100).
-
-        In training mode an MoE model's loss also includes the routers' balancing and z-losses; the pure
-        language-model loss of the last call is kept, detached, in `self.lm_loss` (for logging)."""
+        """Logits [B, T, V]; with targets, a LossOutput instead: the mean cross-entropy (ignore_index -100) and,
+        in training mode, the MoE routers' balancing and z-losses."""
         h = self.hidden_states(idx, cache, context)
         if targets is not None and self.loss_chunk_rows:  # never holds the full [tokens, vocab] fp32 logits
             loss = linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, targets, self.loss_chunk_rows)
@@ -312,13 +327,22 @@ class Phi2(nn.Module):
             if targets is None:
                 return logits
             loss = cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        self.lm_loss = loss.detach()
-        aux = self.moe_aux_loss() if self.training else None
-        return loss if aux is None else loss + aux
+        return LossOutput(loss, self.moe_aux_loss() if self.training else None)
+
+
+class LossOutput(NamedTuple):
+    """What a forward pass with targets computes. Backpropagate `loss`; log `lm_loss`."""
+
+    lm_loss: torch.Tensor  # mean cross-entropy of the language model
+    aux_loss: torch.Tensor | None  # MoE balancing + z-losses (training mode only; None for a dense model)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.lm_loss if self.aux_loss is None else self.lm_loss + self.aux_loss
 
 
 def count_params_meta(cfg: Phi2Config) -> tuple[int, int]:
     """(total, non-embedding) parameter counts without allocating weights."""
-    with torch.device("meta"):
+    with on_meta():
         model = Phi2(cfg)
     return model.num_params(), model.num_params(exclude_embedding=True)

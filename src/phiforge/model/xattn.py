@@ -78,7 +78,7 @@ class CrossAttention(nn.Module):
 class GatedCrossAttention(nn.Module):
     def __init__(self, cfg: XAttnConfig, dim: int, n_head: int, layer_idx: int, eps: float = 1e-5):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.gate_init = layer_idx, cfg.gate_init
         self.attn_norm = nn.LayerNorm(dim, eps=eps)
         self.attn = CrossAttention(dim, cfg.context_dim or dim, cfg.heads or n_head)
         self.attn_gate = nn.Parameter(torch.tensor(float(cfg.gate_init)))

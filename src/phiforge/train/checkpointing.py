@@ -9,12 +9,18 @@ A run directory:
         train_state.json                      step, tokens seen, data-loader state, schedule, model config
         tokenizer.json, tokenizer_config.json
         config.json, model.safetensors        only in the final checkpoint: the single-directory model format
+        files.json                            every file's size, written last: a later load checks them first
     RUN/checkpoints/step-00000030.tmp/      a save in progress (or one killed mid-way): never read
 
 Atomicity: every rank writes into step-N.tmp; only when DCP has finished (data and .metadata, files fsynced)
 does rank 0 rename step-N.tmp to step-N and then rewrite RUN/latest (tmp file + os.replace). A kill at any
 moment leaves `latest` naming a complete checkpoint, and `resume: auto` only ever picks complete ones (those
 with train_state.json outside a .tmp directory). Old checkpoints beyond keep_checkpoints are deleted after.
+
+Damage after the fact (a deleted or truncated shard): files.json records each file's size when the checkpoint
+is completed, and `verify_checkpoint` compares them before any load. `resume: auto` then falls back to the
+newest intact checkpoint, warning which one it skipped and why; a damaged checkpoint named by path is a
+one-line error naming the file.
 
 Resharding: DCP stores every tensor by its global shape and FQN, so a checkpoint written by N ranks (FSDP
 shards, DDP replicas or one plain process) loads into M ranks of any strategy. The data loader's (epoch,
@@ -36,11 +42,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from phiforge.checkpoint import atomic_dir, write_model_files
 from phiforge.errors import CheckpointError
 from phiforge.fileio import fsync_dir, write_text_atomic
 from phiforge.model import Phi2, Phi2Config
+from phiforge.model.init import on_meta
 
 TRAIN_STATE = "train_state.json"
 STATE_FORMAT = "phiforge-train-state"
@@ -73,15 +81,43 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_training_checkpoint(path: Path) -> Path:
-    """A step directory, or a run directory (its latest complete checkpoint)."""
+MANIFEST = "files.json"
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """Why checkpoint `ckpt` cannot be loaded (a missing or resized file), or None if it is intact. Checkpoints
+    written before files.json existed are checked for their DCP metadata and train state only."""
+    ckpt = Path(ckpt)
+    if not is_complete(ckpt):
+        return f"no {TRAIN_STATE} or .metadata"
+    if not (ckpt / MANIFEST).is_file():
+        return None
+    try:
+        sizes = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for rel, size in sorted(sizes.items()):
+        f = ckpt / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} is {f.stat().st_size:,} bytes but was {size:,} when saved (truncated or changed)"
+    return None
+
+
+def resolve_training_checkpoint(path: Path, warn=None) -> Path:
+    """A step directory (checked: a damaged one is an error), or a run directory (its newest intact checkpoint;
+    `warn(message)` hears about each damaged one skipped)."""
     path = Path(path)
     if is_complete(path):
+        problem = verify_checkpoint(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
         return path
     if (path / "checkpoints").is_dir() or (path / "latest").is_file():
-        ckpt = latest_checkpoint(path)
+        ckpt = newest_intact_checkpoint(path, warn)
         if ckpt is None:
-            raise CheckpointError(f"run directory {path} holds no complete training checkpoint")
+            raise CheckpointError(f"run directory {path} holds no complete, intact training checkpoint")
         return ckpt
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -91,12 +127,23 @@ def resolve_training_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"{path} is not a training checkpoint (no {TRAIN_STATE} and .metadata)")
 
 
-def find_resume(run_dir: Path, resume: str) -> Path | None:
-    """resume: none -> None; auto -> the run's latest complete checkpoint or None; otherwise a path."""
+def newest_intact_checkpoint(run_dir: Path, warn=None) -> Path | None:
+    """The newest complete checkpoint whose files are intact; `warn(message)` for each damaged one skipped."""
+    for ckpt in reversed(complete_checkpoints(run_dir)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        if warn is not None:
+            warn(f"skipping damaged checkpoint {ckpt}: {problem}")
+    return None
+
+
+def find_resume(run_dir: Path, resume: str, warn=None) -> Path | None:
+    """resume: none -> None; auto -> the run's newest intact checkpoint or None; otherwise that path."""
     if resume == "none":
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir)
+        return newest_intact_checkpoint(run_dir, warn)
     return resolve_training_checkpoint(Path(resume))
 
 
@@ -158,11 +205,14 @@ class Checkpointer:
         self.last_complete: Path | None = latest_checkpoint(self.run_dir)
         # async saves run collectives from a background thread: give them their own gloo group
         self.group = dist.new_group(backend="gloo") if async_save else None
-        if env.is_main:
+        self._ready = False  # nothing is written before the first save
+
+    def _prepare_root(self) -> None:
+        if self.env.is_main and not self._ready:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob("*.tmp"):  # saves killed mid-way by an earlier process
                 shutil.rmtree(stale, ignore_errors=True)
-        self._barrier()
+        self._ready = True
 
     def _barrier(self) -> None:
         if self.env.world_size > 1:
@@ -175,6 +225,7 @@ class Checkpointer:
         self.wait()  # one save at a time
         final = self.root / step_name(step)
         tmp = self.root / (final.name + ".tmp")
+        self._prepare_root()
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
@@ -223,6 +274,8 @@ class Checkpointer:
             if f.is_file() and f.suffix in (".json", ".pt", ".safetensors"):
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        write_text_atomic(tmp / MANIFEST, json.dumps({"files": sizes}, indent=0) + "\n")
         fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. a resumed run that stopped at once)
             old = final.with_name(final.name + ".old")
@@ -260,11 +313,14 @@ class Checkpointer:
             k = diff[0]
             raise CheckpointError(f"checkpoint {ckpt} was saved for another model: {k}={saved_cfg.get(k)!r} there, "
                                   f"{now.get(k)!r} in this config" + (f" (+{len(diff) - 1} more)" if len(diff) > 1 else ""))
+        problem = verify_checkpoint(ckpt)
+        if problem:
+            raise CheckpointError(f"checkpoint {ckpt} is damaged: {problem}")
         sd = _state_dicts(model, optimizer)
         try:
             dcp.load(sd, checkpoint_id=str(ckpt))
-        except Exception as e:  # DCP wraps per-rank failures; keep the first line
-            raise CheckpointError(f"cannot load {ckpt}: {str(e).strip().splitlines()[0][:300]}") from e
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            raise CheckpointError(f"cannot load {ckpt}: {_first_line(e)}") from e
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         rng_file = ckpt / "rng" / f"rank-{self.env.rank:05d}.pt"
         if int(state.get("world_size", 0)) == self.env.world_size and rng_file.exists():
@@ -282,13 +338,18 @@ class Checkpointer:
 # Consolidation to the single-directory model format
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    return lines[0][:300]
+
+
 def _model_from_dcp(ckpt: Path) -> tuple[Phi2, dict]:
     from torch.distributed.checkpoint import FileSystemReader
 
     state = read_train_state(ckpt)
     cfg = Phi2Config.from_dict(state["model"])
     meta = FileSystemReader(str(ckpt)).read_metadata()
-    with torch.device("meta"):
+    with on_meta():
         model = Phi2(cfg)
     sd = {}
     for k in model.state_dict():
@@ -298,7 +359,10 @@ def _model_from_dcp(ckpt: Path) -> tuple[Phi2, dict]:
         sd[k] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)
+        try:
+            dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            raise CheckpointError(f"cannot load {ckpt}: {_first_line(e)}") from e
     model.load_state_dict(sd, strict=True, assign=True)
     model.reset_rope()
     return model.eval(), state

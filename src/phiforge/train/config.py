@@ -92,6 +92,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16-mixed on GPU, fp32 on CPU) | fp32 | bf16-mixed | bf16-true
     seed: int = 1337
     compile: bool = False  # torch.compile each block (after activation checkpointing, before FSDP)
+    # > 0: the loss through the chunked linear + cross-entropy, this many rows of logits at a time (saves the
+    # [tokens, vocab] fp32 logits: GPU memory; on CPU the plain path is a little faster). 0: the plain head
+    loss_chunk_rows: int = 0
     threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     resume: str = "none"  # none | auto (newest complete checkpoint of out_dir, if any) | PATH to a step-N dir
@@ -115,6 +118,8 @@ class TrainConfig:
             raise ConfigError("eval_interval must be at least 1")
         if self.save_interval < 0 or self.keep_checkpoints < 0:
             raise ConfigError("save_interval and keep_checkpoints must be 0 or more")
+        if self.loss_chunk_rows < 0:
+            raise ConfigError(f"loss_chunk_rows must be 0 (off) or a positive row count, got {self.loss_chunk_rows}")
         if not self.resume:
             raise ConfigError("resume must be none, auto or a checkpoint path")
 

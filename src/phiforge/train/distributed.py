@@ -43,22 +43,32 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name} must be an integer, got {os.environ[name]!r}") from None
 
 
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """auto | cpu | cuda | cuda:N as a device; a bare `cuda` is this process's GPU (LOCAL_RANK under torchrun)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device '{name}' requested but CUDA is not available")
+        if device.index is None:  # one GPU per process: LOCAL_RANK picks it
+            if local_rank >= torch.cuda.device_count():
+                raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible")
+            device = torch.device("cuda", local_rank)
+    return device
+
+
 def init_distributed(device_name: str = "auto") -> DistEnv:
     """Initialise (or join) the default process group and pick this rank's device."""
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (_env_int("RANK", 0), _env_int("WORLD_SIZE", 1)) if launched else (0, 1)
     local_rank = _env_int("LOCAL_RANK", 0) if launched else 0
     local_world = _env_int("LOCAL_WORLD_SIZE", world) if launched else 1
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device '{device_name}' requested but CUDA is not available")
-        if device.index is None:  # one GPU per process: LOCAL_RANK picks it
-            if local_rank >= torch.cuda.device_count():
-                raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible")
-            device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     owns = False

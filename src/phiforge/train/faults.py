@@ -2,6 +2,7 @@
 PHIFORGE_FAULT is set; a comma-separated list of:
 
     nan@S          the loss of step S is NaN on every rank (the step must be skipped)
+    raise@S        step S raises a plain RuntimeError (a "bug": its traceback must go to RUN/errors/rank-N.txt)
     oom@S          step S raises torch.OutOfMemoryError (the message must name the settings to change)
     hang@S         step S (after its backward pass) writes RUN/fault-hang and sleeps forever (a test then kill -9s the process)
     hang_save@S    the save of step S writes RUN/fault-hang-save once its DCP data is on disk, before the
@@ -22,7 +23,7 @@ from phiforge.errors import ConfigError
 
 class Faults:
     def __init__(self, spec: str, rank: int = 0):
-        self.nan, self.oom, self.hang, self.hang_save = set(), set(), set(), set()
+        self.nan, self.oom, self.hang, self.hang_save, self.raise_ = set(), set(), set(), set(), set()
         self.sleep = 0.0
         self.rank = rank
         for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -31,7 +32,7 @@ class Faults:
                     self.sleep = float(item.split("=", 1)[1])
                     continue
                 kind, step = item.split("@", 1)
-                getattr(self, kind).add(int(step))
+                getattr(self, kind + "_" if kind == "raise" else kind).add(int(step))
             except (ValueError, AttributeError):
                 raise ConfigError(f"PHIFORGE_FAULT: cannot parse '{item}' (see phiforge/train/faults.py)") from None
 
@@ -47,6 +48,8 @@ class Faults:
             time.sleep(1)
 
     def before_backward(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if step in self.raise_:
+            raise RuntimeError(f"injected failure at step {step} (PHIFORGE_FAULT=raise@{step})")
         if step in self.oom:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by PHIFORGE_FAULT)")
         if step in self.nan:

@@ -20,6 +20,12 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool = Fals
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set this step's learning rate on every parameter group (a group may scale it by its `lr_scale`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then the chosen decay."""
     if step < cfg.warmup_steps:

@@ -125,15 +125,18 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None, reshard_
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
 
 
-def parallelize(model: nn.Module, cfg, mesh, env=None) -> nn.Module:
-    """Apply AC -> compile -> FSDP/DDP in place; returns the module to call in training (a DDP wrapper for ddp,
-    otherwise `model` itself). `model` must already sit on the training device."""
+def parallelize(model: nn.Module, cfg, mesh, env=None, materialize=None) -> nn.Module:
+    """Apply AC -> compile -> FSDP2 in place, then `materialize(model)` (a model built on the meta device gets its
+    weights here, each rank only its shards), then DDP. Returns the module to call in training: a DDP wrapper for
+    ddp, otherwise `model` itself. Without `materialize` the model must already hold its weights on the device."""
     world = env.world_size if env is not None else 1
     strategy = resolve_strategy(cfg, world)
-    precision = resolve_precision(cfg, next(model.parameters()).device)
+    device = env.device if env is not None else next(model.parameters()).device
+    precision = resolve_precision(cfg, device)
     if precision == "bf16-true":
-        model.to(torch.bfloat16)
-        model.reset_rope()  # keep the RoPE tables in fp32; they are cast per forward
+        model.to(torch.bfloat16)  # the RoPE tables stay fp32: they are buffers rebuilt by reset_rope
+        if materialize is None:
+            model.reset_rope()
     if cfg.parallel.activation_checkpointing != "none":
         apply_activation_checkpointing(model, cfg)
     if cfg.compile:
@@ -143,7 +146,8 @@ def parallelize(model: nn.Module, cfg, mesh, env=None) -> nn.Module:
             raise ConfigError(f"parallel.strategy={strategy} needs a device mesh")
         apply_fsdp(model, mesh, torch.bfloat16 if precision == "bf16-mixed" else None,
                    cfg.parallel.reshard_after_forward)
-        return model
+    if materialize is not None:
+        materialize(model)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -154,9 +158,9 @@ def parallelize(model: nn.Module, cfg, mesh, env=None) -> nn.Module:
     return model
 
 
-def autocast_for(cfg, strategy: str, device: torch.device):
-    """The autocast context the forward runs under: only bf16-mixed without FSDP (FSDP casts by policy)."""
-    if resolve_precision(cfg, device) == "bf16-mixed" and strategy not in ("fsdp", "hsdp"):
+def autocast_for(precision: str, strategy: str, device: torch.device):
+    """The autocast context the forward runs under: only bf16-mixed without FSDP (FSDP casts by its policy)."""
+    if precision == "bf16-mixed" and strategy not in ("fsdp", "hsdp"):
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 

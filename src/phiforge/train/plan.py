@@ -50,6 +50,7 @@ import torch
 from phiforge.errors import ConfigError
 from phiforge.model import Phi2Config, count_params_meta
 from phiforge.train.config import TrainConfig
+from phiforge.train.engine import Job
 
 GiB = 2**30
 
@@ -244,38 +245,48 @@ def _measure_worker() -> None:
         json.dump({"peak": peak}, f)
 
 
+class _RandomTokens(Job):
+    """The Job `plan --measure` runs: random tokens, a constant lr, no validation and no checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, vocab: int, rank: int, world: int):
+        self.cfg, self.vocab = cfg, vocab
+        self.units_per_step = cfg.micro_batch_size * cfg.data.seq_len * cfg.grad_accum_steps * world
+        self.gen = torch.Generator().manual_seed(rank)
+
+    def next_batch(self):
+        x = torch.randint(0, self.vocab, (self.cfg.micro_batch_size, self.cfg.data.seq_len), generator=self.gen)
+        return x, x
+
+    def loss(self, model, batch):
+        return model(*batch)
+
+    def lr(self, step: int) -> float:
+        return self.cfg.optim.lr
+
+
 def _measure_in_process(cfg: TrainConfig, steps: int) -> int:
+    """Peak live tensor bytes of `steps` steps of the training engine itself (build, step, cadence)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from phiforge.model import Phi2
+    from phiforge.train.build import build_train_model
     from phiforge.train.distributed import init_distributed, shutdown
+    from phiforge.train.engine import Cadence, Loop, StopRequest, TrainStep
+    from phiforge.train.metrics import Sinks
     from phiforge.train.optim import build_optimizer
-    from phiforge.train.parallelize import (autocast_for, build_mesh, clip_grad_norm_, grad_sync, parallelize,
-                                            resolve_strategy)
+    from phiforge.train.parallelize import autocast_for, build_mesh, resolve_precision, resolve_strategy
 
     env = init_distributed("cpu")
     try:
         strategy = resolve_strategy(cfg, env.world_size)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-            torch.manual_seed(cfg.seed)
-            model = Phi2(cfg.model_config()).train()
-            mesh = build_mesh(cfg, env)
-            train_model = parallelize(model, cfg, mesh, env)
-            autocast = autocast_for(cfg, strategy, env.device)
+            model, train_model = build_train_model(cfg, cfg.model_config(), env, build_mesh(cfg, env))
+            autocast = autocast_for(resolve_precision(cfg, env.device), strategy, env.device)
             opt = build_optimizer(model, cfg.optim)
-            params = [p for p in model.parameters()]
-            V, B, T = model.cfg.vocab_size, cfg.micro_batch_size, cfg.data.seq_len
-            g = torch.Generator().manual_seed(env.rank)
-            for _ in range(steps):
-                for micro in range(cfg.grad_accum_steps):
-                    x = torch.randint(0, V, (B, T), generator=g)
-                    with grad_sync(train_model, strategy, micro == cfg.grad_accum_steps - 1, cfg.parallel.defer_grad_sync):
-                        with autocast():
-                            loss = train_model(x, x)
-                        (loss / cfg.grad_accum_steps).backward()
-                clip_grad_norm_(params, cfg.optim.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            step = TrainStep(train_model, opt, env, strategy, autocast, cfg.grad_accum_steps, cfg.optim.grad_clip,
+                             cfg.parallel.defer_grad_sync)
+            cadence = Cadence(log_interval=steps, eval_interval=steps, save_interval=0, progress_bar=False)
+            loop = Loop(env, cadence, Sinks(None, enabled=False), StopRequest())
+            loop.run(_RandomTokens(cfg, model.cfg.vocab_size, env.rank, env.world_size), step, 0, steps)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "trace.json")
             prof.export_chrome_trace(path)

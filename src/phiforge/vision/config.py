@@ -99,6 +99,10 @@ class FinetuneConfig:
     resume: str = "none"  # none | auto (out_dir's newest complete checkpoint, if any) | PATH to a step-N dir
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # activation_checkpointing, ac_*, strategy
     compile: bool = False  # torch.compile each LM block (after activation checkpointing)
+    max_bad_steps: int = 5  # halt after this many consecutive non-finite losses / grad norms (each one is skipped)
+    tensorboard: bool = True  # also write RUN/tensorboard/ when the tensorboard package is installed
+    wandb_project: str | None = None  # also log to this W&B project when wandb is installed
+    progress_bar: bool = True  # rank 0 only
 
     def __post_init__(self):
         for name, parts in STAGE_DEFAULTS.items():

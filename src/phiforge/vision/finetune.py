@@ -5,8 +5,12 @@ lists (default: + the LM). Each stage has its own AdamW (phiforge.train.optim) o
 parameters and its own warmup + schedule. Metrics go to RUN/metrics.jsonl, the resolved config to
 RUN/config.yaml.
 
-From phiforge.train: the process group (one process, or N under torchrun, as DDP), activation checkpointing
-and compile of the LM blocks, and the DCP Checkpointer. A checkpoint RUN/checkpoints/step-N is written every
+Each stage is a Job of the training engine (phiforge.train.engine): the same step (non-finite steps skipped,
+MoE balancing hook), the same cadence (logging to metrics.jsonl + TensorBoard / W&B, validation, checkpoints,
+SIGTERM saves, the OOM message, faults) as `phiforge train`; the run directory is claimed the same way
+(--resume auto or --overwrite for a directory that holds a run). Also from phiforge.train: the process group
+(one process, or N under torchrun, as DDP), activation checkpointing and compile of the LM blocks, and the
+DCP Checkpointer. A checkpoint RUN/checkpoints/step-N is written every
 save_interval steps and at the end of each stage; it is a training checkpoint (model, the stage's optimizer,
 RNG, train_state.json with the stage, the step and the data position) and a vision checkpoint (config.json,
 model + vision.safetensors) in one, so `--resume auto` and `vision generate --checkpoint RUN` both read it.
@@ -19,7 +23,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -27,16 +30,19 @@ from phiforge.checkpoint import load_checkpoint
 from phiforge.config import to_dict
 from phiforge.errors import CheckpointError, ConfigError
 from phiforge.model import Phi2
+from phiforge.model.phi2 import LossOutput
 from phiforge.model.xattn import XAttnConfig
 from phiforge.tokenizer import load_tokenizer
+from phiforge.train.checkpointing import TRAIN_STATE, Checkpointer, read_train_state
 from phiforge.train.config import model_config_from_spec
-from phiforge.train.checkpointing import TRAIN_STATE, Checkpointer, find_resume, read_train_state
-from phiforge.train.distributed import DistEnv, all_reduce_, barrier, broadcast_object, init_distributed, shutdown
+from phiforge.train.distributed import DistEnv, all_reduce_, barrier, init_distributed, shutdown
+from phiforge.train.engine import Cadence, Job, Loop, MoEBalancing, StopRequest, TrainStep
 from phiforge.train.faults import Faults
+from phiforge.train.metrics import Sinks
 from phiforge.train.optim import build_optimizer, lr_at
-from phiforge.train.parallelize import (apply_activation_checkpointing, apply_compile, clip_grad_norm_, grad_sync,
-                                        resolve_strategy)
-from phiforge.train.runtime import MetricsLog, autocast_context
+from phiforge.train.parallelize import (apply_activation_checkpointing, apply_compile, autocast_for,
+                                        resolve_precision, resolve_strategy)
+from phiforge.train.rundir import RunDir
 from phiforge.vision.config import FinetuneConfig
 from phiforge.vision.data import VisionDataset
 from phiforge.vision.model import (VisionLM, add_cross_attention, is_vision_checkpoint, load_vision_checkpoint,
@@ -64,7 +70,7 @@ def eval_loss(model: VisionLM, batches, device, autocast) -> float:
     total = 0.0
     for visual, idx, labels in batches:
         with autocast():
-            total += model(visual.to(device), idx.to(device), labels.to(device)).item()
+            total += model(visual.to(device), idx.to(device), labels.to(device)).lm_loss.item()
     model.train()
     return total / len(batches)
 
@@ -83,160 +89,190 @@ def _resume_point(cfg: FinetuneConfig, ckpt: Path, global_batch: int) -> dict:
     return state
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
+def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
+    """Run both stages; returns the summary. overwrite: start over in a run directory that holds a run."""
     if cfg.stage1.steps == 0 and cfg.stage2.steps == 0:
         raise ConfigError("stage1.steps and stage2.steps are both 0: nothing to train")
     env = init_distributed(cfg.device)
+    stop = StopRequest().install()
     try:
-        return _finetune(cfg, env)
+        return _finetune(cfg, env, stop, overwrite)
     finally:
+        stop.restore()
         shutdown(env)
 
 
-def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
-    run_dir = Path(cfg.out_dir)
-    main, world, device = env.is_main, env.world_size, env.device
-    # auto means fsdp for several ranks in the text engine; the vision model has no FSDP layout yet: DDP
-    strategy = resolve_strategy(cfg, world)
-    strategy = "ddp" if strategy == "fsdp" else strategy
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+class VisionStage(Job):
+    """One stage of the fine-tune: its trainable parts, its own AdamW and lr schedule."""
+
+    units = "samples"
+
+    def __init__(self, name: str, run: "VisionRun"):
+        self.name, self.run, self.tags = name, run, {"stage": name}
+        self.stage = getattr(run.cfg, name)
+        self.optim_cfg = replace(run.cfg.optim, lr=self.stage.lr, warmup_steps=self.stage.warmup_steps)
+        self.units_per_step = run.global_batch * run.cfg.grad_accum_steps
+        self.optimizer = None
+
+    def next_batch(self):
+        self.run.consumed += 1
+        return tuple(t.to(self.run.env.device, non_blocking=True) for t in next(self.run.batches))
+
+    def loss(self, model, batch) -> LossOutput:
+        out = model(*batch)
+        env = self.run.env
+        if env.world_size == 1:
+            return out
+        # weight each rank's mean by its share of the global batch's supervised tokens
+        n = (batch[2] != -100).sum().float()
+        share = n * env.world_size / all_reduce_(n.clone(), env)
+        return LossOutput(out.lm_loss * share, None if out.aux_loss is None else out.aux_loss * share)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.stage.steps, self.optim_cfg)
+
+    def evaluate(self) -> dict:
+        r = self.run
+        return {"val_loss": eval_loss(r.model, r.val, r.env.device, r.autocast)} if r.val else {}
+
+    def save(self, step: int, final: bool) -> Path:
+        r = self.run
+        state = {"kind": "vision-finetune", "step": r.loop.step, "stage": self.name, "stage_step": step,
+                 "batches": r.consumed, "global_batch": r.global_batch, "seed": r.cfg.seed,
+                 "world_size": r.env.world_size, "micro_batch_size": r.cfg.micro_batch_size,
+                 "grad_accum_steps": r.cfg.grad_accum_steps, "samples": r.loop.units_done,
+                 "bad_steps": r.loop.bad_total, "model": r.model.lm.cfg.to_dict()}
+        extra = {"train": {"step": r.loop.step, "stage": self.name}}
+        return r.ckpt.save(r.loop.step, r.model, self.optimizer, state,
+                           export_model=lambda d: write_vision_files(r.model, d, r.tokenizer_dir, extra))
+
+    def log_fields(self) -> dict:
+        return {"gates": [round(float(torch.tanh(g.detach())), 4) for g in self.run.model.gates()]}
+
+    def oom_settings(self) -> dict:
+        c = self.run.cfg
+        return {"micro_batch_size": c.micro_batch_size, "data.max_len": c.data.max_len,
+                "parallel.activation_checkpointing": c.parallel.activation_checkpointing,
+                "precision": c.precision, "stage": self.name}
+
+
+class VisionRun:
+    """Everything the stages share: the model, data, checkpointer and the loop."""
+
+    def __init__(self, cfg: FinetuneConfig, env: DistEnv, model: VisionLM, tok, run: RunDir, faults):
+        self.cfg, self.env, self.model, self.run_dir, self.faults = cfg, env, model, run, faults
+        self.strategy = resolve_strategy(cfg, env.world_size)
+        self.strategy = "ddp" if self.strategy == "fsdp" else self.strategy  # no FSDP layout for vision yet
+        self.autocast = autocast_for(resolve_precision(cfg, env.device), self.strategy, env.device)
+        max_len = min(cfg.data.max_len, model.lm.cfg.max_seq_len)
+        enc = model.vcfg.encoder
+        self.train_set = VisionDataset(cfg.data.train, tok, enc, max_len, cfg.data.image_dir)
+        self.val_set = VisionDataset(cfg.data.val, tok, enc, max_len, cfg.data.image_dir) if cfg.data.val else None
+        self.val = None
+        if self.val_set is not None:  # every rank evaluates the same batches
+            it = self.val_set.shuffled_batches(cfg.micro_batch_size, seed=0)
+            n = min(cfg.eval_batches, max(1, len(self.val_set) // cfg.micro_batch_size))
+            self.val = [next(it) for _ in range(n)]
+        self.global_batch = cfg.micro_batch_size * env.world_size
+        self.tokenizer_dir = Path(cfg.init_from) if cfg.init_from else None
+        self.ckpt = Checkpointer(run.path, env, cfg.keep_checkpoints, tokenizer_dir=self.tokenizer_dir, fault=faults)
+        self.resumed = _resume_point(cfg, Path(run.checkpoint), self.global_batch) if run.checkpoint else None
+        self.consumed = int(self.resumed["batches"]) if self.resumed else 0
+        self.batches = self.train_set.shuffled_batches(cfg.micro_batch_size, seed=cfg.seed, start=self.consumed,
+                                                       rank=env.rank, world_size=env.world_size)
+        self.loop: Loop | None = None
+
+    def step_fn(self, stage: VisionStage) -> TrainStep:
+        """The stage's optimizer and train step; loads the resume checkpoint into the stage it was saved in."""
+        model, cfg = self.model, self.cfg
+        # the fused kernel also exists for CPU, where it is several times faster than the default
+        stage.optimizer = build_optimizer(model, stage.optim_cfg, fused=self.env.device.type in ("cpu", "cuda"))
+        train_model = model
+        if self.strategy == "ddp":  # DDP registers the parameters that need gradients when built: one per stage
+            train_model = DDP(model, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None)
+        return TrainStep(train_model, stage.optimizer, self.env, self.strategy, self.autocast, cfg.grad_accum_steps,
+                         cfg.optim.grad_clip, hooks=[MoEBalancing(model.lm, self.env)], faults=self.faults,
+                         run_dir=self.run_dir.path)
+
+
+def _finetune(cfg: FinetuneConfig, env: DistEnv, stop: StopRequest, overwrite: bool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same on every rank: every rank builds the same initial weights
-    autocast = autocast_context(device, cfg.precision)
-    faults = Faults.from_env(env.rank)
-
     tok = load_tokenizer(cfg.init_from)
     model = build_vision_model(cfg)
-    # written after building: the encoder fills in what it resolved (image size, mean/std, HF config)
-    if main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(replace(cfg, vision=model.vcfg)),
-                                                            sort_keys=False), encoding="utf-8")
     if tok.get_vocab_size() > model.lm.cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocabulary has "
                           f"{model.lm.cfg.vocab_size}; choose a larger preset or set model.vocab_size")
-    max_len = min(cfg.data.max_len, model.lm.cfg.max_seq_len)
-    enc = model.vcfg.encoder
-    train_set = VisionDataset(cfg.data.train, tok, enc, max_len, cfg.data.image_dir)
-    val_set = VisionDataset(cfg.data.val, tok, enc, max_len, cfg.data.image_dir) if cfg.data.val else None
-    for name, ds in (("train", train_set), ("val", val_set)):
+    run = RunDir(cfg.out_dir, env, "vision finetune", cfg.resume, overwrite)
+    vr = VisionRun(cfg, env, model, tok, run, Faults.from_env(env.rank))
+    for name in ("train", "val"):
+        ds = getattr(vr, f"{name}_set")
         skipped = {k: v for k, v in (ds.stats if ds else {}).items() if k not in ("records", "used") and v}
-        if skipped and main:
+        if skipped and env.is_main:
             tqdm.write(f"{name} data: skipped {sum(skipped.values())} of {ds.stats['records']} records: {skipped}")
-    val = None
-    if val_set is not None:  # every rank evaluates the same batches
-        it = val_set.shuffled_batches(cfg.micro_batch_size, seed=0)
-        val = [next(it) for _ in range(min(cfg.eval_batches, max(1, len(val_set) // cfg.micro_batch_size)))]
-    model.to(device)
+    model.to(env.device)
     # AC and compile wrap the LM blocks in place; parameter names gain wrapper prefixes, state-dict keys do not
     if cfg.parallel.activation_checkpointing != "none":
         apply_activation_checkpointing(model.lm, cfg)
     if cfg.compile:
         apply_compile(model.lm, cfg)
-    global_batch = cfg.micro_batch_size * world
+    # written when training starts: the encoder fills in what it resolved (image size, mean/std, HF config)
+    run.start(to_dict(replace(cfg, vision=model.vcfg)))
+    try:
+        return _run_stages(cfg, env, stop, vr)
+    except BaseException:
+        if vr.loop is None or vr.loop.step == 0:
+            run.discard_if_new()  # a new run that failed before its first step leaves no directory behind
+        raise
 
-    tokenizer_dir = Path(cfg.init_from) if cfg.init_from else None
-    ckpt = Checkpointer(run_dir, env, cfg.keep_checkpoints, tokenizer_dir=tokenizer_dir, fault=faults)
-    resume_from = broadcast_object(str(p) if (p := find_resume(run_dir, cfg.resume)) else None, env)
-    resumed = _resume_point(cfg, Path(resume_from), global_batch) if resume_from else None
-    step, consumed = (int(resumed["step"]), int(resumed["batches"])) if resumed else (0, 0)
-    batches = train_set.shuffled_batches(cfg.micro_batch_size, seed=cfg.seed, start=consumed, rank=env.rank,
-                                         world_size=world)
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl") if main else None
-    write = metrics.write if main else (lambda **kw: None)
-    log = tqdm.write if main else (lambda *a, **k: None)
-    write(event="start", params=sum(p.numel() for p in model.parameters()), device=str(device), world_size=world,
-          strategy=strategy, train_data=dict(train_set.stats), val_data=dict(val_set.stats) if val_set else None,
-          samples_per_step=global_batch * cfg.grad_accum_steps, resumed_from=resume_from, start_step=step)
-    t0 = time.perf_counter()
-    val_loss = eval_loss(model, val, device, autocast) if val else None
-    if val:
-        write(event="eval", step=step, val_loss=val_loss, elapsed_s=0.0)
-    last_ckpt = Path(resume_from) if resume_from else None
-    for stage_name in STAGES:
-        stage = getattr(cfg, stage_name)
-        if stage.steps == 0 or (resumed and STAGES.index(stage_name) < STAGES.index(resumed["stage"])):
+def _run_stages(cfg: FinetuneConfig, env: DistEnv, stop: StopRequest, vr: VisionRun) -> dict:
+    model, resumed = vr.model, vr.resumed
+    sinks = Sinks(vr.run_dir.path, env.is_main, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
+                  config=to_dict(cfg))
+    cadence = Cadence(cfg.log_interval, cfg.eval_interval, cfg.save_interval, cfg.max_bad_steps, cfg.progress_bar)
+    vr.loop = loop = Loop(env, cadence, sinks, stop, vr.ckpt, vr.faults, vr.run_dir.path,
+                          units_done=int(resumed.get("samples", 0)) if resumed else 0,
+                          bad_total=int(resumed.get("bad_steps", 0)) if resumed else 0)
+    loop.step = int(resumed["step"]) if resumed else 0
+    sinks.write(event="start", params=sum(p.numel() for p in model.parameters()), device=str(env.device),
+                world_size=env.world_size, strategy=vr.strategy, train_data=dict(vr.train_set.stats),
+                val_data=dict(vr.val_set.stats) if vr.val_set else None,
+                samples_per_step=vr.global_batch * cfg.grad_accum_steps, resumed_from=vr.run_dir.checkpoint,
+                start_step=loop.step)
+    first = VisionStage(STAGES[0], vr)
+    loop.evaluate(first, loop.step)
+    offset = 0
+    for name in STAGES:
+        stage = VisionStage(name, vr)
+        steps = stage.stage.steps
+        done_before = resumed and STAGES.index(name) < STAGES.index(resumed["stage"])
+        if steps == 0 or done_before:
+            offset += steps
             continue
-        n_train = model.set_trainable(stage.train)
+        n_train = model.set_trainable(stage.stage.train)
         if n_train == 0:
-            raise ConfigError(f"{stage_name}.train ({stage.train}) leaves nothing to train")
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optim_cfg = replace(cfg.optim, lr=stage.lr, warmup_steps=stage.warmup_steps)
-        # the fused kernel also exists for CPU, where it is several times faster than the default
-        optimizer = build_optimizer(model, optim_cfg, fused=device.type in ("cpu", "cuda"))
-        # DDP registers the parameters that need gradients when it is built: one wrapper per stage
-        train_model = model
-        if strategy == "ddp":
-            train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+            raise ConfigError(f"{name}.train ({stage.stage.train}) leaves nothing to train")
+        step_fn = vr.step_fn(stage)
         start = 0
-        if resumed and stage_name == resumed["stage"]:
-            ckpt.load(Path(resume_from), model, optimizer, model.lm.cfg)  # model, this stage's AdamW, RNG
+        if resumed and name == resumed["stage"]:
+            vr.ckpt.load(Path(vr.run_dir.checkpoint), model, stage.optimizer, model.lm.cfg)  # model, AdamW, RNG
             start = int(resumed["stage_step"])
-            log(f"resumed from {resume_from} at step {step} ({stage_name} step {start})")
-        if start >= stage.steps:
-            continue  # resumed from this stage's last checkpoint
-        write(event="stage", stage=stage_name, steps=stage.steps, train=stage.train, trainable_params=n_train)
-        log(f"{stage_name}: training {', '.join(stage.train)} ({n_train:,} parameters) for {stage.steps} steps")
-
-        def save(s: int) -> Path:
-            state = {"kind": "vision-finetune", "step": step, "stage": stage_name, "stage_step": s,
-                     "batches": consumed, "global_batch": global_batch, "seed": cfg.seed, "world_size": world,
-                     "micro_batch_size": cfg.micro_batch_size, "grad_accum_steps": cfg.grad_accum_steps,
-                     "model": model.lm.cfg.to_dict()}
-            extra = {"train": {"step": step, "stage": stage_name}}
-            return ckpt.save(step, model, optimizer, state,
-                             export_model=lambda d: write_vision_files(model, d, tokenizer_dir, extra))
-
-        loss_sum, t_log = torch.zeros((), device=device), time.perf_counter()
-        bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=stage_name, unit="step",
-                   dynamic_ncols=True, disable=not main)
-        for s in bar:
-            lr = lr_at(s, stage.steps, optim_cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(cfg.grad_accum_steps):
-                visual, idx, labels = (t.to(device, non_blocking=True) for t in next(batches))
-                consumed += 1
-                with grad_sync(train_model, strategy, micro == cfg.grad_accum_steps - 1):
-                    with autocast():
-                        loss = train_model(visual, idx, labels)
-                    if world > 1:  # weight each rank's mean by its share of the global batch's supervised tokens
-                        n = (labels != -100).sum().float()
-                        loss = loss * (n * world / all_reduce_(n.clone(), env))
-                    (loss / cfg.grad_accum_steps).backward()
-                loss_sum += loss.detach() / cfg.grad_accum_steps
-            if faults is not None:
-                faults.during_step(step + 1, run_dir)
-            grad_norm = clip_grad_norm_(trainable, cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last = s == stage.steps - 1
-            if (s + 1) % cfg.log_interval == 0 or last:
-                now = time.perf_counter()
-                n = cfg.log_interval if (s + 1) % cfg.log_interval == 0 else (s + 1) % cfg.log_interval
-                loss_log = all_reduce_(loss_sum, env).item() / world / n
-                write(event="train", stage=stage_name, step=step, loss=loss_log, lr=lr, grad_norm=float(grad_norm),
-                      gates=[round(float(torch.tanh(g.detach())), 4) for g in model.gates()],
-                      samples_per_s=n * global_batch * cfg.grad_accum_steps / (now - t_log), elapsed_s=now - t0)
-                loss_sum.zero_()
-                t_log = now
-            if val and (step % cfg.eval_interval == 0 or last):
-                val_loss = eval_loss(model, val, device, autocast)
-                write(event="eval", stage=stage_name, step=step, val_loss=val_loss, elapsed_s=time.perf_counter() - t0)
-                log(f"step {step}: val loss {val_loss:.4f}")
-            if last or (cfg.save_interval and step % cfg.save_interval == 0):
-                last_ckpt = save(s + 1)
-            if faults is not None:
-                faults.after_step(step, run_dir)
-        bar.close()
+            loop.log(f"resumed from {vr.run_dir.checkpoint} at step {loop.step} ({name} step {start})")
+        if start < steps:
+            sinks.write(event="stage", stage=name, steps=steps, train=stage.stage.train, trainable_params=n_train)
+            loop.log(f"{name}: training {', '.join(stage.stage.train)} ({n_train:,} parameters) for {steps} steps")
+            if loop.run(stage, step_fn, start, steps, offset=offset, desc=name):
+                break  # stopped by a signal: saved, resume continues here
+        offset += steps
     barrier(env)
-    summary = {"event": "end", "steps": step, "val_loss_end": val_loss, "elapsed_s": time.perf_counter() - t0,
-               "checkpoint": str(last_ckpt)}
-    write(**summary)
-    if metrics is not None:
-        metrics.close()
+    summary = {"event": "end", "steps": loop.step, "samples": loop.units_done,
+               "val_loss_end": loop.val.get("val_loss"), "elapsed_s": time.perf_counter() - loop.t0,
+               "checkpoint": str(vr.ckpt.last_complete), "skipped_steps": loop.bad_total}
+    if loop.stopped_by:
+        summary["stopped_by"] = loop.stopped_by
+    sinks.write(**summary)
+    sinks.close()
     summary["rank"] = env.rank
     return summary

@@ -23,6 +23,7 @@ from phiforge.checkpoint import atomic_dir, check_state_dict, load_checkpoint, w
 from phiforge.config import from_dict, to_dict
 from phiforge.errors import CheckpointError, ConfigError
 from phiforge.model import Phi2
+from phiforge.model.phi2 import LossOutput
 from phiforge.model.xattn import GatedCrossAttention, XAttnConfig
 from phiforge.vision.config import PARTS, VisionConfig
 from phiforge.vision.encoders import build_encoder
@@ -47,13 +48,13 @@ class VisionLM(nn.Module):
         """Context tokens [B, M, context_dim] for a batch of images or precomputed features."""
         return self.projector(self.encoder(visual))
 
-    def forward(self, visual: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the positions whose label is not -100 (the assistant's tokens)."""
+    def forward(self, visual: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        """Mean cross-entropy over the positions whose label is not -100 (the assistant's tokens), and in
+        training mode the MoE balancing terms, as a LossOutput (backpropagate `.loss`)."""
         h = self.lm.hidden_states(idx, context=self.encode(visual))
         keep = labels != -100  # only supervised positions need logits: most of a conversation is masked
         loss = F.cross_entropy(self.lm.lm_head(h[keep]).float(), labels[keep])
-        aux = self.lm.moe_aux_loss() if self.training else None
-        return loss if aux is None else loss + aux
+        return LossOutput(loss, self.lm.moe_aux_loss() if self.training else None)
 
     def parts(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by trainable part (see vision.config.PARTS)."""
