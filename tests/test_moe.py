@@ -1,5 +1,7 @@
-"""Mixture of experts (issue 5): fast paths vs the reference loop, identity at init, balancing, config,
-checkpoints, upcycling, HF export refusal and the moe-report plot. All on CPU, each test a few seconds."""
+"""Mixture of experts (issues 5 and 15): fast paths vs the reference loop, identity at init, the three
+placements (after_mlp, parallel, replace_mlp), balancing, config, checkpoints, upcycling, HF / LitGPT export
+refusal and the moe-report plot. All on CPU, each test a few seconds. The engine-level checks of the parallel
+placement (FSDP2, exact resume, AC and compile) are in tests/test_moe_parallel.py."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from phiforge.checkpoint import load_checkpoint, save_checkpoint
 from phiforge.cli import main
 from phiforge.config import load_config
 from phiforge.errors import ConfigError
-from phiforge.model import MoE, MoEConfig, Phi2, Phi2Config
-from phiforge.model.moe import moe_metrics
+from phiforge.model import KVCache, MoE, MoEConfig, Phi2, Phi2Config
+from phiforge.model.moe import POSITIONS, moe_metrics
+from phiforge.train.metrics import matmul_params
 
 from conftest import assert_one_line_error, run_cli
 
@@ -160,19 +163,113 @@ def _dense_and_moe(moe: dict):
     return dense, model
 
 
-def test_zero_init_after_mlp_is_identity():
-    dense, model = _dense_and_moe({"num_experts": 4, "top_k": 2, "shared_experts": 1})
+@pytest.mark.parametrize("position", ["after_mlp", "parallel"])
+def test_zero_init_is_identity(position):
+    dense, model = _dense_and_moe({"num_experts": 4, "top_k": 2, "shared_experts": 1, "position": position})
     assert set(model.moe_layers()) == {0, 1}
     x = torch.randint(0, 256, (2, 24))
     assert torch.equal(dense(x), model(x))
+    model.train()  # and in training, where the loss carries the routers' aux terms: the LM loss is the dense one
+    model(x, x)
+    assert torch.equal(model.lm_loss, dense.train()(x, x))
 
 
-def test_every_and_replace_mlp_placement():
-    cfg = Phi2Config(**{**TINY, "n_layer": 4}, moe={"every": 2, "position": "replace_mlp"})
+@pytest.mark.parametrize("position", POSITIONS)
+def test_every_and_placement(position):
+    cfg = Phi2Config(**{**TINY, "n_layer": 4}, moe={"every": 2, "position": position})
     model = Phi2(cfg)
     assert set(model.moe_layers()) == {1, 3}
-    assert isinstance(model.layers[1].mlp, MoE) and model.layers[1].moe is None
+    block = model.layers[1]
+    assert isinstance(block.mlp, MoE) == (position == "replace_mlp")
+    assert isinstance(block.moe, MoE) == (position != "replace_mlp")
+    assert (block.moe_layernorm is not None) == (position == "after_mlp")  # parallel reads the block's one LN
+    assert model.layers[0].moe is None and not isinstance(model.layers[0].mlp, MoE)
     assert cfg.moe.expert_hidden == 64 // 2  # default: the MLP's width / top_k
+
+
+def _perturbed(model: Phi2, seed: int = 2) -> Phi2:
+    """Non-zero expert outputs and LayerNorm affines, so each placement's wiring shows in the output."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".moe." in name or ".mlp." in name or "layernorm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_block_formula(position):
+    """after_mlp: x + attn(h) + mlp(h), then + moe(LN_moe(.)); parallel: x + attn(h) + mlp(h) + moe(h) from the
+    block's one LayerNorm, no second residual step; replace_mlp: x + attn(h) + moe(h)."""
+    torch.manual_seed(0)
+    model = _perturbed(Phi2(Phi2Config(**TINY, moe={"num_experts": 4, "position": position})).eval())
+    block, x = model.layers[0], torch.randn(2, 10, 32)
+    cos, sin = model.rope_cos[:10], model.rope_sin[:10]
+    h = block.input_layernorm(x)
+    y = x + block.attn(h, cos, sin) + block.mlp(h)  # replace_mlp: block.mlp is the MoE
+    if position == "after_mlp":
+        y = y + block.moe(block.moe_layernorm(y))
+    elif position == "parallel":
+        y = y + block.moe(h)
+    assert torch.equal(block(x, cos, sin), y)
+    moe = block.mlp if position == "replace_mlp" else block.moe
+    assert moe(h).abs().max() > 1e-2  # the MoE term is not zero, so a misplaced one would show
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_kv_cache_prefill_and_decode_match_one_pass(position):
+    """Eval routing is dropless and per token, so cached decoding gives the logits of one full forward."""
+    torch.manual_seed(0)
+    model = _perturbed(Phi2(Phi2Config(**TINY, moe={"num_experts": 4, "capacity_factor": 0.5, "position": position})))
+    model.eval()
+    x = torch.randint(0, 256, (2, 12))
+    cache = KVCache(model.cfg, 2, max_len=12)
+    parts = [model(x[:, :7], cache=cache)] + [model(x[:, t : t + 1], cache=cache) for t in range(7, 12)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("position", POSITIONS)
+def test_model_fast_path_equals_reference_loop(position, impl):
+    """The whole model in each placement: the fast expert path gives the reference loop's loss and the gradient
+    of every parameter (routed experts, shared expert, dense MLP, LayerNorms, attention)."""
+    torch.manual_seed(0)
+    cfg = Phi2Config(**TINY, moe={"num_experts": 4, "shared_experts": 1, "capacity_factor": 1.0, "position": position})
+    model = _perturbed(Phi2(cfg)).train()
+    x = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for name in ("loop", impl):
+        for layer in model.moe_layers().values():
+            layer.impl = name
+        model.zero_grad(set_to_none=True)
+        loss = model(x, x)
+        loss.backward()
+        results[name] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (ref_loss, ref_grads), (loss, grads) = results["loop"], results[impl]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and any(".w2" in n for n in grads)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_equal_active_parameters_recipe(position):
+    """docs/moe.md's recipe: replace_mlp with the default expert_hidden (intermediate_size / top_k); after_mlp and
+    parallel with the dense MLP halved and experts of intermediate_size / (2 top_k). Each then has the dense
+    model's active matmul parameters, plus only the router (and after_mlp's LayerNorm) per MoE block."""
+    dense_cfg = dict(TINY, n_layer=4)
+    I, E, k, d = dense_cfg["intermediate_size"], 8, 2, dense_cfg["n_embd"]
+    moe = {"num_experts": E, "top_k": k, "position": position}
+    if position == "replace_mlp":
+        cfg = Phi2Config(**dense_cfg, moe=moe)
+    else:
+        cfg = Phi2Config(**{**dense_cfg, "intermediate_size": I // 2}, moe={**moe, "expert_hidden": I // (2 * k)})
+    dense, model = Phi2(Phi2Config(**dense_cfg)), Phi2(cfg)
+    extra = E * d + (2 * d if position == "after_mlp" else 0)  # router [E, d]; LN_moe weight and bias
+    # replace_mlp's k active experts carry k output biases where the MLP had one
+    extra += (k - 1) * d if position == "replace_mlp" else k * d  # each active expert's b2 [d]
+    assert matmul_params(model) - matmul_params(dense) == 4 * extra
+    assert model.num_params() > dense.num_params()  # more parameters in total, the same active ones
 
 
 def test_training_loss_adds_aux_only_in_training():
@@ -301,16 +398,43 @@ def test_upcycle_zero_is_identity_and_copy_matches_mlp(tmp_path, capsys):
                                    "--moe", "top_k=1,expert_hidden=8", "--init", "copy")[::2], "expert_hidden")
 
 
-def test_hf_export_of_moe_model_fails_clearly(tmp_path, capsys):
-    save_checkpoint(Phi2(Phi2Config(**TINY, moe={"num_experts": 2, "top_k": 1})), tmp_path / "moe")
+def test_upcycle_parallel_zero_is_identity_and_copy_splits_the_mlp(tmp_path):
+    torch.manual_seed(0)
+    dense = Phi2(Phi2Config(**TINY)).eval()
+    save_checkpoint(dense, tmp_path / "dense")
+    x = torch.randint(0, 256, (2, 24))
+    assert main(["convert", "upcycle", str(tmp_path / "dense"), str(tmp_path / "zero"),
+                 "--moe", "num_experts=4,top_k=2,position=parallel"]) == 0
+    zero = load_checkpoint(tmp_path / "zero")
+    assert zero.cfg.moe.position == "parallel" and set(zero.moe_layers()) == {0, 1}
+    assert not any("moe_layernorm" in k for k in zero.state_dict())
+    assert torch.equal(zero(x), dense(x))  # step 0 of the upcycled model is the dense model, bit for bit
+    # copy without noise: the MLP that stays and the expert copies each carry half the MLP's output
+    assert main(["convert", "upcycle", str(tmp_path / "dense"), str(tmp_path / "copy"), "--init", "copy",
+                 "--noise", "0", "--moe", "num_experts=4,top_k=2,position=parallel"]) == 0
+    copy = load_checkpoint(tmp_path / "copy")
+    assert torch.equal(copy.layers[0].mlp.fc2.weight, dense.layers[0].mlp.fc2.weight / 2)
+    assert torch.equal(copy.layers[0].moe.w2[3], dense.layers[0].mlp.fc2.weight.t() / 2)
+    assert copy.layers[0].moe(torch.randn(5, 32)).abs().max() > 1e-2  # the experts are live, not zero
+    torch.testing.assert_close(copy(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_hf_and_litgpt_export_of_moe_model_fails_clearly(tmp_path, capsys, position):
+    model = Phi2(Phi2Config(**TINY, moe={"num_experts": 2, "top_k": 1, "position": position}))
+    save_checkpoint(model, tmp_path / "moe")
     code, _, err = run_cli(capsys, "convert", "to-hf", tmp_path / "moe", tmp_path / "hf")
     assert_one_line_error(code, err, "moe", "cannot be represented in a Hugging Face PhiConfig")
     assert not (tmp_path / "hf").exists()
+    code, _, err = run_cli(capsys, "convert", "to-litgpt", tmp_path / "moe", tmp_path / "lit")
+    assert_one_line_error(code, err, "moe", "cannot be represented in a LitGPT Config")
+    assert not (tmp_path / "lit").exists()
 
 
-def test_moe_report_writes_png(tmp_path, capsys):
+@pytest.mark.parametrize("position", ["after_mlp", "parallel"])
+def test_moe_report_writes_png(tmp_path, capsys, position):
     torch.manual_seed(0)
-    model = Phi2(Phi2Config(**TINY, moe={"num_experts": 4, "capacity_factor": 1.0})).train()
+    model = Phi2(Phi2Config(**TINY, moe={"num_experts": 4, "capacity_factor": 1.0, "position": position})).train()
     run = tmp_path / "run"
     run.mkdir()
     with open(run / "metrics.jsonl", "w") as f:
@@ -323,11 +447,13 @@ def test_moe_report_writes_png(tmp_path, capsys):
     assert main(["moe-report", str(run)]) == 0 and (run / "moe-load.png").exists()
 
 
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("position", ["after_mlp", "parallel"])
+def test_compiles_without_graph_breaks(position):
     """With a capacity the layer has no host sync, so the whole model traces as one graph (aot_eager: no C++
     compiler needed); losses, gradients and the side-channel stats match eager."""
     torch.manual_seed(0)
-    model = Phi2(Phi2Config(**TINY, moe={"num_experts": 4, "capacity_factor": 1.0, "bias_balancing": True})).train()
+    moe = {"num_experts": 4, "capacity_factor": 1.0, "bias_balancing": True, "position": position}
+    model = Phi2(Phi2Config(**TINY, moe=moe)).train()
     with torch.no_grad():
         for layer in model.moe_layers().values():
             layer.w2.normal_(0, 0.1)

@@ -1,11 +1,13 @@
 """Upcycling: add MoE sublayers to a dense phiforge checkpoint (`phiforge convert upcycle`).
 
-init="zero": the new experts get their fresh init, whose output projections are zero. With the default
-    `after_mlp` placement the upcycled model computes exactly what the dense one did.
+init="zero": the new experts get their fresh init, whose output projections are zero. With `after_mlp` (the
+    default) and `parallel` the upcycled model computes exactly what the dense one did.
 init="copy": every expert starts as a copy of its block's dense MLP, with multiplicative noise
     (1 + noise * N(0, 1)) so the experts can diverge (sparse upcycling). Needs expert_hidden ==
-    intermediate_size (the default here). With `replace_mlp` and top_k > 1 the gated sum of identical
-    experts equals the old MLP up to the noise; with `after_mlp` the copies add to the MLP that stays.
+    intermediate_size (the default here). With top_k > 1 the gates sum to 1, so the gated sum of identical
+    experts is the old MLP up to the noise. `replace_mlp` therefore keeps the dense function. `parallel`
+    keeps it too: the output projections of the MLP that stays and of the experts are halved, so
+    mlp(h)/2 + moe(h) = mlp(h). With `after_mlp` the copies add to the MLP that stays (the function changes).
 """
 
 from __future__ import annotations
@@ -67,11 +69,15 @@ def upcycle(src: Path, out: Path, moe: dict, init: str = "zero", noise: float = 
     gen = torch.Generator().manual_seed(seed)
     for i, layer in model.moe_layers().items():
         block = model.layers[i]
-        if block.moe is not None:
+        if block.moe_layernorm is not None:
             block.moe_layernorm.reset_parameters()
         layer.reset_parameters()
         if init == "copy":  # `replace_mlp` dropped these keys from the model, but the dense state still has them
             layer.load_dense_mlp(*(state[f"layers.{i}.mlp.{k}"] for k in _MLP_KEYS), noise=noise, generator=gen)
+            if new_cfg.moe.position == "parallel":  # halved MLP + halved expert copies = the dense MLP
+                with torch.no_grad():
+                    for p in (block.mlp.fc2.weight, block.mlp.fc2.bias, layer.w2, layer.b2):
+                        p.mul_(0.5)
     model.reset_rope()
     save_checkpoint(model, out, tokenizer_dir=src,
                     extra={"upcycled_from": {"src": str(src), "init": init, "noise": noise, "seed": seed}})

@@ -96,7 +96,7 @@ _LIT_CLASS_DEFAULTS = {
 
 
 def lit_unrepresentable(cfg: Phi2Config) -> list[str]:
-    """Phi2Config features a LitGPT Config cannot express (phiforge's MoE after the MLP, cross-attention)."""
+    """Phi2Config features a LitGPT Config cannot express (phiforge's MoE in any position, cross-attention)."""
     bad = []
     if cfg.moe is not None:
         bad.append("moe")

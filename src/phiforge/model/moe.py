@@ -1,11 +1,12 @@
 """Mixture-of-experts sublayer for Phi-2 blocks (see docs/moe.md).
 
     after_mlp (default):  h = LN(x);  x = x + attn(h) + mlp(h);  x = x + moe(LN_moe(x))
-    replace_mlp:          h = LN(x);  x = x + attn(h) + moe(h)          (Mixtral style)
+    parallel:             h = LN(x);  x = x + attn(h) + mlp(h) + moe(h)   (residual MoE, dense + MoE)
+    replace_mlp:          h = LN(x);  x = x + attn(h) + moe(h)            (Mixtral style)
 
 Token-choice top-k routing with the router in fp32. Experts are stacked parameters w1 [E, d, h] and
 w2 [E, h, d] (plus biases) with gelu-tanh, like the dense MLP. Output projections start at zero, so a
-model that gains `after_mlp` MoE layers computes exactly what it computed before.
+model that gains `after_mlp` or `parallel` MoE layers computes exactly what it computed before.
 
 Three ways to run the experts, all giving the same result (`MoE.impl`):
   grouped  tokens sorted by expert, one `torch._grouped_mm` per projection (CUDA, bf16, Hopper+)
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from phiforge.errors import ConfigError
 
-POSITIONS = ("after_mlp", "replace_mlp")
+POSITIONS = ("after_mlp", "parallel", "replace_mlp")
 ROUTERS = ("softmax", "sigmoid")
 IMPLS = ("auto", "grouped", "padded", "loop")
 # Each expert's rows in the grouped GEMM start on a multiple of 8 (16 bytes in bf16): the weight-gradient GEMM
@@ -41,7 +42,7 @@ class MoEConfig:
     top_k: int = 2
     expert_hidden: int | None = None  # None: the model's intermediate_size // top_k (same active FLOPs as the MLP)
     every: int = 1  # MoE in the blocks with layer_idx % every == every - 1 (every=2: blocks 1, 3, 5, ...)
-    position: str = "after_mlp"  # after_mlp | replace_mlp
+    position: str = "after_mlp"  # after_mlp | parallel | replace_mlp
     shared_experts: int = 0  # always-on experts of width expert_hidden (DeepSeekMoE)
     router: str = "softmax"  # softmax | sigmoid
     aux_loss_coef: float = 0.01  # Switch balancing loss alpha * E * sum_i f_i * P_i

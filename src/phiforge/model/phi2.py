@@ -208,17 +208,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """h = LN(x);  x = x + attn(h) + mlp(h), with an optional MoE sublayer (docs/moe.md):
+    after_mlp: then x = x + moe(LN_moe(x));  parallel: x + attn(h) + mlp(h) + moe(h);  replace_mlp: moe is the mlp."""
+
     def __init__(self, cfg: Phi2Config, layer_idx: int):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.attn = Attention(cfg, layer_idx)
         moe = cfg.moe if cfg.moe is not None and cfg.moe.applies_to(layer_idx) else None
-        replace_mlp = moe is not None and moe.position == "replace_mlp"
-        self.mlp = MoE(moe, cfg.n_embd, cfg.init_std) if replace_mlp else MLP(cfg)
-        self.moe = None
-        if moe is not None and not replace_mlp:  # after_mlp: its own LayerNorm and residual update
-            self.moe_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-            self.moe = MoE(moe, cfg.n_embd, cfg.init_std)
+        position = moe.position if moe is not None else None
+        self.mlp = MoE(moe, cfg.n_embd, cfg.init_std) if position == "replace_mlp" else MLP(cfg)
+        self.moe = MoE(moe, cfg.n_embd, cfg.init_std) if position in ("after_mlp", "parallel") else None
+        # after_mlp has its own LayerNorm and residual update; parallel reads the block's h like attn and mlp
+        self.moe_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps) if position == "after_mlp" else None
         self.resid_drop = nn.Dropout(cfg.resid_pdrop)
         xa = cfg.xattn
         self.xattn = None
@@ -230,7 +232,9 @@ class Block(nn.Module):
             x = self.xattn(x, context, cache)
         h = self.input_layernorm(x)
         x = x + self.resid_drop(self.attn(h, cos, sin, cache)) + self.resid_drop(self.mlp(h))
-        if self.moe is not None:
+        if self.moe is not None and self.moe_layernorm is None:  # parallel
+            x = x + self.resid_drop(self.moe(h))
+        elif self.moe is not None:  # after_mlp
             x = x + self.resid_drop(self.moe(self.moe_layernorm(x)))
         return x
 
