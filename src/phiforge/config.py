@@ -2,12 +2,14 @@
 
     cfg = load_config(TrainConfig, "configs/demo.yaml", ["optim.lr=1e-3", "max_steps=200"])
 
-Unknown keys and values of the wrong type raise ConfigError naming the dotted key.
+Unknown keys, values of the wrong type and values out of range raise ConfigError naming the dotted key.
+Dataclasses check their ranges in __post_init__ with `check_range`; `from_dict` adds the section to the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -18,6 +20,58 @@ import yaml
 from phiforge.errors import ConfigError
 
 T = TypeVar("T")
+
+
+class BadValue(ConfigError):
+    """A config value of the wrong type or out of range: `'key' problem`. `key` is the dotted key so far."""
+
+    def __init__(self, key: str, problem: str):
+        self.key, self.problem = key, problem
+        super().__init__(f"'{key}' {problem}")
+
+
+def check_range(key: str, value, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                hi_open: bool = False, note: str = "") -> None:
+    """Raise BadValue unless lo <= value <= hi (< with lo_open / hi_open). NaN and infinities never pass."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise BadValue(key, f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise BadValue(key, f"must be a finite number, got {value!r}")
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    above = hi is not None and (value >= hi if hi_open else value > hi)
+    if not (below or above):
+        return
+    if hi is None:
+        rule = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
+    elif lo is None:
+        rule = f"less than {hi:g}" if hi_open else f"at most {hi:g}"
+    else:
+        rule = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    raise BadValue(key, f"must be {rule}{note}, got {value!r}")
+
+
+def check_fields(obj) -> None:
+    """Coerce each field of dataclass `obj` to its annotated type in place (for objects built in Python)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if f.init:
+            setattr(obj, f.name, _coerce(getattr(obj, f.name), hints[f.name], f.name))
+
+
+def normalized(cls: type, data: dict, prefix: str = "") -> dict:
+    """`data` (a section for dataclass `cls`) with each value coerced to its field's type, keeping only the keys
+    given: how a section such as `model:` (preset + overrides) is stored and printed after it was validated."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for k, v in data.items():
+        tp = hints.get(k, Any)
+        inner = [a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
+        if inner and isinstance(v, dict):
+            out[k] = normalized(inner[0], v, f"{prefix}{k}.")
+        else:
+            v = _coerce(v, tp, prefix + k)
+            out[k] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+    return out
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -35,34 +89,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"bad value for '{key}': {value!r}")
+                errors.append(e)
+        raise errors[0] if errors else BadValue(key, f"has a bad value: {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+            raise BadValue(key, f"must be a mapping, got {value!r}")
         return from_dict(tp, value, prefix=key + ".")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"'{key}' must be a list, got {value!r}")
+            raise BadValue(key, f"must be a list, got {value!r}")
         (inner, *_) = typing.get_args(tp) or (Any,)
         out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+            raise BadValue(key, f"must be a mapping, got {value!r}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+        raise BadValue(key, f"must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+        raise BadValue(key, f"must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -71,11 +125,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        raise BadValue(key, f"must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"'{key}' must be a string, got {value!r}")
+        raise BadValue(key, f"must be a string, got {value!r}")
     return value
 
 
@@ -93,6 +147,10 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
+    except BadValue as e:  # from cls.__post_init__, which knows its field names but not its section
+        if not prefix:
+            raise
+        raise BadValue(prefix + e.key, e.problem) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad config{' ' + prefix.rstrip('.') if prefix else ''}: {e}") from None
 

@@ -6,7 +6,39 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from phiforge.model import KVCache, Phi2
+from phiforge.config import check_range
+from phiforge.errors import ConfigError
+from phiforge.model import KVCache, Phi2, Phi2Config
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse settings that mean nothing, named as the CLI flags: temperature negative or not finite (0 is
+    greedy), top-k below 1, top-p outside (0, 1] (None: no limit), fewer than one new token."""
+    check_range("--max-new-tokens", max_new_tokens, 1)
+    check_range("--temperature", temperature, 0.0, note=" (0 is greedy)")
+    if top_k is not None:
+        check_range("--top-k", top_k, 1, note=" (leave it out for no limit)")
+    if top_p is not None:
+        check_range("--top-p", top_p, 0.0, 1.0, lo_open=True, note=" (1 keeps every token)")
+
+
+def fit_to_model(prompt_len: int, max_new_tokens: int, top_k: int | None, cfg: Phi2Config) -> tuple[int, int | None,
+                                                                                                     list[str]]:
+    """(max_new_tokens, top_k, notes): both clamped to what the model allows (its context, its vocabulary),
+    with a note for each clamp. A prompt that fills the context alone is an error."""
+    room = cfg.max_seq_len - prompt_len
+    if room < 1:
+        raise ConfigError(f"prompt is {prompt_len} tokens; the model's context is {cfg.max_seq_len}, which leaves "
+                          "no room for new tokens (shorten the prompt)")
+    notes = []
+    if max_new_tokens > room:
+        notes.append(f"the prompt's {prompt_len} token{'s' * (prompt_len != 1)} + --max-new-tokens {max_new_tokens} "
+                     f"exceed the model's context ({cfg.max_seq_len}); generating at most {room} tokens")
+        max_new_tokens = room
+    if top_k is not None and top_k > cfg.vocab_size:
+        notes.append(f"--top-k {top_k} is more than the model's vocabulary ({cfg.vocab_size}); using {cfg.vocab_size}")
+        top_k = cfg.vocab_size
+    return max_new_tokens, top_k, notes
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -35,6 +67,7 @@ def stream(model: Phi2, idx: torch.Tensor, max_new_tokens: int, temperature: flo
     """Yield each new token [B] as it is produced. The prompt is prefilled once; then one token per step.
 
     `context` [B, S, context_dim] conditions a model with cross-attention; its K/V is cached at the prefill."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     B, T = idx.shape
     max_len = min(model.cfg.max_seq_len, T + max_new_tokens)
     if T >= model.cfg.max_seq_len:

@@ -24,6 +24,7 @@ from phiforge.checkpoint import (
     save_state_dict,
     write_json_atomic,
 )
+from phiforge.config import BadValue
 from phiforge.errors import CheckpointError, ConfigError
 from phiforge.model import Phi2, Phi2Config
 from phiforge.tokenizer import EOT_ID, save_tokenizer_files
@@ -67,35 +68,40 @@ _QKV = ("q_proj", "k_proj", "v_proj")
 # Config
 
 
-def config_from_hf(hf_config: dict) -> Phi2Config:
-    """Phi2Config for an HF PhiConfig dict (config.json). Raises CheckpointError for what we cannot reproduce."""
+def config_from_hf(hf_config: dict, source: str = "HF config") -> Phi2Config:
+    """Phi2Config for an HF PhiConfig dict (config.json, named `source` in errors). Raises CheckpointError for
+    values of the wrong type or out of range (naming the HF key) and for what we cannot reproduce."""
     c = {**_HF_DEFAULTS, **hf_config}
     rope = hf_config.get("rope_parameters") or {}  # transformers >= 5 writes the RoPE keys here, not at the top
     if not isinstance(rope, dict):
-        raise CheckpointError(f"rope_parameters in HF config must be a mapping, got {rope!r}")
+        raise CheckpointError(f"rope_parameters in {source} must be a mapping, got {rope!r}")
     if rope.get("rope_type", "default") != "default":
-        raise CheckpointError(f"rope_parameters {rope} in HF config is not supported (only plain RoPE)")
+        raise CheckpointError(f"rope_parameters {rope} in {source} is not supported (only plain RoPE)")
     for key in ("rope_theta", "partial_rotary_factor"):
         if key not in hf_config and key in rope:
             c[key] = rope[key]
     if c["hidden_act"] not in ("gelu_new", "gelu_pytorch_tanh"):  # both are gelu(approximate="tanh")
-        raise CheckpointError(f"unsupported hidden_act '{c['hidden_act']}' in HF config (phiforge implements gelu_new)")
+        raise CheckpointError(f"unsupported hidden_act '{c['hidden_act']}' in {source} "
+                              "(phiforge implements gelu_new)")
     if c["tie_word_embeddings"]:
-        raise CheckpointError("tie_word_embeddings=true in HF config is not supported (Phi-2 has an untied lm_head)")
+        raise CheckpointError(f"tie_word_embeddings=true in {source} is not supported "
+                              "(Phi-2 has an untied lm_head)")
     if c["rope_scaling"] is not None:
-        raise CheckpointError(f"rope_scaling {c['rope_scaling']} in HF config is not supported (only plain RoPE)")
-    heads = c["num_attention_heads"]
-    if c.get("head_dim") not in (None, c["hidden_size"] // max(heads, 1)):
-        raise CheckpointError(f"head_dim {c['head_dim']} != hidden_size / num_attention_heads is not supported")
+        raise CheckpointError(f"rope_scaling {c['rope_scaling']} in {source} is not supported (only plain RoPE)")
     vocab = c["vocab_size"]
+    ours = {ours: c[theirs] for ours, theirs in _TO_HF.items()}
+    # keep the vocab exactly as stored: the embedding must match the file row for row
+    ours["pad_vocab_multiple"] = 64 if isinstance(vocab, int) and vocab % 64 == 0 else 1
     try:
-        return Phi2Config(
-            **{ours: c[theirs] for ours, theirs in _TO_HF.items()},
-            # keep the vocab exactly as stored: the embedding must match the file row for row
-            pad_vocab_multiple=64 if isinstance(vocab, int) and vocab % 64 == 0 else 1,
-        )
-    except (ConfigError, TypeError, ZeroDivisionError) as e:
-        raise CheckpointError(f"unusable HF config: {e}") from None
+        cfg = Phi2Config.from_dict(ours)
+    except BadValue as e:
+        raise CheckpointError(f"bad value in {source}: '{_TO_HF.get(e.key, e.key)}' {e.problem}") from None
+    except ConfigError as e:
+        raise CheckpointError(f"unusable {source}: {e}") from None
+    if c.get("head_dim") not in (None, cfg.head_dim):
+        raise CheckpointError(f"head_dim {c['head_dim']!r} in {source} is not hidden_size / num_attention_heads "
+                              f"({cfg.head_dim}); that is not supported")
+    return cfg
 
 
 def hf_unrepresentable(model_config: dict, cls: type = Phi2Config) -> list[str]:
@@ -202,7 +208,7 @@ def read_hf_config(src_dir: Path) -> dict:
 def convert_from_hf(src_dir: Path, out_dir: Path, **save_kwargs) -> dict:
     """HF PhiForCausalLM directory -> phiforge checkpoint (same dtype, tokenizer files carried over)."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    cfg = config_from_hf(read_hf_config(src_dir))
+    cfg = config_from_hf(read_hf_config(src_dir), source=str(src_dir / "config.json"))
     if not any(src_dir.glob("*.safetensors")) and any(src_dir.glob("*.bin")):
         raise CheckpointError(f"{src_dir} has only PyTorch .bin weights; phiforge reads safetensors "
                               "(re-save with save_pretrained(..., safe_serialization=True))")

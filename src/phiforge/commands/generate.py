@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from phiforge.errors import PhiforgeError
 
 
@@ -13,32 +11,49 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint (temperature 0 is greedy)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (uses its latest)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    add_sampling_args(p, max_new_tokens=100, temperature=0.8)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run)
 
 
+def add_sampling_args(p, max_new_tokens: int, temperature: float) -> None:
+    """--max-new-tokens, --temperature, --top-k, --top-p (checked by phiforge.generate.check_sampling)."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"default {max_new_tokens}; clamped to the model's context after the prompt")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"0 is greedy (default {temperature}); must be finite and not negative")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample from the k likeliest tokens (at least 1; clamped to the vocabulary)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much mass, in (0, 1]")
+
+
+def fit_sampling(args, prompt_len: int, cfg) -> None:
+    """Clamp args.max_new_tokens and args.top_k to the model, with a note on stderr for each clamp."""
+    from phiforge.generate import fit_to_model
+
+    args.max_new_tokens, args.top_k, notes = fit_to_model(prompt_len, args.max_new_tokens, args.top_k, cfg)
+    for note in notes:
+        print(f"phiforge: note: {note}", file=sys.stderr)
+
+
 def run(args) -> int:
+    import torch
+
     from phiforge.checkpoint import load_checkpoint, resolve_checkpoint
-    from phiforge.generate import generate
+    from phiforge.generate import check_sampling, generate
     from phiforge.tokenizer import eot_id, load_tokenizer
     from phiforge.train.distributed import resolve_device
 
     if not args.prompt.strip():
         raise PhiforgeError("empty prompt: give some text with --prompt")
-    if args.max_new_tokens < 1:
-        raise PhiforgeError("--max-new-tokens must be at least 1")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     ckpt = resolve_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
     model = load_checkpoint(ckpt, device=device)
     tok = load_tokenizer(ckpt)
     ids = tok.encode(args.prompt).ids
-    if len(ids) >= model.cfg.max_seq_len:
-        raise PhiforgeError(f"prompt is {len(ids)} tokens; the model's context is {model.cfg.max_seq_len}")
+    fit_sampling(args, len(ids), model.cfg)
     idx = torch.tensor([ids], device=device)
     new: list[int] = []
     printed = ""

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from phiforge.commands import add_config_args, load_command_config
+from phiforge.commands.generate import add_sampling_args, fit_sampling
 from phiforge.errors import PhiforgeError
 
 
@@ -31,10 +32,7 @@ def register(sub) -> None:
     g.add_argument("--checkpoint", required=True, help="vision checkpoint directory, or a run directory")
     g.add_argument("--image", required=True, help="image file (or .npy/.safetensors features for a features encoder)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
+    add_sampling_args(g, max_new_tokens=32, temperature=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default="auto")
     g.set_defaults(func=run_generate)
@@ -87,23 +85,21 @@ def _load(checkpoint: str, device_name: str):
 def run_generate(args) -> int:
     import torch
 
-    from phiforge.generate import generate
+    from phiforge.generate import check_sampling, generate
     from phiforge.tokenizer import eot_id
     from phiforge.vision.data import prompt_ids
     from phiforge.vision.encoders import load_visual
 
     if not args.prompt.strip():
         raise PhiforgeError("empty prompt: give a question with --prompt")
-    if args.max_new_tokens < 1:
-        raise PhiforgeError("--max-new-tokens must be at least 1")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     model, tok, device = _load(args.checkpoint, args.device)
     try:
         visual = load_visual(Path(args.image), model.vcfg.encoder)
     except FileNotFoundError:
         raise PhiforgeError(f"image not found: {args.image}") from None
     ids = prompt_ids(tok, args.prompt)
-    if len(ids) >= model.lm.cfg.max_seq_len:
-        raise PhiforgeError(f"prompt is {len(ids)} tokens; the model's context is {model.lm.cfg.max_seq_len}")
+    fit_sampling(args, len(ids), model.lm.cfg)
     with torch.no_grad():
         context = model.encode(visual[None].to(device))
     eot = eot_id(tok)

@@ -52,21 +52,23 @@ class MoEConfig:
     bias_update_rate: float = 1e-3  # gamma: bias += gamma * sign(mean_load - load_i) after each optimizer step
 
     def __post_init__(self):
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ConfigError(f"moe.{msg}")
+        from phiforge.config import check_fields, check_range
 
-        need(self.num_experts >= 1, f"num_experts must be at least 1, got {self.num_experts}")
-        need(1 <= self.top_k <= self.num_experts, f"top_k must be in 1..num_experts ({self.num_experts}), got {self.top_k}")
-        need(self.expert_hidden is None or self.expert_hidden >= 1, f"expert_hidden must be at least 1, got {self.expert_hidden}")
-        need(self.every >= 1, f"every must be at least 1, got {self.every}")
-        need(self.position in POSITIONS, f"position must be one of {', '.join(POSITIONS)}, got '{self.position}'")
-        need(self.router in ROUTERS, f"router must be one of {', '.join(ROUTERS)}, got '{self.router}'")
-        need(self.shared_experts >= 0, f"shared_experts must be 0 or more, got {self.shared_experts}")
+        check_fields(self)  # types, also for a MoEConfig built in Python
+        check_range("num_experts", self.num_experts, 1)
+        check_range("top_k", self.top_k, 1, self.num_experts, note=" (1 to num_experts)")
+        if self.expert_hidden is not None:
+            check_range("expert_hidden", self.expert_hidden, 1, note=" (or null: intermediate_size // top_k)")
+        check_range("every", self.every, 1)
+        check_range("shared_experts", self.shared_experts, 0)
+        if self.position not in POSITIONS:
+            raise ConfigError(f"moe.position must be one of {', '.join(POSITIONS)}, got '{self.position}'")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"moe.router must be one of {', '.join(ROUTERS)}, got '{self.router}'")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-            need(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
-        need(self.capacity_factor is None or self.capacity_factor > 0,
-             f"capacity_factor must be positive or null (dropless), got {self.capacity_factor}")
+            check_range(name, getattr(self, name), 0.0)
+        if self.capacity_factor is not None:
+            check_range("capacity_factor", self.capacity_factor, 0.0, lo_open=True, note=" (or null: dropless)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEConfig":

@@ -10,13 +10,14 @@ Linear (rows ordered [q; k; v]) so a single matmul serves all three; the HF conv
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from phiforge.config import check_fields, check_range, from_dict
 from phiforge.errors import ConfigError
 from phiforge.model.fused import cross_entropy, linear_cross_entropy
 from phiforge.model.init import ONES, ZEROS, Init, init_weights_, on_meta, random_seed
@@ -46,8 +47,18 @@ class Phi2Config:
     xattn: XAttnConfig | None = None  # gated cross-attention to context tokens (model/xattn.py, docs/vision.md)
 
     def __post_init__(self):
+        check_fields(self)  # types first (also for configs built in Python), so the checks below see numbers
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "intermediate_size", "max_seq_len",
+                     "pad_vocab_multiple"):
+            check_range(name, getattr(self, name), 1)
+        check_range("rotary_pct", self.rotary_pct, 0.0, 1.0)
+        check_range("rope_theta", self.rope_theta, 0.0, lo_open=True)
+        check_range("layer_norm_eps", self.layer_norm_eps, 0.0, lo_open=True)
+        check_range("init_std", self.init_std, 0.0)
+        for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
+            check_range(name, getattr(self, name), 0.0, 1.0, hi_open=True)
         m = self.pad_vocab_multiple
         if m > 1 and self.vocab_size % m:
             self.vocab_size = (self.vocab_size + m - 1) // m * m
@@ -57,10 +68,6 @@ class Phi2Config:
             raise ConfigError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.rotary_dim % 2:
             raise ConfigError(f"rotary dim {self.rotary_dim} (head_dim x rotary_pct) must be even")
-        if isinstance(self.xattn, dict):  # from config.json or a YAML `model:` section
-            self.xattn = XAttnConfig.from_dict(self.xattn)
-        if isinstance(self.moe, dict):  # from config.json or a YAML `model:` section
-            self.moe = MoEConfig.from_dict(self.moe)
         if self.moe is not None and self.moe.expert_hidden is None:  # equal active FLOPs to the dense MLP
             self.moe = replace(self.moe, expert_hidden=max(1, self.intermediate_size // self.moe.top_k))
 
@@ -76,18 +83,13 @@ class Phi2Config:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Phi2Config":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config key(s): {', '.join(unknown)}")
-        return cls(**d)
+    def from_dict(cls, d: dict, prefix: str = "") -> "Phi2Config":
+        """Strict: unknown keys, wrong types and values out of range raise ConfigError naming prefix + key."""
+        return from_dict(cls, d, prefix=prefix)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "Phi2Config":
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset '{name}' (choose from: {', '.join(PRESETS)})")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        return cls.from_dict({**preset_values(name), **overrides})
 
 
 PRESETS: dict[str, dict] = {
@@ -102,6 +104,13 @@ PRESETS: dict[str, dict] = {
     "small": dict(n_layer=4, n_embd=128, n_head=4, intermediate_size=512, max_seq_len=512),
     "base": dict(n_layer=12, n_embd=640, n_head=10, intermediate_size=2560, rotary_pct=0.5, max_seq_len=1024),
 }
+
+
+def preset_values(name: str) -> dict:
+    """The Phi2Config values of preset `name` (the fields it sets; the rest keep their defaults)."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}' (choose from: {', '.join(PRESETS)})")
+    return dict(PRESETS[name])
 
 
 # ---------------------------------------------------------------------------------------------

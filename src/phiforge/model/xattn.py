@@ -11,12 +11,13 @@ sequence and kept in the KVCache (`cache.context_kv`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from phiforge.config import check_fields, check_range, from_dict
 from phiforge.errors import ConfigError
 
 
@@ -29,21 +30,22 @@ class XAttnConfig:
     gate_init: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.every, int) or self.every < 1:
-            raise ConfigError(f"xattn.every must be a positive integer, got {self.every!r}")
-        if not isinstance(self.ff, (bool, int, float)) or (not isinstance(self.ff, bool) and self.ff <= 0):
-            raise ConfigError(f"xattn.ff must be true, false or a positive width multiple, got {self.ff!r}")
+        check_fields(self)
+        check_range("every", self.every, 1)
+        for name in ("context_dim", "heads"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), 1)
+        if not isinstance(self.ff, bool):
+            check_range("ff", self.ff, 0.0, lo_open=True, note=" (or true / false)")
+        check_range("gate_init", self.gate_init)
 
     @property
     def ff_mult(self) -> float:
         return 4.0 if self.ff is True else float(self.ff)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "XAttnConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown xattn config key(s): {', '.join(unknown)}")
-        return cls(**d)
+    def from_dict(cls, d: dict, prefix: str = "xattn.") -> "XAttnConfig":
+        return from_dict(cls, d, prefix=prefix)  # strict keys and types, errors name the key
 
 
 def feed_forward(dim: int, hidden: int) -> nn.Sequential:

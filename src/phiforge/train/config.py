@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from phiforge.config import BadValue, check_range, normalized
 from phiforge.errors import ConfigError
 from phiforge.model import Phi2Config
+from phiforge.model.phi2 import preset_values
 
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-true")
@@ -23,6 +25,7 @@ class DataConfig:
     mixture: str | dict | None = None
 
     def __post_init__(self):
+        check_range("seq_len", self.seq_len, 1)
         if isinstance(self.mixture, str):
             if self.mixture.lower() in ("none", "null", ""):
                 self.mixture = None
@@ -43,6 +46,17 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | linear | wsd | constant
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def __post_init__(self):
+        check_range("lr", self.lr, 0.0, lo_open=True)
+        check_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_range("weight_decay", self.weight_decay, 0.0)
+        check_range("beta1", self.beta1, 0.0, 1.0, hi_open=True)
+        check_range("beta2", self.beta2, 0.0, 1.0, hi_open=True)
+        check_range("eps", self.eps, 0.0, lo_open=True)
+        check_range("warmup_steps", self.warmup_steps, 0)
+        check_range("decay_fraction", self.decay_fraction, 0.0, 1.0)
+        check_range("grad_clip", self.grad_clip, 0.0, note=" (0 disables clipping)")
 
 
 @dataclass
@@ -69,8 +83,8 @@ class ParallelConfig:
                               f"got '{self.activation_checkpointing}'")
         if self.ac_policy not in ("layer", "op"):
             raise ConfigError(f"parallel.ac_policy must be layer or op, got '{self.ac_policy}'")
-        if self.ac_every < 1 or self.hsdp_replicate < 0:
-            raise ConfigError("parallel.ac_every must be at least 1 and parallel.hsdp_replicate 0 or more")
+        check_range("ac_every", self.ac_every, 1)
+        check_range("hsdp_replicate", self.hsdp_replicate, 0, note=" (0: one replica group per node)")
 
 
 @dataclass
@@ -110,27 +124,36 @@ class TrainConfig:
             raise ConfigError(f"optim.schedule must be cosine, linear, wsd or constant, got '{self.optim.schedule}'")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
-        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_batches", "log_interval",
-                     "max_bad_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
-        if self.eval_interval < 1:
-            raise ConfigError("eval_interval must be at least 1")
-        if self.save_interval < 0 or self.keep_checkpoints < 0:
-            raise ConfigError("save_interval and keep_checkpoints must be 0 or more")
-        if self.loss_chunk_rows < 0:
-            raise ConfigError(f"loss_chunk_rows must be 0 (off) or a positive row count, got {self.loss_chunk_rows}")
+        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_batches",
+                     "log_interval", "max_bad_steps"):
+            check_range(name, getattr(self, name), 1)
+        check_range("save_interval", self.save_interval, 0, note=" (0: only at the end)")
+        check_range("keep_checkpoints", self.keep_checkpoints, 0, note=" (0 keeps all)")
+        check_range("threads", self.threads, 0, note=" (0 keeps torch's default)")
+        check_range("mfu_peak_tflops", self.mfu_peak_tflops, 0.0, note=" (0 looks the GPU up)")
+        check_range("loss_chunk_rows", self.loss_chunk_rows, 0, note=" (0: the plain head)")
         if not self.resume:
             raise ConfigError("resume must be none, auto or a checkpoint path")
+        self.model = checked_model_spec(self.model)
 
     def model_config(self) -> Phi2Config:
         return model_config_from_spec(self.model)
 
 
-def model_config_from_spec(spec: dict) -> Phi2Config:
-    """A `model:` config section (optional `preset` + Phi2Config overrides) as a Phi2Config."""
+def model_config_from_spec(spec: dict, prefix: str = "model.") -> Phi2Config:
+    """A `model:` config section (optional `preset` + Phi2Config overrides) as a Phi2Config; errors name
+    prefix + key."""
     spec = dict(spec)
     preset = spec.pop("preset", None)
-    if preset is None:
-        return Phi2Config.from_dict(spec)
-    return Phi2Config.from_preset(preset, **spec)
+    base = preset_values(preset) if preset is not None else {}
+    return Phi2Config.from_dict({**base, **spec}, prefix=prefix)
+
+
+def checked_model_spec(spec: dict, prefix: str = "model.") -> dict:
+    """A `model:` section validated as a whole (keys, types, ranges) and returned in its own shape (preset +
+    overrides, values coerced), so a config that loads is one that builds and --print-config prints it back."""
+    if not isinstance(spec, dict):
+        raise BadValue(prefix.rstrip("."), f"must be a mapping, got {spec!r}")
+    model_config_from_spec(spec, prefix)
+    rest = {k: v for k, v in spec.items() if k != "preset"}
+    return {**({"preset": spec["preset"]} if "preset" in spec else {}), **normalized(Phi2Config, rest, prefix)}

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from phiforge.config import check_range
 from phiforge.errors import ConfigError
-from phiforge.train.config import OptimConfig, ParallelConfig
+from phiforge.train.config import OptimConfig, ParallelConfig, checked_model_spec
 
 ENCODERS = ("conv", "timm", "hf", "features")
 PROJECTORS = ("mlp", "resampler")
@@ -30,6 +31,8 @@ class EncoderConfig:
             raise ConfigError(f"vision.encoder.type must be one of {', '.join(ENCODERS)}, got '{self.type}'")
         if self.type == "hf" and not self.path and self.hf_config is None:
             raise ConfigError("vision.encoder.type hf needs vision.encoder.path (a local CLIP/SigLIP directory)")
+        check_range("image_size", self.image_size, 1)
+        check_range("dim", self.dim, 1)
 
 
 @dataclass
@@ -42,6 +45,8 @@ class ProjectorConfig:
     def __post_init__(self):
         if self.type not in PROJECTORS:
             raise ConfigError(f"vision.projector.type must be one of {', '.join(PROJECTORS)}, got '{self.type}'")
+        for name in ("num_tokens", "depth", "heads"):
+            check_range(name, getattr(self, name), 1)
 
 
 @dataclass
@@ -57,6 +62,9 @@ class VisionDataConfig:
     image_dir: str | None = None  # where `image` paths are resolved; None: the JSON file's directory
     max_len: int = 128  # tokens per conversation; longer ones are truncated
 
+    def __post_init__(self):
+        check_range("max_len", self.max_len, 2)
+
 
 STAGE_DEFAULTS = {"stage1": ["projector", "xattn"], "stage2": ["projector", "xattn", "lm"]}
 
@@ -69,6 +77,9 @@ class StageConfig:
     train: list[str] | None = None  # parts of PARTS to train; None: STAGE_DEFAULTS
 
     def __post_init__(self):
+        check_range("steps", self.steps, 0, note=" (0 skips the stage)")
+        check_range("lr", self.lr, 0.0, lo_open=True)
+        check_range("warmup_steps", self.warmup_steps, 0)
         bad = sorted(set(self.train or []) - set(PARTS))
         if bad:
             raise ConfigError(f"unknown part(s) to train: {', '.join(bad)} (choose from {', '.join(PARTS)})")
@@ -114,12 +125,14 @@ class FinetuneConfig:
         if self.precision not in ("auto", "fp32", "bf16-mixed"):
             raise ConfigError(f"precision must be auto, fp32 or bf16-mixed, got '{self.precision}'")
         for name in ("micro_batch_size", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
-        if self.save_interval < 0 or self.keep_checkpoints < 0:
-            raise ConfigError("save_interval and keep_checkpoints must be 0 or more")
+            check_range(name, getattr(self, name), 1)
+        check_range("save_interval", self.save_interval, 0, note=" (0: only at the end of each stage)")
+        check_range("keep_checkpoints", self.keep_checkpoints, 0, note=" (0 keeps all)")
+        check_range("threads", self.threads, 0, note=" (0 keeps torch's default)")
         if not self.resume:
             raise ConfigError("resume must be none, auto or a checkpoint path")
         if self.parallel.strategy not in ("auto", "none", "ddp"):
             raise ConfigError(f"parallel.strategy for the vision fine-tune must be auto, none or ddp "
                               f"(no FSDP yet), got '{self.parallel.strategy}'")
+        # build_vision_model adds xattn: {} when it is not given; XAttnConfig's defaults always pass
+        self.model = checked_model_spec(self.model)
