@@ -18,7 +18,7 @@ from phiforge.model import Phi2, Phi2Config
 from phiforge.tokenizer import EOT, builtin_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = "It is a truth universally acknowledged,  that a   single man<|endoftext|>\n\nCaptain Ahab 1851 — ünïcödé 日本"
+TEXT = "It is a truth universally acknowledged,  that a   single man<|endoftext|>\n\nAhab 1851 — ünïcödé 日本"
 
 
 def tiny_checkpoint(path: Path, tokenizer_dir: Path | None = None, **overrides) -> Path:
@@ -107,7 +107,8 @@ def test_rope_theta_warning_and_model_card(capsys, tmp_path):
     code, _, err = run_cli(capsys, "convert", "to-hf", theta, tmp_path / "hf2")
     assert code == 0
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("phiforge: warning: rope_theta is 500000") and "llama.cpp" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("phiforge: warning: rope_theta is 500000")
+    assert "llama.cpp" in lines[0]
     assert "llama.cpp" in (tmp_path / "hf2" / "README.md").read_text()
 
 

@@ -86,7 +86,8 @@ def test_foreign_dir_is_refused_untouched_then_overwrite_replaces(capsys, tmp_pa
     code, _, err = run_cli(capsys, *argv, "--overwrite")
     assert code == 0, err
     assert not (out / "notes.txt").exists() and not (out / "sub").exists()
-    assert output_kind(out) == {"to-hf": "hf", "to-litgpt": "litgpt", "vision-synth": "vision-synth"}.get(name, "model")
+    kinds = {"to-hf": "hf", "to-litgpt": "litgpt", "vision-synth": "vision-synth"}
+    assert output_kind(out) == kinds.get(name, "model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
     (out / "stale.txt").write_text("from the earlier output")  # an earlier output of the same kind: replaced

@@ -78,7 +78,7 @@ def _names_in(d: Path, names=(), suffixes=(), tokenizer: bool = False, weights: 
 
 # Outputs written before the marker existed, recognised by their files so earlier users are not locked out.
 
-def _old_model(d: Path) -> bool:
+def _old_model(d: Path) -> bool:  # "phiforge": phiforge.checkpoint.FORMAT (not imported: it needs torch)
     return _json(d / "config.json").get("format") == "phiforge" and \
         _names_in(d, ["config.json"], tokenizer=True, weights=True)
 
@@ -109,7 +109,9 @@ def _old_study_report(d: Path) -> bool:  # other files beside a report are kept:
 
 
 def _old_dataset(d: Path) -> bool:
-    return _json(d / "index.json").get("format") == "phiforge-tokens"  # phiforge.data.shards.FORMAT
+    from phiforge.data.shards import FORMAT, INDEX
+
+    return _json(d / INDEX).get("format") == FORMAT
 
 
 # kind -> (what it is, in words; recogniser of an unmarked earlier output)
@@ -146,8 +148,16 @@ def _relation(a: Path, b: Path) -> str | None:
     return None
 
 
+def _home() -> Path | None:
+    try:
+        return Path("~").expanduser().resolve()
+    except RuntimeError:  # no home directory can be determined
+        return None
+
+
 def claim_output_dir(out: Path, kind: str, inputs=(), overwrite: bool = False,
-                     overwrite_hint: str = "pass --overwrite to replace it (deleting what it holds)") -> Path:
+                     overwrite_hint: str = "pass --overwrite to replace it (deleting what it holds) or choose "
+                                           "another path") -> Path:
     """Check that `out` may be written as an output of `kind` (see the rule above); return its resolved path.
 
     Raises PhiforgeError, having touched nothing, when it may not. `inputs`: paths the command reads."""
@@ -161,13 +171,12 @@ def claim_output_dir(out: Path, kind: str, inputs=(), overwrite: bool = False,
             continue
         rel = _relation(real, Path(inp).expanduser().resolve())
         if rel:
-            raise PhiforgeError(f"output {out} {rel} the input {inp}; writing it would destroy what is being read "
-                                "(refused even with --overwrite): choose an output outside it")
-    for name, protected in (("the working directory", Path.cwd()), ("your home directory", Path("~").expanduser())):
-        protected = protected.resolve()
-        if protected.is_relative_to(real):
-            raise PhiforgeError(f"output {out} {'is' if protected == real else 'contains'} {name}; "
-                                "refused even with --overwrite: choose a directory of its own")
+            raise PhiforgeError(f"output {out} {rel} the input {inp}; choose an output outside it (refused even "
+                                "with --overwrite)")
+    for name, protected in (("the working directory", Path.cwd().resolve()), ("your home directory", _home())):
+        if protected is not None and protected.is_relative_to(real):
+            raise PhiforgeError(f"output {out} {'is' if protected == real else 'contains'} {name}; choose a "
+                                "directory of its own (refused even with --overwrite)")
     if not real.exists():
         return real
     if not real.is_dir():
@@ -177,9 +186,8 @@ def claim_output_dir(out: Path, kind: str, inputs=(), overwrite: bool = False,
         return real
     found = output_kind(real)
     if found is not None and found in OUTPUT_KINDS:
-        raise PhiforgeError(f"{out} holds {OUTPUT_KINDS[found][0]}, not {what}; {overwrite_hint}, "
-                            "or choose another path")
-    raise PhiforgeError(f"{out} is not empty and is not {what}; {overwrite_hint}, or choose another path")
+        raise PhiforgeError(f"{out} holds {OUTPUT_KINDS[found][0]}, not {what}; {overwrite_hint}")
+    raise PhiforgeError(f"{out} is not empty and is not {what}; {overwrite_hint}")
 
 
 def write_marker(d: Path, kind: str) -> None:

@@ -56,7 +56,7 @@ from phiforge import __version__
 from phiforge.data.dedup import Deduper, content_hash, minhash_signature
 from phiforge.data.gutenberg import CLEANER_VERSION, clean_book, decode_with_encoding, header_title
 from phiforge.data.report import Report
-from phiforge.data.shards import DEFAULT_SHARD_TOKENS, FORMAT, INDEX, DatasetWriter
+from phiforge.data.shards import DEFAULT_SHARD_TOKENS, DatasetWriter
 from phiforge.data.sources import RawDoc, Skip, Source
 from phiforge.errors import DataError
 from phiforge.fileio import write_json_atomic

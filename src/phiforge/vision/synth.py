@@ -85,7 +85,8 @@ def make_example(rng: random.Random, size: int):
     return img, facts, turns
 
 
-def synthesize(out: Path, n: int, seed: int = 0, heldout: float = 0.1, size: int = 64, overwrite: bool = False) -> dict:
+def synthesize(out: Path, n: int, seed: int = 0, heldout: float = 0.1, size: int = 64,
+               overwrite: bool = False) -> dict:
     """Write OUT/images/*.png, OUT/train.json, OUT/heldout.json and OUT/info.json; returns the info.
     OUT must be new, empty or an earlier synth output (else `overwrite`); it is replaced whole at the end."""
     if n < 2:
