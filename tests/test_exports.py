@@ -112,17 +112,6 @@ def test_rope_theta_warning_and_model_card(capsys, tmp_path):
     assert "llama.cpp" in (tmp_path / "hf2" / "README.md").read_text()
 
 
-def test_model_card_says_how_the_model_was_trained(capsys, tmp_path):
-    from engine_helpers import make_synthetic, run_train
-
-    data = make_synthetic(tmp_path / "data", train_docs=6, val_docs=2, doc_len=200)
-    run_train(1, data, tmp_path / "run", "max_steps=3", "save_interval=0", "eval_interval=3")
-    assert run_cli(capsys, "convert", "to-hf", tmp_path / "run", tmp_path / "hf")[0] == 0
-    card = (tmp_path / "hf" / "README.md").read_text()
-    assert "trained with `phiforge train` for 3 steps (384 tokens)" in card  # 3 steps x 4 x 32 tokens
-    assert f"data: `{data}`, sequences of 32 tokens" in card and "lr 0.003" in card
-
-
 # ---------------------------------------------------------------------------------------------- vision eval
 
 @pytest.fixture(scope="module")
@@ -163,6 +152,12 @@ def test_vision_eval_counts_unusable_images_and_fails_when_none_is_left(capsys, 
     code, out, err = run_cli(capsys, "vision", "eval", "--checkpoint", ckpt, "--data", tmp_path / "heldout.json")
     assert_one_line_error(code, err, "none of its 4 record(s) is usable", "missing_image 3", "unreadable_image 1")
     assert "questions" not in out
+
+    answers_first = [{**records[0], "conversations": records[0]["conversations"][1::-1]}]  # gpt, then human
+    (tmp_path / "odd.json").write_text(json.dumps(answers_first))
+    code, _, err = run_cli(capsys, "vision", "eval", "--checkpoint", ckpt, "--data", tmp_path / "odd.json",
+                           "--image-dir", synth)
+    assert_one_line_error(code, err, "no question/answer pairs", "1 usable record(s)")
 
 
 # ---------------------------------------------------------------------------------------------- item 15

@@ -149,6 +149,14 @@ def test_output_inside_or_around_the_input_is_refused_and_the_run_still_resumes(
     assert metrics(run)[-1]["event"] == "end" and (run / "latest").read_text().strip() == "step-00000006"
 
 
+def test_model_card_says_how_the_model_was_trained(capsys, tmp_path, srcs):
+    """Item 13: the to-hf model card reads the checkpoint's `train` record and the run's config.yaml."""
+    assert run_cli(capsys, "convert", "to-hf", srcs["run"], tmp_path / "hf")[0] == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "trained with `phiforge train` for 4 steps (512 tokens)" in card  # 4 steps x 4 x 32 tokens
+    assert f"data: `{srcs['data']}`, sequences of 32 tokens" in card and "lr 0.003" in card
+
+
 def test_claim_rule_in_the_library(tmp_path, monkeypatch):
     """Protected paths and files; library callers (save_checkpoint) follow the same rule."""
     monkeypatch.chdir(tmp_path)
