@@ -10,8 +10,6 @@ Loading only reads JSON and safetensors, so it never unpickles arbitrary objects
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from phiforge.errors import CheckpointError, ConfigError
-from phiforge.fileio import write_json_atomic
+from phiforge.fileio import output_dir, write_json_atomic
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
 
@@ -189,36 +187,15 @@ def read_config(ckpt_dir: Path) -> Phi2Config:
         raise CheckpointError(f"bad model config in {ckpt_dir / 'config.json'}: {e}") from None
 
 
-@contextmanager
-def atomic_dir(out_dir: Path):
-    """Yield OUT.tmp to write into, then swap it in for OUT, so a crash never leaves a half-written directory
-    (nor stale files, e.g. old shards, from a previous OUT)."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def save_checkpoint(model: Phi2, out_dir: Path, tokenizer_dir: Path | None = None, extra: dict | None = None,
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """Write a complete checkpoint directory. Writes into OUT.tmp then renames, so a crash leaves no half checkpoint.
+                    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
+                    inputs=(), overwrite: bool = False, kind: str = "model") -> Path:
+    """Write a complete checkpoint directory through fileio.output_dir: OUT must be new, empty or an earlier
+    checkpoint (else `overwrite`), never one of `inputs`; a crash leaves no half checkpoint.
 
     `extra_weights` maps file names to state dicts saved beside the model's (e.g. vision.safetensors)."""
-    with atomic_dir(out_dir) as tmp:
+    with output_dir(out_dir, kind, inputs=[*inputs, tokenizer_dir], overwrite=overwrite) as tmp:
         write_model_files(tmp, model.state_dict(), model.cfg, tokenizer_dir=tokenizer_dir, extra=extra,
                           max_shard_bytes=max_shard_bytes, extra_weights=extra_weights)
     return Path(out_dir)
@@ -229,7 +206,7 @@ def write_model_files(out_dir: Path, state: dict[str, torch.Tensor], cfg: Phi2Co
                       max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                       extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
     """Write weights (and any extra weight files), tokenizer and config.json (last) into an existing directory;
-    not atomic by itself (save_checkpoint wraps it in atomic_dir; the training engine writes into its own
+    not atomic by itself (save_checkpoint wraps it in fileio.output_dir; the training engine writes into its own
     step-N.tmp)."""
     from phiforge.tokenizer import save_tokenizer_files
 

@@ -15,17 +15,16 @@ import torch
 
 from phiforge.checkpoint import (
     _read_json,
-    atomic_dir,
     check_state_dict,
     load_state_dict,
     read_config,
     resolve_checkpoint,
     save_checkpoint,
     save_state_dict,
-    write_json_atomic,
 )
 from phiforge.config import BadValue
 from phiforge.errors import CheckpointError, ConfigError
+from phiforge.fileio import claim_output_dir, output_dir, write_json_atomic
 from phiforge.model import Phi2, Phi2Config
 from phiforge.tokenizer import EOT_ID, save_tokenizer_files
 
@@ -178,13 +177,13 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: Phi2Config) -> dict[str
 
 
 def _files(d: Path) -> list[str]:
-    return sorted(p.name for p in d.iterdir() if p.is_file())
+    return sorted(p.name for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def _summary(state: dict[str, torch.Tensor], out: Path) -> dict:
+def _summary(state: dict[str, torch.Tensor], out: Path, warnings: list[str] | None = None) -> dict:
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})
     return {"params": sum(v.numel() for v in state.values()), "dtype": ", ".join(dtypes), "out": str(out),
-            "files": _files(out)}
+            "files": _files(out), "warnings": warnings or []}
 
 
 def read_hf_config(src_dir: Path) -> dict:
@@ -205,9 +204,10 @@ def read_hf_config(src_dir: Path) -> dict:
     return hf
 
 
-def convert_from_hf(src_dir: Path, out_dir: Path, **save_kwargs) -> dict:
+def convert_from_hf(src_dir: Path, out_dir: Path, overwrite: bool = False, **save_kwargs) -> dict:
     """HF PhiForCausalLM directory -> phiforge checkpoint (same dtype, tokenizer files carried over)."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
+    claim_output_dir(out_dir, "model", [src_dir], overwrite)
     cfg = config_from_hf(read_hf_config(src_dir), source=str(src_dir / "config.json"))
     if not any(src_dir.glob("*.safetensors")) and any(src_dir.glob("*.bin")):
         raise CheckpointError(f"{src_dir} has only PyTorch .bin weights; phiforge reads safetensors "
@@ -218,21 +218,22 @@ def convert_from_hf(src_dir: Path, out_dir: Path, **save_kwargs) -> dict:
     # Check against HF names first so errors name the keys that are actually in the user's files.
     check_state_dict(state_dict_to_hf(model.state_dict(), cfg), hf_state, str(src_dir))
     model.load_state_dict(state_dict_from_hf(hf_state, cfg), strict=True, assign=True)
-    save_checkpoint(model, out_dir, tokenizer_dir=src_dir, **save_kwargs)
+    save_checkpoint(model, out_dir, tokenizer_dir=src_dir, inputs=[src_dir], overwrite=overwrite, **save_kwargs)
     return _summary(model.state_dict(), out_dir)
 
 
 def convert_to_hf(src_dir: Path, out_dir: Path, dtype: str | None = None,
-                  max_shard_bytes: int = HF_SHARD_BYTES) -> dict:
-    """phiforge checkpoint -> directory that PhiForCausalLM / AutoTokenizer.from_pretrained load."""
+                  max_shard_bytes: int = HF_SHARD_BYTES, overwrite: bool = False) -> dict:
+    """phiforge checkpoint -> directory that PhiForCausalLM / AutoTokenizer.from_pretrained (fast and slow) load,
+    with a model card. The summary's "warnings" name what other tools will get wrong."""
+    given = Path(src_dir)
     src_dir, out_dir = resolve_checkpoint(src_dir), Path(out_dir)
+    claim_output_dir(out_dir, "hf", [given, src_dir], overwrite)
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype '{dtype}' (choose from: {', '.join(DTYPES)})")
-    if out_dir.resolve() == src_dir.resolve():
-        raise CheckpointError("output directory must differ from the source checkpoint")
     # Check the raw dict before read_config, which would reject keys it does not know with a less useful message.
-    raw = _read_json(src_dir / "config.json", "checkpoint config")
-    raw = raw.get("model") if isinstance(raw, dict) else None
+    meta = _read_json(src_dir / "config.json", "checkpoint config")
+    raw = meta.get("model") if isinstance(meta, dict) else None
     bad = hf_unrepresentable(raw) if isinstance(raw, dict) else []
     if bad:
         raise CheckpointError(f"model config field(s) {', '.join(bad)} in {src_dir} cannot be represented in a "
@@ -245,10 +246,118 @@ def convert_to_hf(src_dir: Path, out_dir: Path, dtype: str | None = None,
         state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
     torch_dtype = str(state["lm_head.weight"].dtype).removeprefix("torch.")
     hf_config = config_to_hf(cfg, torch_dtype=torch_dtype)
-    with atomic_dir(out_dir) as tmp:
+    warnings = []
+    if cfg.rope_theta != 10000:
+        warnings.append(f"rope_theta is {cfg.rope_theta:g}: llama.cpp's Phi-2 GGUF converter ignores rope_theta "
+                        "(it uses 10000), so a GGUF made from this export computes other logits; transformers "
+                        "reads it correctly")
+    with output_dir(out_dir, "hf", [given, src_dir], overwrite) as tmp:
         save_state_dict(state_dict_to_hf(state, cfg), tmp, max_shard_bytes=max_shard_bytes)
         write_json_atomic(tmp / "config.json", hf_config)
         gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config[k] is not None}
         write_json_atomic(tmp / "generation_config.json", gen)
         save_tokenizer_files(tmp, source_dir=src_dir)
-    return _summary(state, out_dir)
+        write_hf_tokenizer_files(tmp, model_max_length=cfg.max_seq_len)
+        (tmp / "README.md").write_text(model_card(cfg, meta, src_dir, state, out_dir.name, warnings),
+                                       encoding="utf-8")
+    return _summary(state, out_dir, warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer files for transformers' slow tokenizers, and the model card
+
+
+def _byte_level(pre: dict | None) -> dict | None:
+    """The ByteLevel pre-tokenizer (GPT-2's regex split) of a tokenizer.json, alone or in a Sequence."""
+    if not isinstance(pre, dict):
+        return None
+    if pre.get("type") == "ByteLevel":
+        return pre if pre.get("use_regex", True) else None
+    if pre.get("type") == "Sequence":
+        found = [p for p in pre.get("pretokenizers", []) if isinstance(p, dict)]
+        return _byte_level(found[0]) if len(found) == 1 else None
+    return None
+
+
+def write_hf_tokenizer_files(out_dir: Path, model_max_length: int) -> None:
+    """Next to OUT/tokenizer.json: vocab.json, merges.txt (derived from it, for any GPT-2-style byte-level BPE),
+    special_tokens_map.json and the added tokens in tokenizer_config.json, so `AutoTokenizer(use_fast=False)`
+    builds the same tokenizer; model_max_length becomes the model's context."""
+    import json
+
+    out_dir = Path(out_dir)
+    tok = _read_json(out_dir / "tokenizer.json", "tokenizer")
+    tok_cfg = _read_json(out_dir / "tokenizer_config.json", "tokenizer config")
+    tok_cfg["model_max_length"] = model_max_length
+    model, pre = tok.get("model") or {}, _byte_level(tok.get("pre_tokenizer"))
+    if model.get("type") == "BPE" and pre is not None:  # other models (Unigram, WordPiece) have no GPT-2 files
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        (out_dir / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+        (out_dir / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
+        tok_cfg["add_prefix_space"] = bool(pre.get("add_prefix_space", False))
+    added = {str(t["id"]): {k: t.get(k, False) for k in ("content", "lstrip", "normalized", "rstrip", "single_word",
+                                                          "special")} for t in tok.get("added_tokens", [])}
+    tok_cfg.setdefault("added_tokens_decoder", added)
+    if not (out_dir / "special_tokens_map.json").exists():
+        special = {k: tok_cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if tok_cfg.get(k)}
+        write_json_atomic(out_dir / "special_tokens_map.json", special)
+    write_json_atomic(out_dir / "tokenizer_config.json", tok_cfg)
+
+
+def _how_trained(meta: dict, src_dir: Path) -> list[str]:
+    """What the checkpoint's config.json (and the run's config.yaml, when it sits in a run) say about its origin."""
+    import yaml
+
+    lines = []
+    train = meta.get("train") if isinstance(meta.get("train"), dict) else {}
+    if "step" in train:
+        what = f"trained with `phiforge train` for {train['step']:,} steps"
+        if isinstance(train.get("tokens"), int):
+            what += f" ({train['tokens']:,} tokens)"
+        if train.get("stage"):
+            what += f", stage {train['stage']}"
+        lines.append(what)
+    run_cfg = src_dir.parent.parent / "config.yaml"
+    if src_dir.parent.name == "checkpoints" and run_cfg.is_file():
+        try:
+            run = yaml.safe_load(run_cfg.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            run = {}
+        data, optim = run.get("data") or {}, run.get("optim") or {}
+        if isinstance(data, dict) and data.get("dir"):
+            lines.append(f"data: `{data['dir']}`, sequences of {data.get('seq_len', '?')} tokens")
+        if isinstance(optim, dict) and run.get("micro_batch_size"):
+            lines.append(f"batch {run['micro_batch_size']} x {run.get('grad_accum_steps', 1)} accumulation steps per "
+                         f"device; AdamW, lr {optim.get('lr', '?')}, {optim.get('schedule', 'cosine')} schedule, "
+                         f"{optim.get('warmup_steps', '?')} warmup steps")
+    if isinstance(meta.get("upcycled_from"), dict):
+        u = meta["upcycled_from"]
+        lines.append(f"mixture-of-experts layers added to `{u.get('src')}` by `phiforge convert upcycle` "
+                     f"(init {u.get('init')})")
+    if isinstance(meta.get("converted_from"), dict):
+        lines.append(f"converted from a {meta['converted_from'].get('format', '?')} checkpoint "
+                     f"({meta['converted_from'].get('name') or 'unnamed'})")
+    return lines or ["no training record in the checkpoint (e.g. an initial or converted model)"]
+
+
+def model_card(cfg: Phi2Config, meta: dict, src_dir: Path, state: dict, name: str, warnings: list[str]) -> str:
+    from phiforge import __version__
+
+    params = sum(v.numel() for v in state.values())
+    dtype = str(state["lm_head.weight"].dtype).removeprefix("torch.")
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [phi, phiforge]", "---",
+             "", f"# {name}", "",
+             f"A Phi-2-architecture language model (`PhiForCausalLM`), exported by phiforge {__version__} "
+             "(`phiforge convert to-hf`).", "",
+             f"- {params:,} parameters ({dtype}): {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads "
+             f"({cfg.n_kv_head} key/value), MLP {cfg.intermediate_size}, rotary {cfg.rotary_pct:g} of each head "
+             f"(theta {cfg.rope_theta:g})",
+             f"- context: {cfg.max_seq_len} tokens; vocabulary rows: {cfg.vocab_size:,}",
+             *(f"- {line}" for line in _how_trained(meta, src_dir)), "",
+             "## Use", "", "```python",
+             "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+             f'tok = AutoTokenizer.from_pretrained("{name}")',
+             f'model = AutoModelForCausalLM.from_pretrained("{name}")', "```", ""]
+    if warnings:
+        lines += ["## Notes", "", *(f"- {w}" for w in warnings), ""]
+    return "\n".join(lines)

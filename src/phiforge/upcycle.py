@@ -20,6 +20,7 @@ import torch
 from phiforge.checkpoint import check_state_dict, load_state_dict, read_config, resolve_checkpoint, save_checkpoint
 from phiforge.config import apply_overrides
 from phiforge.errors import CheckpointError, ConfigError
+from phiforge.fileio import claim_output_dir
 from phiforge.model import Phi2, Phi2Config
 
 INITS = ("zero", "copy")
@@ -40,15 +41,17 @@ def parse_moe_spec(text: str) -> dict:
     return apply_overrides({}, [item for item in text.split(",") if item.strip()])
 
 
-def upcycle(src: Path, out: Path, moe: dict, init: str = "zero", noise: float = 0.01, seed: int = 0) -> Phi2:
-    """Write OUT: the dense checkpoint SRC with MoE sublayers per `moe` (MoEConfig keys). Keeps SRC's dtype."""
+def upcycle(src: Path, out: Path, moe: dict, init: str = "zero", noise: float = 0.01, seed: int = 0,
+            overwrite: bool = False) -> Phi2:
+    """Write OUT: the dense checkpoint SRC with MoE sublayers per `moe` (MoEConfig keys). Keeps SRC's dtype.
+    OUT follows fileio.claim_output_dir (a checkpoint output; never SRC or around it)."""
     if init not in INITS:
         raise ConfigError(f"unknown --init '{init}' (choose from: {', '.join(INITS)})")
     if noise < 0:
         raise ConfigError(f"--noise must be 0 or more, got {noise}")
+    given = Path(src)
     src, out = resolve_checkpoint(src), Path(out)
-    if out.resolve() == src.resolve():
-        raise CheckpointError("output directory must differ from the source checkpoint")
+    claim_output_dir(out, "model", [given, src], overwrite)
     cfg = read_config(src)
     if cfg.moe is not None:
         raise CheckpointError(f"{src} already has MoE layers")
@@ -79,6 +82,6 @@ def upcycle(src: Path, out: Path, moe: dict, init: str = "zero", noise: float = 
                     for p in (block.mlp.fc2.weight, block.mlp.fc2.bias, layer.w2, layer.b2):
                         p.mul_(0.5)
     model.reset_rope()
-    save_checkpoint(model, out, tokenizer_dir=src,
+    save_checkpoint(model, out, tokenizer_dir=src, inputs=[given, src], overwrite=overwrite,
                     extra={"upcycled_from": {"src": str(src), "init": init, "noise": noise, "seed": seed}})
     return model

@@ -10,7 +10,10 @@ def register(sub) -> None:
     c = csub.add_parser("consolidate", help="write a sharded (DCP) training checkpoint in the single-directory "
                                             "model format that generate and convert read")
     c.add_argument("src", help="RUN/checkpoints/step-N, or a run directory (its latest complete checkpoint)")
-    c.add_argument("out", help="output model directory")
+    c.add_argument("out", help="output model directory: new, empty or an earlier model (replaced); never inside "
+                               "the run")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace OUT even if it holds something else (its contents are deleted)")
     c.set_defaults(func=run_consolidate)
 
 
@@ -18,7 +21,7 @@ def run_consolidate(args) -> int:
     from phiforge.train.checkpointing import consolidate, read_train_state, resolve_training_checkpoint
 
     src = resolve_training_checkpoint(args.src)
-    out = consolidate(src, args.out)
+    out = consolidate(args.src, args.out, overwrite=args.overwrite)
     state = read_train_state(src)
     print(f"consolidated {src} (step {state['step']}, {state['tokens']:,} tokens, saved by "
           f"{state.get('world_size', '?')} rank(s)) -> {out}")

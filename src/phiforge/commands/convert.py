@@ -1,8 +1,10 @@
 """`phiforge convert FORMAT SRC OUT`: convert checkpoints to and from other formats.
 
 To add a converter (e.g. `upcycle`, `from-litgpt`), append a `Converter` to CONVERTERS below:
-`add_args(parser)` adds its arguments (SRC and OUT are already there) and `run(args)` returns a summary
-dict {"params", "dtype", "out", "files"} that is printed the same way for every converter.
+`add_args(parser)` adds its arguments (SRC, OUT and --overwrite are already there) and `run(args)` returns a
+summary dict {"params", "dtype", "out", "files"[, "warnings"]} that is printed the same way for every converter.
+OUT follows phiforge.fileio's rule: new, empty or an earlier output of the same kind (else --overwrite), and
+never SRC, inside it or around it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _from_hf(args) -> dict:
     from phiforge.hf import convert_from_hf
 
     kwargs = {} if args.max_shard_size is None else {"max_shard_bytes": args.max_shard_size}
-    return convert_from_hf(args.src, args.out, **kwargs)
+    return convert_from_hf(args.src, args.out, overwrite=args.overwrite, **kwargs)
 
 
 def _to_hf_args(p) -> None:
@@ -52,7 +54,8 @@ def _to_hf_args(p) -> None:
 def _to_hf(args) -> dict:
     from phiforge.hf import HF_SHARD_BYTES, convert_to_hf
 
-    return convert_to_hf(args.src, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size or HF_SHARD_BYTES)
+    return convert_to_hf(args.src, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size or HF_SHARD_BYTES,
+                         overwrite=args.overwrite)
 
 
 def _upcycle_args(p) -> None:
@@ -71,7 +74,8 @@ def _upcycle(args) -> dict:
     from phiforge.hf import _summary
     from phiforge.upcycle import parse_moe_spec, upcycle
 
-    model = upcycle(args.src, args.out, parse_moe_spec(args.moe), init=args.init, noise=args.noise, seed=args.seed)
+    model = upcycle(args.src, args.out, parse_moe_spec(args.moe), init=args.init, noise=args.noise, seed=args.seed,
+                    overwrite=args.overwrite)
     return _summary(model.state_dict(), Path(args.out))
 
 
@@ -84,7 +88,7 @@ def _from_litgpt(args) -> dict:
     from phiforge.litgpt.convert import convert_from_litgpt
 
     kwargs = {} if args.max_shard_size is None else {"max_shard_bytes": args.max_shard_size}
-    return convert_from_litgpt(args.src, args.out, **kwargs)
+    return convert_from_litgpt(args.src, args.out, overwrite=args.overwrite, **kwargs)
 
 
 def _to_litgpt_args(p) -> None:
@@ -98,7 +102,8 @@ def _to_litgpt_args(p) -> None:
 def _to_litgpt(args) -> dict:
     from phiforge.litgpt.convert import convert_to_litgpt
 
-    return convert_to_litgpt(args.src, args.out, dtype=args.dtype, qkv_layout=args.qkv_layout)
+    return convert_to_litgpt(args.src, args.out, dtype=args.dtype, qkv_layout=args.qkv_layout,
+                             overwrite=args.overwrite)
 
 
 CONVERTERS: list[Converter] = [
@@ -121,12 +126,19 @@ def register(sub) -> None:
     for c in CONVERTERS:
         cp = conv.add_parser(c.name, help=c.help, description=c.help)
         cp.add_argument("src", metavar="SRC", help="source directory")
-        cp.add_argument("out", metavar="OUT", help="output directory (replaced if it exists)")
+        cp.add_argument("out", metavar="OUT", help="output directory: new, empty, or an earlier output of this "
+                                                   "converter (replaced)")
+        cp.add_argument("--overwrite", action="store_true",
+                        help="replace OUT even if it holds something else (its contents are deleted)")
         c.add_args(cp)
         cp.set_defaults(func=lambda args, c=c: _print_summary(args, c.run(args)))
 
 
 def _print_summary(args, s: dict) -> int:
+    import sys
+
+    for w in s.get("warnings", []):
+        print(f"phiforge: warning: {w}", file=sys.stderr)
     print(f"converted {args.src} -> {s['out']} ({args.converter})")
     print(f"  params  {s['params']:,}")
     print(f"  dtype   {s['dtype']}")

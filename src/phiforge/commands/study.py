@@ -11,6 +11,8 @@ def register(sub) -> None:
                    help="override a study key, e.g. --set train.max_steps=50 (repeatable)")
     p.add_argument("--routes", metavar="NAME,...", help="run only these routes (the report covers every route run)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the runs already there")
+    p.add_argument("--overwrite", action="store_true",
+                   help="use work_dir and report_dir even if they hold something else (their contents are deleted)")
     p.set_defaults(func=run)
 
 
@@ -26,7 +28,11 @@ def run(args) -> int:
 
             raise ConfigError(f"unknown route(s) {', '.join(unknown)} (study has: "
                               f"{', '.join(r.name for r in study.routes)})")
-    res = run_study(study, only=only, report_only=args.report_only)
+    import shlex
+
+    reproduce = " ".join(["phiforge study --config", shlex.quote(str(args.config)),
+                          *(f"--set {shlex.quote(s)}" for s in args.sets)])
+    res = run_study(study, only=only, report_only=args.report_only, overwrite=args.overwrite, reproduce=reproduce)
     for name, r in res["routes"].items():
         vl = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "n/a"
         tps = f"{r['steady_tokens_per_s']:,.0f}" if r["steady_tokens_per_s"] else "n/a"

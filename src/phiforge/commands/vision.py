@@ -16,7 +16,10 @@ def register(sub) -> None:
     vsub.required = True
 
     s = vsub.add_parser("synth", help="draw a synthetic visual-instruction dataset (LLaVA format)")
-    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--out", required=True, help="output directory: new, empty or an earlier `vision synth` output "
+                                                "(replaced)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it holds something else (its contents are deleted)")
     s.add_argument("--n", type=int, required=True, help="number of images (train + held out)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--heldout", type=float, default=0.1, help="fraction of images held out (default 0.1)")
@@ -51,7 +54,8 @@ def register(sub) -> None:
 def run_synth(args) -> int:
     from phiforge.vision.synth import synthesize
 
-    info = synthesize(Path(args.out), args.n, seed=args.seed, heldout=args.heldout, size=args.size)
+    info = synthesize(Path(args.out), args.n, seed=args.seed, heldout=args.heldout, size=args.size,
+                      overwrite=args.overwrite)
     print(f"wrote {info['train']} training and {info['heldout']} held-out images with questions to {args.out}")
     return 0
 
@@ -121,6 +125,10 @@ def run_eval(args) -> int:
     result = {"checkpoint": args.checkpoint, **evaluate_file(model, tok, args.data, args.image_dir, ablations,
                                                               limit=args.limit)}
     kinds = sorted(result["chance"])
+    stats = result["records"]
+    skipped = {k: v for k, v in stats.items() if k not in ("records", "used") and v}
+    if skipped:  # the same line `vision finetune` prints
+        print(f"eval data: skipped {sum(skipped.values())} of {stats['records']} records: {skipped}")
     print(f"{result['questions']} questions on {result['images']} images")
     print(f"{'':10}" + "".join(f"{k:>10}" for k in kinds))
     for name, acc in result["results"].items():

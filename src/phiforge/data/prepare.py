@@ -56,7 +56,7 @@ from phiforge import __version__
 from phiforge.data.dedup import Deduper, content_hash, minhash_signature
 from phiforge.data.gutenberg import CLEANER_VERSION, clean_book, decode_with_encoding, header_title
 from phiforge.data.report import Report
-from phiforge.data.shards import DEFAULT_SHARD_TOKENS, FORMAT, INDEX, DatasetWriter
+from phiforge.data.shards import DEFAULT_SHARD_TOKENS, DatasetWriter
 from phiforge.data.sources import RawDoc, Skip, Source
 from phiforge.errors import DataError
 from phiforge.fileio import write_json_atomic
@@ -148,23 +148,17 @@ def tokenize_document(tok, text: str, eot: int, chunk_chars: int = CHUNK_CHARS) 
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """Refuse an output path that holds anything but a phiforge dataset."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise DataError(f"--out {out_dir} is a file, not a directory")
-    entries = [p.name for p in out_dir.iterdir()]
-    if not entries:
-        return
+    """Refuse an output path that holds anything but a phiforge dataset (fileio's rule for every output)."""
+    from phiforge.errors import PhiforgeError
+    from phiforge.fileio import MARKER, claim_output_dir
+
     try:
-        index = json.loads((out_dir / INDEX).read_text(encoding="utf-8"))
-        ours = isinstance(index, dict) and index.get("format") == FORMAT
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
-        raise DataError(f"{out_dir} is not empty and is not a phiforge dataset; choose another --out "
-                        "(or empty it yourself)")
-    foreign = sorted(e for e in entries if not _DATASET_FILE.match(e))
+        claim_output_dir(out_dir, "dataset", overwrite_hint="choose another --out (or empty it yourself)")
+    except PhiforgeError as e:
+        raise DataError(str(e)) from None
+    if not out_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in out_dir.iterdir() if not _DATASET_FILE.match(p.name) and p.name != MARKER)
     if foreign:
         raise DataError(f"{out_dir} is a phiforge dataset but also holds other files ({', '.join(foreign[:5])}); "
                         "move them or choose another --out")

@@ -36,7 +36,6 @@ import torch
 import yaml
 
 from phiforge.checkpoint import (
-    atomic_dir,
     check_state_dict,
     load_state_dict,
     read_config,
@@ -44,11 +43,17 @@ from phiforge.checkpoint import (
     save_checkpoint,
 )
 from phiforge.errors import CheckpointError, ConfigError
+from phiforge.fileio import claim_output_dir, output_dir
 from phiforge.model import Phi2, Phi2Config
 from phiforge.tokenizer import save_tokenizer_files
 
 LIT_WEIGHTS = "lit_model.pth"
 LIT_CONFIG = "model_config.yaml"
+PROMPT_STYLE = "prompt_style.yaml"
+# litgpt.prompts.Default: the prompt as given. Without this file `litgpt generate`/`chat` pick a style from the
+# config name, and a name starting with "phi-2" gets Phi-2's "Instruct: {prompt}\nOutput:", which a base model
+# trained by phiforge never saw. (litgpt.prompts.load_prompt_style reads {"class_path": ...}.)
+DEFAULT_PROMPT_STYLE = {"class_path": "litgpt.prompts.Default"}
 QKV_LAYOUTS = ("split", "grouped")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -306,10 +311,11 @@ def read_lit_config(src_dir: Path) -> dict:
 def _summary(state: dict[str, torch.Tensor], out: Path) -> dict:
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})
     return {"params": sum(v.numel() for v in state.values()), "dtype": ", ".join(dtypes), "out": str(out),
-            "files": sorted(p.name for p in Path(out).iterdir() if p.is_file())}
+            "files": sorted(p.name for p in Path(out).iterdir() if p.is_file() and not p.name.startswith("."))}
 
 
-def convert_from_litgpt(src_dir: Path, out_dir: Path, tokenizer_dir: Path | None = None, **save_kwargs) -> dict:
+def convert_from_litgpt(src_dir: Path, out_dir: Path, tokenizer_dir: Path | None = None, overwrite: bool = False,
+                        **save_kwargs) -> dict:
     """LitGPT checkpoint directory -> phiforge checkpoint (same dtype). The tokenizer files come from
     tokenizer_dir, else from SRC when it has a tokenizer.json, else phiforge's built-in GPT-2 BPE."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
@@ -317,8 +323,8 @@ def convert_from_litgpt(src_dir: Path, out_dir: Path, tokenizer_dir: Path | None
         src_dir = src_dir.parent
     if not src_dir.is_dir():
         raise CheckpointError(f"LitGPT checkpoint directory not found: {src_dir}")
-    if out_dir.resolve() == src_dir.resolve():
-        raise CheckpointError("output directory must differ from the source checkpoint")
+    inputs = [src_dir, tokenizer_dir]
+    claim_output_dir(out_dir, "model", inputs, overwrite)
     lit = read_lit_config(src_dir)
     cfg = config_from_litgpt(lit)
     state = load_lit_weights(src_dir / LIT_WEIGHTS)
@@ -330,7 +336,7 @@ def convert_from_litgpt(src_dir: Path, out_dir: Path, tokenizer_dir: Path | None
     model.load_state_dict(state_dict_from_litgpt(state, cfg), strict=True, assign=True)
     if tokenizer_dir is None and (src_dir / "tokenizer.json").is_file():
         tokenizer_dir = src_dir
-    save_checkpoint(model, out_dir, tokenizer_dir=tokenizer_dir,
+    save_checkpoint(model, out_dir, tokenizer_dir=tokenizer_dir, inputs=inputs, overwrite=overwrite,
                     extra={"converted_from": {"format": "litgpt", "name": lit.get("name"),
                                               "qkv_layout": "grouped" if legacy else "split"}},
                     **save_kwargs)
@@ -339,26 +345,28 @@ def convert_from_litgpt(src_dir: Path, out_dir: Path, tokenizer_dir: Path | None
 
 def write_litgpt_checkpoint(state: dict[str, torch.Tensor], cfg: Phi2Config, out_dir: Path,
                             tokenizer_dir: Path | None = None, qkv_layout: str = "split",
-                            vocab_size: int | None = None) -> dict:
-    """Write OUT/lit_model.pth (a bare state dict, as litgpt's converters write it), model_config.yaml and the
-    tokenizer files, atomically."""
+                            vocab_size: int | None = None, inputs=(), overwrite: bool = False) -> dict:
+    """Write OUT/lit_model.pth (a bare state dict, as litgpt's converters write it), model_config.yaml,
+    prompt_style.yaml (Default) and the tokenizer files, atomically (fileio.output_dir)."""
     lit_cfg = config_to_litgpt(cfg, vocab_size=vocab_size)
     lit_state = {k: v.detach().contiguous().cpu()
                  for k, v in state_dict_to_litgpt(state, cfg, qkv_layout).items()}
-    with atomic_dir(out_dir) as tmp:
+    with output_dir(out_dir, "litgpt", inputs=[*inputs, tokenizer_dir], overwrite=overwrite) as tmp:
         torch.save(lit_state, tmp / LIT_WEIGHTS)
         (tmp / LIT_CONFIG).write_text(yaml.safe_dump(lit_cfg, sort_keys=True), encoding="utf-8")
+        (tmp / PROMPT_STYLE).write_text(yaml.safe_dump(DEFAULT_PROMPT_STYLE), encoding="utf-8")
         save_tokenizer_files(tmp, source_dir=tokenizer_dir)
     return lit_cfg
 
 
-def convert_to_litgpt(src_dir: Path, out_dir: Path, dtype: str | None = None, qkv_layout: str = "split") -> dict:
+def convert_to_litgpt(src_dir: Path, out_dir: Path, dtype: str | None = None, qkv_layout: str = "split",
+                      overwrite: bool = False) -> dict:
     """phiforge checkpoint -> LitGPT checkpoint directory (`litgpt generate`/`chat`/`finetune` read it)."""
+    given = Path(src_dir)
     src_dir, out_dir = resolve_checkpoint(src_dir), Path(out_dir)
+    claim_output_dir(out_dir, "litgpt", [given, src_dir], overwrite)
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype '{dtype}' (choose from: {', '.join(DTYPES)})")
-    if out_dir.resolve() == src_dir.resolve():
-        raise CheckpointError("output directory must differ from the source checkpoint")
     cfg = read_config(src_dir)
     bad = lit_unrepresentable(cfg)
     if bad:
@@ -369,6 +377,7 @@ def convert_to_litgpt(src_dir: Path, out_dir: Path, dtype: str | None = None, qk
         check_state_dict(Phi2(cfg), state, str(src_dir))
     if dtype is not None:
         state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
-    write_litgpt_checkpoint(state, cfg, out_dir, tokenizer_dir=src_dir, qkv_layout=qkv_layout)
+    write_litgpt_checkpoint(state, cfg, out_dir, tokenizer_dir=src_dir, qkv_layout=qkv_layout, inputs=[given],
+                            overwrite=overwrite)
     return _summary(state, out_dir)
 

@@ -242,16 +242,23 @@ def _fmt(v, spec: str, none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
-def write_report(study, state: dict, trains: dict) -> dict:
+def write_report(study, state: dict, trains: dict, overwrite: bool = False, reproduce: str | None = None) -> dict:
+    """Write report_dir in place (files of others there are kept). Refuses, writing nothing, when no route has
+    run yet. reproduce: the command shown under "Reproduce" (default: one naming the study.yaml written here)."""
+    from phiforge.errors import PhiforgeError
+    from phiforge.fileio import open_output_dir
     from phiforge.litgpt.study import _train_config, tokens_budget
 
-    out = Path(study.report_dir)
-    out.mkdir(parents=True, exist_ok=True)
     routes = summarize(study, state)
+    if not routes:
+        raise PhiforgeError(f"no route of study {study.name} has run yet (no metrics under "
+                            f"{Path(study.work_dir) / 'runs'}): run `phiforge study` without --report-only first")
     for r in routes.values():
         r["samples"] = _samples(study, Path(r["checkpoint"]))
     checks = _checks(study, routes)
-    plots = _plots(routes, out) if routes else []
+    out = open_output_dir(study.report_dir, "study-report", [Path(study.work_dir) / "runs", study.data.dataset],
+                          overwrite)
+    plots = _plots(routes, out)
     (out / "metrics").mkdir(exist_ok=True)
     for name in routes:
         shutil.copyfile(Path(study.work_dir) / "runs" / name / "metrics.jsonl", out / "metrics" / f"{name}.jsonl")
@@ -262,11 +269,13 @@ def write_report(study, state: dict, trains: dict) -> dict:
                "data_seconds": state.get("data_seconds"), "checks": checks,
                "routes": {n: {k: v for k, v in r.items() if k not in ("throughput",)} for n, r in routes.items()}}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(_markdown(study, routes, checks, plots, results, ref), encoding="utf-8")
+    reproduce = reproduce or f"phiforge study --config {Path(study.report_dir) / 'study.yaml'}"
+    (out / "report.md").write_text(_markdown(study, routes, checks, plots, results, ref, reproduce),
+                                   encoding="utf-8")
     return results
 
 
-def _markdown(study, routes: dict, checks: list[dict], plots: list[str], results: dict, ref) -> str:
+def _markdown(study, routes: dict, checks: list[dict], plots: list[str], results: dict, ref, reproduce: str) -> str:
     m = results["machine"]
     mc = ref.model_config()
     mc.moe = None
@@ -276,7 +285,7 @@ def _markdown(study, routes: dict, checks: list[dict], plots: list[str], results
     if study.description:
         L += [study.description.strip(), ""]
     L += ["Reproduce (writes this directory; runs and data under `" + study.work_dir + "`):", "",
-          "```bash", f"phiforge study --config studies/{study.name}.yaml", "```", "",
+          "```bash", reproduce, "```", "",
           "## Setup", "",
           "| | |", "|---|---|",
           f"| model | Phi-2 family: {mc.n_layer} layers, d={mc.n_embd}, {mc.n_head} heads (head_dim {mc.head_dim}, "

@@ -238,7 +238,26 @@ def _run_route(cmd: list[str], log_path: Path) -> dict:
             "loadavg_1min": [round(load_before, 2), round(load_after, 2)]}
 
 
-def run_study(study: StudyConfig, only: list[str] | None = None, report_only: bool = False) -> dict:
+def claim_study_dirs(study: StudyConfig, overwrite: bool = False, report_only: bool = False) -> None:
+    """Refuse, before any work, a work_dir or report_dir that holds something else (fileio's rule), or a
+    report_dir that is, holds or sits inside the runs it reports. --report-only writes only the report."""
+    from phiforge.fileio import claim_output_dir, is_output_of
+
+    work, dataset = Path(study.work_dir), study.data.dataset
+    if not report_only:
+        # a dataset prepared by an earlier run of this study lives in its work_dir, which is then kept
+        kept = dataset and Path(dataset).resolve().is_relative_to(work.resolve()) and work.is_dir() \
+            and is_output_of(work, "study-work")
+        claim_output_dir(work, "study-work", [] if kept else [dataset], overwrite)
+    claim_output_dir(study.report_dir, "study-report", [work / "runs", dataset], overwrite)
+
+
+def run_study(study: StudyConfig, only: list[str] | None = None, report_only: bool = False, overwrite: bool = False,
+              reproduce: str | None = None) -> dict:
+    """Run the study's routes (or only some) and write its report; returns the report's results.
+    reproduce: the command that reruns it, for the report (default: the resolved study.yaml the report keeps)."""
+    from phiforge.fileio import open_output_dir
+
     work = Path(study.work_dir)
     runs = work / "runs"
     cfg_dir = work / "configs"
@@ -249,10 +268,12 @@ def run_study(study: StudyConfig, only: list[str] | None = None, report_only: bo
     for r in study.routes:
         if r.trainer == "litgpt" and _train_config(trains[r.name]).model_config().moe is not None:
             raise ConfigError(f"route {r.name}: LitGPT cannot train phiforge's MoE after the MLP")
+    claim_study_dirs(study, overwrite, report_only)
+    if not report_only:
+        open_output_dir(work, "study-work", overwrite=overwrite)  # claimed above, with the dataset as input
     state_path = work / "study-state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     if not report_only:
-        work.mkdir(parents=True, exist_ok=True)
         cfg_dir.mkdir(parents=True, exist_ok=True)
         t_data = time.perf_counter()
         tokens_dir = _prepare_tokens(study, work)
@@ -315,4 +336,4 @@ def run_study(study: StudyConfig, only: list[str] | None = None, report_only: bo
             state_path.write_text(json.dumps(state, indent=1))
     from phiforge.litgpt.report import write_report
 
-    return write_report(study, state, trains)
+    return write_report(study, state, trains, overwrite=overwrite, reproduce=reproduce)

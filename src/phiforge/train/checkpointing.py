@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from phiforge.checkpoint import atomic_dir, write_model_files
+from phiforge.checkpoint import write_model_files
 from phiforge.errors import CheckpointError
 from phiforge.fileio import fsync_dir, write_text_atomic
 from phiforge.model import Phi2, Phi2Config
@@ -375,9 +375,12 @@ def export_model_files(ckpt: Path, out_dir: Path) -> None:
     write_model_files(out_dir, model.state_dict(), model.cfg, tokenizer_dir=ckpt, extra=extra)
 
 
-def consolidate(src: Path, out: Path) -> Path:
-    """`phiforge checkpoint consolidate RUN/STEP OUT`: the sharded checkpoint as a single model directory."""
+def consolidate(src: Path, out: Path, overwrite: bool = False) -> Path:
+    """`phiforge checkpoint consolidate RUN/STEP OUT`: the sharded checkpoint as a single model directory.
+    OUT follows fileio.claim_output_dir: never the run or the checkpoint, inside them or around them."""
+    from phiforge.fileio import output_dir
+
     ckpt = resolve_training_checkpoint(src)
-    with atomic_dir(out) as tmp:
+    with output_dir(out, "model", inputs=[src, ckpt], overwrite=overwrite) as tmp:
         export_model_files(ckpt, tmp)
     return Path(out)

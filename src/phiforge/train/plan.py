@@ -132,6 +132,11 @@ def plan_memory(cfg: TrainConfig, n_gpus: int, gpus_per_node: int = 8, device_ty
     if strategy == "fsdp":
         shard = n_gpus
     elif strategy == "hsdp":
+        if not cfg.parallel.hsdp_replicate and n_gpus > gpus_per_node and n_gpus % gpus_per_node:
+            # one replica per node needs whole nodes (torchrun starts as many processes on every node)
+            raise ConfigError(f"hsdp over {n_gpus} GPUs at {gpus_per_node} per node is not a whole number of nodes; "
+                              f"use a multiple of {gpus_per_node} GPUs, --gpus-per-node, or set "
+                              "parallel.hsdp_replicate")
         replicate = cfg.parallel.hsdp_replicate or max(1, n_gpus // gpus_per_node)
         if n_gpus % replicate:
             raise ConfigError(f"parallel.hsdp_replicate={replicate} does not divide {n_gpus} GPUs")
@@ -203,6 +208,14 @@ def max_micro_batch(cfg: TrainConfig, n_gpus: int, gpu_mem_gib: float, gpus_per_
     return best
 
 
+def format_bytes(n: float) -> str:
+    """A size in the largest binary unit that keeps it at 1 or more, e.g. '  312.50 KiB', '   12.03 GiB'."""
+    for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:8.2f} {unit}"
+    return f"{n:8.0f} B  "
+
+
 def format_plan(cfg: TrainConfig, n_gpus: int, gpu_mem_gib: float, gpus_per_node: int = 8) -> str:
     plan = plan_memory(cfg, n_gpus, gpus_per_node)
     best = max_micro_batch(cfg, n_gpus, gpu_mem_gib, gpus_per_node)
@@ -214,8 +227,8 @@ def format_plan(cfg: TrainConfig, n_gpus: int, gpu_mem_gib: float, gpus_per_node
              + (f" ({cfg.parallel.ac_policy})" if plan.activation_checkpointing == "selective" else ""),
              f"per-GPU memory at micro_batch_size={plan.micro_batch_size}:"]
     for k, v in plan.components.items():
-        lines.append(f"  {k:<36} {v / GiB:8.2f} GiB")
-    lines.append(f"  {'predicted peak':<36} {plan.peak_bytes / GiB:8.2f} GiB   (at the {plan.peak_phase})")
+        lines.append(f"  {k:<36} {format_bytes(v)}")
+    lines.append(f"  {'predicted peak':<36} {format_bytes(plan.peak_bytes)}   (at the {plan.peak_phase})")
     fits = plan.peak_bytes <= usable_bytes(gpu_mem_gib)
     lines.append(f"{'fits' if fits else 'does NOT fit'} in {gpu_mem_gib:g} GiB (usable {usable_bytes(gpu_mem_gib) / GiB:.1f} "
                  f"GiB after the reserve); largest micro_batch_size that fits: {best}{'+' if best == 4096 else ''}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from phiforge.errors import DataError
 from phiforge.generate import generate
 from phiforge.tokenizer import eot_id
 from phiforge.vision.data import load_visuals, prompt_ids, read_records
@@ -56,9 +57,17 @@ def answer(model: VisionLM, tok: Tokenizer, visuals: torch.Tensor, question_text
 
 def evaluate_file(model: VisionLM, tok: Tokenizer, data: str | Path, image_dir: str | Path | None = None,
                   ablations: tuple[str, ...] = ABLATIONS, batch_size: int = 64, limit: int | None = None) -> dict:
+    """Accuracy per question kind and ablation. Records whose image is missing or unreadable are skipped and
+    counted (result["records"], as `vision finetune` counts them); DataError when nothing is left to ask."""
     records = read_records(data)[:limit]
     pairs, stats = load_visuals(records, Path(image_dir) if image_dir else Path(data).parent, model.vcfg.encoder)
+    if not pairs:
+        why = ", ".join(f"{k} {v}" for k, v in stats.items() if k not in ("records", "used") and v)
+        raise DataError(f"{data}: none of its {stats['records']} record(s) is usable ({why or 'no records'})")
     qs = question_pairs(pairs)
+    if not qs:
+        raise DataError(f"{data}: no question/answer pairs (a human turn followed by a gpt turn) in the "
+                        f"{len(pairs)} usable record(s)")
     refs = [a.strip().lower() for _, _, _, a in qs]
     kinds = [k for _, k, _, _ in qs]
     result = {"data": str(data), "images": len(pairs), "questions": len(qs), "records": dict(stats), "results": {}}

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from phiforge.checkpoint import atomic_dir, check_state_dict, load_checkpoint, write_model_files
+from phiforge.checkpoint import check_state_dict, load_checkpoint, write_model_files
 from phiforge.config import from_dict, to_dict
 from phiforge.errors import CheckpointError, ConfigError
+from phiforge.fileio import output_dir
 from phiforge.model import Phi2
 from phiforge.model.phi2 import LossOutput
 from phiforge.model.xattn import GatedCrossAttention, XAttnConfig
@@ -111,8 +112,8 @@ def write_vision_files(model: VisionLM, out_dir: Path, tokenizer_dir: Path | Non
 
 
 def save_vision_checkpoint(model: VisionLM, out_dir: Path, tokenizer_dir: Path | None = None,
-                           extra: dict | None = None) -> Path:
-    with atomic_dir(out_dir) as tmp:
+                           extra: dict | None = None, overwrite: bool = False) -> Path:
+    with output_dir(out_dir, "model", inputs=[tokenizer_dir], overwrite=overwrite) as tmp:
         write_vision_files(model, tmp, tokenizer_dir=tokenizer_dir, extra=extra)
     return Path(out_dir)
 

@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from phiforge.errors import DataError
+from phiforge.fileio import output_dir
 from phiforge.vision.encoders import require
 
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 90, 230), "yellow": (235, 200, 20),
@@ -84,16 +85,23 @@ def make_example(rng: random.Random, size: int):
     return img, facts, turns
 
 
-def synthesize(out: Path, n: int, seed: int = 0, heldout: float = 0.1, size: int = 64) -> dict:
-    """Write OUT/images/*.png, OUT/train.json, OUT/heldout.json and OUT/info.json; returns the info."""
+def synthesize(out: Path, n: int, seed: int = 0, heldout: float = 0.1, size: int = 64,
+               overwrite: bool = False) -> dict:
+    """Write OUT/images/*.png, OUT/train.json, OUT/heldout.json and OUT/info.json; returns the info.
+    OUT must be new, empty or an earlier synth output (else `overwrite`); it is replaced whole at the end."""
     if n < 2:
         raise DataError("--n must be at least 2 (one training and one held-out image)")
     if not 0.0 < heldout < 1.0:
         raise DataError(f"--heldout must be a fraction between 0 and 1, got {heldout}")
     if size < 32:
         raise DataError(f"--size must be at least 32 pixels, got {size}")
-    out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    require("PIL.Image")  # before anything is written
+    with output_dir(out, "vision-synth", overwrite=overwrite) as tmp:
+        return _write(tmp, n, seed, heldout, size)
+
+
+def _write(out: Path, n: int, seed: int, heldout: float, size: int) -> dict:
+    (out / "images").mkdir()
     rng = random.Random(seed)
     n_heldout = max(1, round(n * heldout))
     splits: dict[str, list[dict]] = {"train": [], "heldout": []}
