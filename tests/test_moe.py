@@ -146,7 +146,7 @@ def test_router_and_experts_receive_gradients():
     model.train()
     for _ in range(2):  # zero-init output projections: w1 only gets a gradient once w2 has moved
         opt.zero_grad()
-        model(x, x).backward()
+        model(x, x).loss.backward()
         opt.step()
     for i, layer in model.moe_layers().items():
         for name, p in layer.named_parameters():
@@ -170,8 +170,8 @@ def test_zero_init_is_identity(position):
     x = torch.randint(0, 256, (2, 24))
     assert torch.equal(dense(x), model(x))
     model.train()  # and in training, where the loss carries the routers' aux terms: the LM loss is the dense one
-    model(x, x)
-    assert torch.equal(model.lm_loss, dense.train()(x, x))
+    out = model(x, x)
+    assert out.aux_loss is not None and torch.equal(out.lm_loss, dense.train()(x, x).lm_loss)
 
 
 @pytest.mark.parametrize("position", POSITIONS)
@@ -242,7 +242,7 @@ def test_model_fast_path_equals_reference_loop(position, impl):
         for layer in model.moe_layers().values():
             layer.impl = name
         model.zero_grad(set_to_none=True)
-        loss = model(x, x)
+        loss = model(x, x).loss
         loss.backward()
         results[name] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     (ref_loss, ref_grads), (loss, grads) = results["loop"], results[impl]
@@ -277,11 +277,12 @@ def test_training_loss_adds_aux_only_in_training():
     model = Phi2(Phi2Config(**TINY, moe={"num_experts": 4}))
     x = torch.randint(0, 256, (2, 16))
     model.train()
-    loss = model(x, x)
-    torch.testing.assert_close(loss.detach(), model.lm_loss + model.moe_aux_loss().detach())
-    assert model.moe_aux_loss() > 0
+    out = model(x, x)
+    torch.testing.assert_close(out.loss.detach(), (out.lm_loss + model.moe_aux_loss()).detach())
+    assert model.moe_aux_loss() > 0 and torch.equal(out.aux_loss, model.moe_aux_loss())
     model.eval()
-    assert torch.equal(model(x, x), model.lm_loss)
+    out = model(x, x)
+    assert out.aux_loss is None and torch.equal(out.loss, out.lm_loss)
 
 
 def _imbalance_after_training(steps=60, **kw) -> float:
@@ -458,12 +459,12 @@ def test_compiles_without_graph_breaks(position):
         for layer in model.moe_layers().values():
             layer.w2.normal_(0, 0.1)
     x = torch.randint(0, 256, (2, 16))
-    ref = model(x, x)
+    ref = model(x, x).loss
     ref.backward()
     ref_grad, ref_load = model.layers[0].moe.router.grad.clone(), model.layers[0].moe._load_sum.clone()
     model.zero_grad()
     model.layers[0].moe._load_sum = None
-    loss = torch.compile(model, backend="aot_eager", fullgraph=True)(x, x)
+    loss = torch.compile(model, backend="aot_eager", fullgraph=True)(x, x).loss
     loss.backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(model.layers[0].moe.router.grad, ref_grad)
