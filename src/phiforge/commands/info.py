@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 
-from phiforge.model import PRESETS, Phi2Config, count_params_meta
-
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="show a preset's shape and exact parameter count")
-    p.add_argument("--preset", default="phi-2", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--preset", default="phi-2",
+                   help="phi-2 (default), phi-1_5, phi-1, base, small or tiny (README, 'Presets')")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from phiforge.model import Phi2Config, count_params_meta
+
     cfg = Phi2Config.from_preset(args.preset)
     total, non_emb = count_params_meta(cfg)
     info = {"preset": args.preset, **cfg.to_dict(), "head_dim": cfg.head_dim, "rotary_dim": cfg.rotary_dim,

@@ -174,13 +174,6 @@ def config_from_litgpt(lit: dict) -> Phi2Config:
         raise CheckpointError(f"unusable LitGPT model config: {e}") from None
 
 
-def check_rotary(cfg: Phi2Config, lit: dict) -> None:
-    """LitGPT's rope_n_elem = int(rotary_percentage * head_size) must equal our rotary_dim (same formula)."""
-    n = int(float(lit["rotary_percentage"]) * int(lit["head_size"]))
-    if n != cfg.rotary_dim:
-        raise CheckpointError(f"rotary dims differ: LitGPT {n}, phiforge {cfg.rotary_dim}")
-
-
 # ---------------------------------------------------------------------------------------------
 # State dicts
 
