@@ -91,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     except PhiforgeError as e:
         if debug:
             raise
+        _record_for_torchrun(e, str(e))
         if _rank() == 0:  # every rank sees the same bad input: say it once
             print(f"phiforge: error: {e}", file=sys.stderr)
-        _record_for_torchrun(e, str(e))
+        elif os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            time.sleep(2.0)  # let rank 0 exit first: torchrun stops the others as soon as one rank fails
         return e.exit_code
     except KeyboardInterrupt:
         print("phiforge: interrupted", file=sys.stderr)
