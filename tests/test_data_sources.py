@@ -386,3 +386,52 @@ def test_shard_checksum_mismatch_is_one_line_error(capsys, tmp_path):
     shard.write_bytes(bytes(data[:10]) + bytes([data[10] ^ 0xFF]) + bytes(data[11:]))
     code, _, err = run_cli(capsys, "data", "inspect", out, "--verify")
     assert_one_line_error(code, err, "checksum mismatch in", str(out / "documents.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------- validation books
+
+
+def test_val_books_pass_over_an_unreadable_book(capsys, tmp_path):
+    """A picked validation book that cannot be read (a truncated zip) is passed over for the next one before the
+    long pass, and the run (and a rerun) succeeds; naming it with --val-ids is an error before any work."""
+    import hashlib
+
+    books = {"105": ("pg105_persuasion", "Persuasion"), "121": ("pg121_northanger_abbey", "Northanger Abbey"),
+             "1342": ("pg1342_pride_and_prejudice", "Pride and Prejudice")}
+    order = sorted(books, key=lambda v: hashlib.sha256(v.encode()).hexdigest())  # --val-books takes them so
+    root = tmp_path / "mirror"
+    for i, (name, title) in books.items():
+        (root / i).mkdir(parents=True)
+        body = _gutenberg_file(title, _book(name, 15_000))
+        if i == order[0]:
+            z = io.BytesIO()
+            with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+                zf.writestr(f"{i}.txt", body)
+            (root / i / f"{i}-0.zip").write_bytes(z.getvalue()[: len(z.getvalue()) // 2])  # cut short
+        else:
+            (root / i / f"{i}-0.txt").write_text(body)
+    out = tmp_path / "ds"
+    args = ["prepare", "gutenberg", "--source", "mirror", "--mirror", root, "--workers", "0", "--dedup", "none"]
+    for _ in range(2):  # a rerun gives the same
+        code, stdout, err = run_cli(capsys, *args, "--val-books", "1", "--out", out)
+        assert code == 0, err
+        docs = {d["id"]: d["split"] for d in open_token_dataset(out).iter_documents()}
+        assert docs == {order[1]: "val", order[2]: "train"}
+        assert f"validation: book {order[0]} passed over" in stdout and "corrupt zip" in stdout
+    rep = json.loads((out / "prepare-report.json").read_text())
+    assert rep["removed"]["unreadable file"]["count"] == 1 and any("passed over" in n for n in rep["notes"])
+    assert rep["read"]["documents"] == 2  # the unreadable file is not a document read
+    code, _, err = run_cli(capsys, *args, "--val-ids", order[0], "--out", tmp_path / "ds2")
+    assert_one_line_error(code, err, f"--val-ids {order[0]}", "corrupt zip", f"{order[0]}-0.zip")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "mirror"]  # nothing begun
+
+
+def test_parquet_text_column_that_is_not_text(capsys, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"id": ["1", "2"], "text": [5, 6]}), tmp_path / "pq" / "ints.parquet")
+    code, _, err = run_cli(capsys, "prepare", "gutenberg", "--source", "parquet", "--parquet", tmp_path / "pq",
+                           "--out", tmp_path / "x")
+    assert_one_line_error(code, err, str(tmp_path / "pq" / "ints.parquet"), "column 'text' holds int64, not text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pq"]
