@@ -106,6 +106,19 @@ def test_bad_config_values_are_one_line_errors_before_any_work(capsys, tmp_path)
         code, _, err = run_cli(capsys, "prepare", "redpajama", "--input", inp, "--out", out, *extra)
         assert_one_line_error(code, err, *needles)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["rp"], extra  # no .ds.partial, no ds
+    code, _, err = run_cli(capsys, "prepare", "redpajama", "--out", out)
+    assert_one_line_error(code, err, "give --input DIR")
+    code, _, err = run_cli(capsys, "prepare", "redpajama", "--input", inp, "--out", out, "--set", "weights={book: x}")
+    assert_one_line_error(code, err, "--weights (weights): each source needs a number >= 0")
+    gutenberg = [(["--val-books", "0"], "--val-books (val_books) must be at least 1, got 0"),
+                 (["--checkpoint-seconds", "-1"], "--checkpoint-seconds (checkpoint_seconds) must be 0 or more"),
+                 (["--rate-limit", "0"], "--rate-limit (rate_limit) must be above 0"),
+                 (["--retries", "-1"], "--retries (retries) must be 0 or more"),
+                 (["--workers", "-2"], "--workers (workers) must be 0 (in this process) or more, got -2")]
+    for extra, needle in gutenberg:
+        code, _, err = run_cli(capsys, "prepare", "gutenberg", "--out", out, *extra)
+        assert_one_line_error(code, err, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rp"]
     (tmp_path / "bad.yaml").write_text("val_books: two\n")
     code, _, err = run_cli(capsys, "prepare", "gutenberg", "--config", tmp_path / "bad.yaml", "--out", out)
     assert_one_line_error(code, err, "'val_books' must be an integer")

@@ -31,8 +31,7 @@ def test_redpajama_1t_fixture_to_per_source_shards(redpajama_dir, redpajama_fixt
     ds.verify()
     idx = ds.index
     assert idx["version"] == 2 and idx["prepared"]["corpus"] == "redpajama"
-    # every default source is in the fixture: the recorded weights are the defaults, as shares of 1
-    assert idx["mixture"]["weights"] == pytest.approx({k: w / 100 for k, w in DEFAULT_WEIGHTS.items()})
+    assert idx["mixture"]["weights"] == DEFAULT_WEIGHTS  # the fixture has every default source
     train = idx["splits"]["train"]
     assert sorted(train["sources"]) == SOURCES
     # every shard holds one source; a split's shards are grouped source by source in the fixed order
@@ -148,7 +147,7 @@ def test_mixture_recorded_for_the_sources_the_dataset_holds(capsys, tmp_path):
                                 "--workers", "0")
     assert code == 0, err
     index = open_token_dataset(out).index
-    assert index["mixture"]["weights"] == pytest.approx({"github": 1 / 3, "wikipedia": 1 / 3, "book": 1 / 3})
+    assert index["mixture"]["weights"] == pytest.approx({"github": 100 / 3, "wikipedia": 100 / 3, "book": 100 / 3})
     note = "mixture: common_crawl, c4, arxiv, stackexchange not in this dataset, left out"
     assert note in stdout and any(n.startswith(note) for n in json.loads((out / "prepare-report.json").read_text())
                                   ["notes"])
@@ -160,7 +159,7 @@ def test_mixture_recorded_for_the_sources_the_dataset_holds(capsys, tmp_path):
     # weights naming a source the input lacks, and leaving one out
     prepare(RedPajamaSource(raw), tmp_path / "w", None, val_fraction=0.2, workers=0, mixture={"book": 1, "c4": 3},
             summary=print)
-    assert open_token_dataset(tmp_path / "w").index["mixture"]["weights"] == {"book": 1.0}
+    assert open_token_dataset(tmp_path / "w").index["mixture"]["weights"] == {"book": 4.0}  # c4's weight too
     printed = capsys.readouterr().out
     assert "mixture: c4 not in this dataset" in printed and "github, wikipedia have no weight and are not sampled" in printed
     pytest.importorskip("litdata")  # the LitGPT extra

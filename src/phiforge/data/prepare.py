@@ -325,7 +325,7 @@ class PrepareOptions:
     the bar, None only on a terminal. workers: processes for decoding/cleaning/tokenizing (None: all cores, 0:
     in this process). dedup: "exact", "near", "exact,near" or "none" (None: the source's default). mixture:
     per-source sampling weights, recorded in the index for the loader for the sources the train split holds
-    (renormalised to sum to 1). summary: called with each line of the short report at the end.
+    (renormalised to the same total). summary: called with each line of the short report at the end.
     """
 
     val_ids: list[str] | None = None
@@ -383,7 +383,8 @@ def _tokenizer_info(tokenizer_dir) -> tuple[str, dict]:
 
 def recorded_mixture(weights: dict[str, float] | None, have: dict) -> tuple[dict[str, float] | None, list[str]]:
     """The mixture to record for a train split holding the sources in `have`: the weighted sources it holds,
-    renormalised to sum to 1 (None when there is none), and notes for the report on what was left out."""
+    renormalised to the total of the weights given (unchanged when it holds them all; None when it holds none),
+    and notes for the report on what was left out."""
     if weights is None:
         return None, []
     kept = {k: float(w) for k, w in weights.items() if w > 0 and k in have}
@@ -394,13 +395,14 @@ def recorded_mixture(weights: dict[str, float] | None, have: dict) -> tuple[dict
                       "no mixture recorded"]
     notes = []
     if dropped:
+        scale = sum(float(w) for w in weights.values() if w > 0) / sum(kept.values())
+        kept = {k: w * scale for k, w in kept.items()}
         notes.append(f"mixture: {', '.join(dropped)} not in this dataset, left out; the weights of "
-                     f"{', '.join(kept)} renormalised to sum to 1")
+                     f"{', '.join(kept)} renormalised to the same total")
     if unweighted:
         verb = "has no weight and is" if len(unweighted) == 1 else "have no weight and are"
         notes.append(f"mixture: {', '.join(unweighted)} {verb} not sampled")
-    total = sum(kept.values())
-    return {k: w / total for k, w in kept.items()}, notes
+    return kept, notes
 
 
 class _HoldOutOne(Exception):
