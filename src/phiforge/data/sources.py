@@ -122,12 +122,12 @@ class Source:
         unit = self.unit_of(doc_id)
         if unit is None:
             return None
-        for raw in self.read(unit):
-            c = clean_raw(raw) if isinstance(raw, RawDoc) and raw.id == doc_id else raw
-            if isinstance(c, Skip):
-                return f"{c.reason}: {c.example}"
-            if isinstance(raw, RawDoc) and raw.id == doc_id:
-                return None
+        for raw in self.read(unit):  # the unit holds this document only
+            if isinstance(raw, Skip):
+                return f"{raw.reason}: {raw.example}"
+            if raw.id == doc_id:
+                c = clean_raw(raw)
+                return f"{c.reason}: {c.example}" if isinstance(c, Skip) else None
         return "not produced by the source"
 
 
