@@ -5,7 +5,7 @@
     python bench/data_throughput.py --throughput-mb 8 --rss-gb 0.05 --out /tmp/x.json   # a quick check
 
 1. Throughput. A RedPajama-format corpus (book/ + github/ JSON lines) is generated from the bundled books and
-   the standard-library sources, repeated with variations (phiforge.data.fixtures.make_bench_corpus). On the
+   the standard-library sources, repeated with variations (tests/data_fixtures.py make_bench_corpus). On the
    same documents, in the same run, alternating, best of --rounds:
      raw       `tokenizers` encode_batch (and encode_batch_fast) of the documents, in batches of about 1 MB,
                with the library's own thread pool on all cores; the JSON is parsed beforehand (not timed)
@@ -36,8 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))  # the corpus generator lives with the test fixtures
 
-from phiforge.data.fixtures import make_bench_corpus  # noqa: E402
+from data_fixtures import make_bench_corpus  # noqa: E402
 from phiforge.tokenizer import builtin_tokenizer  # noqa: E402
 
 

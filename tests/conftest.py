@@ -14,7 +14,7 @@ def gutenberg_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def redpajama_fixture(tmp_path_factory):
     """A small RedPajama-1T-format download (all seven sources) made from bundled books and stdlib text."""
-    from phiforge.data.fixtures import make_redpajama
+    from data_fixtures import make_redpajama
 
     return make_redpajama(tmp_path_factory.mktemp("rp") / "RedPajama-1T", "1T", max_bytes=60_000)
 

@@ -351,6 +351,57 @@ def test_prepared_bundled_dataset(gutenberg_dir):
     assert tok.decode(ds.stream("val").read(0, 12).tolist()).startswith("Persuasion")
 
 
+# sha256 of what the code before the PrepareConfig refactor wrote for the bundled books (default options): the
+# shards, documents.jsonl without the later "bytes" field, and index.json (canonical JSON, no phiforge_version,
+# its documents checksum that of the file without "bytes")
+BEFORE = {"train-00000.bin": "f6fe4683c6af5ebbca304289623d7d0d042497e33a8b7392a9053ba876b01d74",
+          "val-00000.bin": "55a5b6bd8769dd5b5403af3b9ad9c13778820c480433815d9254f94824ec26ef",
+          "documents.jsonl": "a779cb23b3ef2e59c2f632b3d5b29a118fee4cb1b147ca4a0eb9107c9335a3dc",
+          "index.json": "b5c0ecdb3ce0395c0231a65d58d9ee08fa1cd4b3d77043f0cf2d9f7fa4153808"}
+
+
+def test_bundled_output_is_unchanged_apart_from_document_bytes(gutenberg_dir):
+    import hashlib
+
+    def sha(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    for name in ("train-00000.bin", "val-00000.bin"):
+        assert sha((gutenberg_dir / name).read_bytes()) == BEFORE[name], name
+    records = [json.loads(line) for line in (gutenberg_dir / "documents.jsonl").read_text().splitlines()]
+    assert all(isinstance(r.pop("bytes"), int) for r in records)
+    without = b"".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode() + b"\n" for r in records)
+    assert sha(without) == BEFORE["documents.jsonl"]
+    index = json.loads((gutenberg_dir / "index.json").read_text())
+    index["prepared"].pop("phiforge_version")
+    index["documents"]["sha256"] = sha(without)
+    assert sha(json.dumps(index, sort_keys=True).encode()) == BEFORE["index.json"]
+
+
+def test_document_bytes_and_tokens_one_document_at_a_time(gutenberg_dir):
+    from data_fixtures import cleaned_documents
+
+    ds = open_token_dataset(gutenberg_dir)
+    texts = {i: text for i, _, text, _ in cleaned_documents(BundledGutenberg())}
+    records = {d["id"]: d for d in ds.iter_documents()}
+    for i, text in texts.items():  # the UTF-8 size of exactly the text that was tokenized
+        assert records[i]["bytes"] == len(text.encode("utf-8")) and records[i]["chars"] == len(text)
+    assert records["141"]["bytes"] > records["141"]["chars"]  # Mansfield Park has a non-ASCII character
+    docs = ds.iter_document_tokens("train")
+    assert iter(docs) is docs  # a generator: one document read at a time
+    seen = []
+    tok = builtin_tokenizer()
+    for record, tokens in docs:
+        assert record["split"] == "train" and tokens.dtype == np.int64 and len(tokens) == record["tokens"]
+        assert tokens[-1] == EOT_ID and EOT_ID not in tokens[:-1]
+        assert tok.decode(tokens[:50].tolist()) == texts[record["id"]][:len(tok.decode(tokens[:50].tolist()))]
+        seen.append(record["id"])
+    assert seen == [d["id"] for d in ds.iter_documents() if d["split"] == "train"] and len(seen) == 6
+    assert [r["id"] for r, _ in ds.iter_document_tokens("val")] == ["105"]
+    with pytest.raises(DataError, match="no 'test' split"):
+        next(ds.iter_document_tokens("test"))
+
+
 def test_val_selection():
     src = BundledGutenberg()
     assert choose_val_ids(src) == (["105"], "default")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from phiforge.data.fixtures import make_redpajama
+from data_fixtures import make_redpajama
 from phiforge.data.loader import FeistelOrder, PackedLoader, eval_batches
 from phiforge.data.prepare import prepare
 from phiforge.data.redpajama import DEFAULT_WEIGHTS, RedPajamaSource, classify, parse_weights
@@ -31,7 +31,7 @@ def test_redpajama_1t_fixture_to_per_source_shards(redpajama_dir, redpajama_fixt
     ds.verify()
     idx = ds.index
     assert idx["version"] == 2 and idx["prepared"]["corpus"] == "redpajama"
-    assert idx["mixture"]["weights"] == DEFAULT_WEIGHTS
+    assert idx["mixture"]["weights"] == DEFAULT_WEIGHTS  # the fixture has every default source
     train = idx["splits"]["train"]
     assert sorted(train["sources"]) == SOURCES
     # every shard holds one source; a split's shards are grouped source by source in the fixed order
@@ -87,6 +87,7 @@ def test_sample_and_v2_layouts_and_quality_filter(tmp_path):
     dropped = rep["removed"]["quality filter: short"]["count"]
     assert len(seen) == n_docs and dropped == sum(1 for w in seen if w < 300) and dropped > 0
     assert rep["kept"]["documents"] == n_docs - dropped
+    assert rep["read"]["documents"] == n_docs  # the filtered ones were read too
     # the built-in rule set runs on 1T documents too (from the text, no signals)
     assert rp.rpv2_basic({"text": "word " * 10}, None) == "word count"
     assert rp.rpv2_basic({"text": "A fine sentence with words. " * 30}, None) is None
@@ -135,6 +136,86 @@ def test_cli_redpajama_errors(capsys, tmp_path):
     code, _, err = run_cli(capsys, "prepare", "redpajama", "--input", tmp_path, "--out", tmp_path / "o",
                            "--weights", "book")
     assert_one_line_error(code, err, "--weights: cannot read 'book'")
+
+
+def test_mixture_recorded_for_the_sources_the_dataset_holds(capsys, tmp_path):
+    """A dataset with 3 of the 7 default sources records their weights only, renormalised, and says so; the
+    loader, validation and `litgpt prepare --mixture index` use it as it is."""
+    raw = make_redpajama(tmp_path / "raw", "1T", max_bytes=15_000, sources=("book", "github", "wikipedia"))
+    out = tmp_path / "ds"
+    code, stdout, err = run_cli(capsys, "prepare", "redpajama", "--input", raw, "--out", out, "--val-fraction", "0.2",
+                                "--workers", "0")
+    assert code == 0, err
+    index = open_token_dataset(out).index
+    assert index["mixture"]["weights"] == pytest.approx({"github": 100 / 3, "wikipedia": 100 / 3, "book": 100 / 3})
+    note = "mixture: common_crawl, c4, arxiv, stackexchange not in this dataset, left out"
+    assert note in stdout and any(n.startswith(note) for n in json.loads((out / "prepare-report.json").read_text())
+                                  ["notes"])
+    ld = PackedLoader(out, "train", seq_len=16, batch_size=8, seed=0, mixture="index")
+    for _ in range(5):
+        ld.next_batch()
+    assert sorted(ld.sources) == ["book", "github", "wikipedia"] and sum(ld.consumed) == 40
+    assert len(eval_batches(out, "val", 16, 2, 2, mixture="index")) == 2
+    # weights naming a source the input lacks, and leaving one out
+    prepare(RedPajamaSource(raw), tmp_path / "w", None, val_fraction=0.2, workers=0, mixture={"book": 1, "c4": 3},
+            summary=print)
+    assert open_token_dataset(tmp_path / "w").index["mixture"]["weights"] == {"book": 4.0}  # c4's weight too
+    printed = capsys.readouterr().out
+    assert "mixture: c4 not in this dataset" in printed and "github, wikipedia have no weight and are not sampled" in printed
+    pytest.importorskip("litdata")  # the LitGPT extra
+    code, _, err = run_cli(capsys, "litgpt", "prepare", "--from-dataset", out, "--out", tmp_path / "lit", "--seq-len",
+                           16, "--mixture", "index", "--eval-batches", 1)
+    assert code == 0, err
+    assert json.loads((tmp_path / "lit" / "litgpt-data.json").read_text())["mixture"] == \
+        pytest.approx(index["mixture"]["weights"])
+
+
+def _docs_file(path, n):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": f"Document {i}. " + "Words and more words. " * 20}) + "\n"
+                            for i in range(n)))
+
+
+def test_small_sample_holds_out_one_document(capsys, tmp_path):
+    """The default --val-fraction 0.001 holds out nothing from 5 documents: one is held out instead (the one with
+    the smallest hash), the summary says so, and a rerun gives the same dataset."""
+    from phiforge.data.prepare import _fraction
+
+    _docs_file(tmp_path / "rp" / "book" / "b.jsonl", 5)
+    ids = [f"book/b.jsonl:{n}" for n in range(1, 6)]
+    assert min(map(_fraction, ids)) >= 0.001  # the fraction alone leaves the val split empty
+    want = min(ids, key=_fraction)
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        code, stdout, err = run_cli(capsys, "prepare", "redpajama", "--input", tmp_path / "rp", "--out", out,
+                                    "--workers", "0")
+        assert code == 0, err
+        assert f"held out one document ({want}) so that the val split is not empty" in stdout
+        ds = open_token_dataset(out)
+        assert [d["id"] for d in ds.iter_documents() if d["split"] == "val"] == [want]
+        assert ds.index["prepared"]["val"] == {"method": "fraction", "fraction": 0.001, "held_out": [want]}
+        runs.append({p.name: p.read_bytes() for p in out.iterdir() if p.name != "prepare-report.json"})
+    assert runs[0] == runs[1]
+    code, stdout, err = run_cli(capsys, "data", "inspect", tmp_path / "a")
+    assert code == 0 and f"(and {want}, so that the split is not empty)" in stdout, err
+
+
+def test_empty_splits_are_one_line_errors_that_say_why(capsys, tmp_path):
+    from phiforge.data.prepare import _fraction
+
+    _docs_file(tmp_path / "one" / "book" / "b.jsonl", 1)
+    code, _, err = run_cli(capsys, "prepare", "redpajama", "--input", tmp_path / "one", "--out", tmp_path / "o",
+                           "--workers", "0")
+    assert_one_line_error(code, err, "the val split came out empty: 1 document(s) kept of 1 read",
+                          "nothing removed", "needs at least 2")
+    assert "report" not in err  # no pointer to a report that was not written
+    _docs_file(tmp_path / "two" / "book" / "b.jsonl", 2)
+    assert max(_fraction(f"book/b.jsonl:{n}") for n in (1, 2)) < 0.99
+    code, _, err = run_cli(capsys, "prepare", "redpajama", "--input", tmp_path / "two", "--out", tmp_path / "o",
+                           "--workers", "0", "--val-fraction", "0.99")
+    assert_one_line_error(code, err, "the train split came out empty", "2 document(s) kept", "--val-fraction")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # nothing left behind
 
 
 # ---------------------------------------------------------------------------------------------- mixture loader

@@ -93,3 +93,49 @@ def test_resume_refuses_other_options_and_restart_starts_over(capsys, tmp_path, 
     assert code == 0, err
     assert not work.exists() and sorted(open_token_dataset(out).index["splits"]["train"]["sources"]) == \
         ["book", "github"]
+
+
+def test_resume_of_the_run_that_holds_out_one_document(tmp_path):
+    """The val split came out empty, so prepare runs again holding out one document; that second run, interrupted
+    (a failing input) and re-run, resumes with the same held-out document: the same bytes as without the crash."""
+    import phiforge.data.redpajama as rp
+    from phiforge.data.prepare import prepare
+    from phiforge.data.redpajama import RedPajamaSource
+    from phiforge.errors import DataError
+
+    from phiforge.data.prepare import _fraction
+
+    (tmp_path / "rp" / "book").mkdir(parents=True)
+    for k in range(10):  # ten units of one document: results drain (and checkpoints happen) as the run goes
+        (tmp_path / "rp" / "book" / f"f{k}.jsonl").write_text(json.dumps({"text": f"Document {k}. " * 40}) + "\n")
+        assert _fraction(f"book/f{k}.jsonl:1") >= 0.001
+    calls = {"n": 0, "fail_after": None}
+
+    def flaky(record, signals):
+        calls["n"] += 1
+        if calls["fail_after"] is not None and calls["n"] > calls["fail_after"]:
+            raise DataError("input went away")
+        return None
+
+    rp.QUALITY_FILTERS["test-flaky"] = flaky
+    try:
+        def run(out):
+            return prepare(RedPajamaSource(tmp_path / "rp", quality_filter="test-flaky"), out, None,
+                           val_fraction=0.001, workers=0, checkpoint_seconds=0)
+
+        ref = run(tmp_path / "ref")
+        held = ref["prepared"]["val"]["held_out"]
+        assert calls["n"] == 20 and len(held) == 1  # two passes over 10 documents
+        calls.update(n=0, fail_after=19)  # the second pass fails in its last file, after a checkpoint
+        with pytest.raises(DataError, match="input went away"):
+            run(tmp_path / "out")
+        journal = json.loads((tmp_path / ".out.partial" / "journal.json").read_text())
+        done = journal["units_done"]
+        assert journal["held_out"] == held[0] and 0 < done < 9
+        calls.update(n=0, fail_after=None)
+        index = run(tmp_path / "out")
+        assert calls["n"] == 10 - done  # resumed: the files after the checkpoint are read, once
+    finally:
+        del rp.QUALITY_FILTERS["test-flaky"]
+    assert index["prepared"]["val"]["held_out"] == held
+    assert _files(tmp_path / "out") == _files(tmp_path / "ref")

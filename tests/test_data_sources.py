@@ -386,3 +386,74 @@ def test_shard_checksum_mismatch_is_one_line_error(capsys, tmp_path):
     shard.write_bytes(bytes(data[:10]) + bytes([data[10] ^ 0xFF]) + bytes(data[11:]))
     code, _, err = run_cli(capsys, "data", "inspect", out, "--verify")
     assert_one_line_error(code, err, "checksum mismatch in", str(out / "documents.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------- validation books
+
+
+def _mirror_with_cut_zips(root: Path, broken: int) -> list[str]:
+    """Three books in a mirror tree, the first `broken` of them (in --val-books order) as truncated zips; returns
+    the ids in that order."""
+    import hashlib
+
+    books = {"105": ("pg105_persuasion", "Persuasion"), "121": ("pg121_northanger_abbey", "Northanger Abbey"),
+             "1342": ("pg1342_pride_and_prejudice", "Pride and Prejudice")}
+    order = sorted(books, key=lambda v: hashlib.sha256(v.encode()).hexdigest())  # --val-books takes them so
+    for i, (name, title) in books.items():
+        (root / i).mkdir(parents=True)
+        body = _gutenberg_file(title, _book(name, 15_000))
+        if i in order[:broken]:
+            z = io.BytesIO()
+            with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+                zf.writestr(f"{i}.txt", body)
+            (root / i / f"{i}-0.zip").write_bytes(z.getvalue()[: len(z.getvalue()) // 2])  # cut short
+        else:
+            (root / i / f"{i}-0.txt").write_text(body)
+    return order
+
+
+def test_val_books_pass_over_an_unreadable_book(capsys, tmp_path):
+    """A picked validation book that cannot be read (a truncated zip) is passed over for the next one before the
+    long pass, and the run (and a rerun) succeeds; naming it with --val-ids is an error before any work."""
+    root = tmp_path / "mirror"
+    order = _mirror_with_cut_zips(root, 1)
+    out = tmp_path / "ds"
+    args = ["prepare", "gutenberg", "--source", "mirror", "--mirror", root, "--workers", "0", "--dedup", "none"]
+    for _ in range(2):  # a rerun gives the same
+        code, stdout, err = run_cli(capsys, *args, "--val-books", "1", "--out", out)
+        assert code == 0, err
+        docs = {d["id"]: d["split"] for d in open_token_dataset(out).iter_documents()}
+        assert docs == {order[1]: "val", order[2]: "train"}
+        assert f"validation: book {order[0]} passed over" in stdout and "corrupt zip" in stdout
+    rep = json.loads((out / "prepare-report.json").read_text())
+    assert rep["removed"]["unreadable file"]["count"] == 1 and any("passed over" in n for n in rep["notes"])
+    assert rep["read"]["documents"] == 2  # the unreadable file is not a document read
+    code, _, err = run_cli(capsys, *args, "--val-ids", order[0], "--out", tmp_path / "ds2")
+    assert_one_line_error(code, err, f"--val-ids {order[0]}", "corrupt zip", f"{order[0]}-0.zip")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "mirror"]  # nothing begun
+    root2 = tmp_path / "mirror2"
+    order = _mirror_with_cut_zips(root2, 2)
+    code, _, err = run_cli(capsys, *args[:5], root2, *args[6:], "--val-books", "2", "--out", tmp_path / "ds3")
+    assert_one_line_error(code, err, "only 1 of the 2 validation book(s) can be read",
+                          f"unreadable: {order[0]}, {order[1]}")
+    assert not (tmp_path / "ds3").exists()
+
+
+def test_val_book_removed_as_a_duplicate(capsys, mirror, tmp_path):
+    code, _, err = run_cli(capsys, "prepare", "gutenberg", "--source", "mirror", "--mirror", mirror, "--catalog",
+                           mirror / "pg_catalog.csv", "--language", "en", "--val-ids", "1343", "--out", tmp_path / "d",
+                           "--workers", "0")
+    assert_one_line_error(code, err, "the val split came out empty: the validation book(s) 1343 were removed",
+                          "1 x exact duplicate", "--val-ids")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_parquet_text_column_that_is_not_text(capsys, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"id": ["1", "2"], "text": [5, 6]}), tmp_path / "pq" / "ints.parquet")
+    code, _, err = run_cli(capsys, "prepare", "gutenberg", "--source", "parquet", "--parquet", tmp_path / "pq",
+                           "--out", tmp_path / "x")
+    assert_one_line_error(code, err, str(tmp_path / "pq" / "ints.parquet"), "column 'text' holds int64, not text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pq"]

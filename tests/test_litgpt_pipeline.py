@@ -31,10 +31,10 @@ def events(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def lit_dir(tmp_path_factory):
-    """A RedPajama-format fixture (phiforge.data.fixtures: bundled books, stdlib sources, pydoc topics) through
+    """A RedPajama-format fixture (tests/data_fixtures.py: bundled books, stdlib sources, pydoc topics) through
     `phiforge litgpt prepare --data redpajama`, which runs phiforge's own `prepare redpajama` into OUT/phiforge."""
     from phiforge.cli import main
-    from phiforge.data.fixtures import make_redpajama
+    from data_fixtures import make_redpajama
 
     root = tmp_path_factory.mktemp("rp")
     make_redpajama(root / "raw", layout="1T", max_bytes=150_000, sources=("book", "github", "wikipedia", "arxiv"))

@@ -33,6 +33,8 @@ def run_inspect(args) -> int:
         val = prep.get("val", {})
         how = (f"{val.get('fraction')} of the documents" if val.get("method") == "fraction"
                else ", ".join(val.get("ids", [])))
+        if val.get("held_out"):
+            how += f" (and {', '.join(val['held_out'])}, so that the split is not empty)"
         print(f"prepared from {prep.get('corpus', '?')}/{prep.get('source', '?')}; "
               f"validation by {val.get('method', '?')}: {how}")
     total = sum(ds.split_tokens(s) for s in ds.splits()) or 1

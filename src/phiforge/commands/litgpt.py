@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import argparse
 import shlex
 
 from phiforge.commands import add_config_args, load_command_config
@@ -59,16 +58,6 @@ def register(sub) -> None:
     c.set_defaults(func=run_config)
 
 
-def _prepare_corpora() -> dict:
-    """The corpora `phiforge prepare` knows in this installation, by name -> its argparse subparser."""
-    from phiforge.cli import build_parser
-
-    def subparsers(parser):
-        return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-
-    return subparsers(subparsers(build_parser())["prepare"])
-
-
 def run_prepare(args) -> int:
     from pathlib import Path
 
@@ -87,20 +76,13 @@ def run_prepare(args) -> int:
     else:
         if not args.data:
             raise DataError("give --data gutenberg|redpajama (phiforge prepares it first) or --from-dataset DIR")
-        corpora = _prepare_corpora()
-        if args.data not in corpora:
-            raise DataError(f"`phiforge prepare {args.data}` is not available in this phiforge (it has: "
-                            f"{', '.join(corpora)}); prepare the corpus into a phiforge dataset some other way "
-                            f"and pass --from-dataset DIR")
-        from phiforge.cli import build_parser
+        from phiforge.data.corpora import load_prepare_config, parse_flags, prepare_corpus
 
         dataset = out / "phiforge"
-        argv = ["prepare", args.data, *shlex.split(args.prepare_args), "--out", str(dataset)]
-        print(f"phiforge {' '.join(shlex.quote(a) for a in argv)}", flush=True)
-        prep_args = build_parser().parse_args(argv)
-        code = int(prep_args.func(prep_args) or 0)
-        if code:
-            return code
+        argv = shlex.split(args.prepare_args)
+        cfg = load_prepare_config(args.data, flags={**parse_flags(args.data, argv), "out": str(dataset)})
+        print(f"phiforge prepare {args.data} {' '.join(shlex.quote(a) for a in argv)} --out {dataset}", flush=True)
+        prepare_corpus(cfg, echo=print)
     m = prepare_litdata(dataset, out, args.seq_len, micro_batch_size=args.micro_batch_size, seed=args.seed,
                         epochs=args.epochs, mixture=_mixture(args.mixture),
                         eval_batches_n=args.eval_batches)

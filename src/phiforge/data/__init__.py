@@ -8,10 +8,11 @@
     dedup.py      exact and near-duplicate (MinHash/LSH) removal
     readers.py    plain/.gz/.zst JSON lines, streamed, with one-line errors for broken files
     report.py     what a prepare run read, kept and removed (prepare-report.json)
-    prepare.py    the parallel, resumable pipeline (`phiforge prepare`)
+    prepare.py    the parallel, resumable pipeline: `prepare(source, out, val_ids, **PrepareOptions)`
+    corpora.py    `phiforge prepare CORPUS` as an API: PrepareConfig per corpus, `prepare_corpus(cfg)`, the
+                  Gutenberg source registry
     shards.py     the on-disk format: writer, reader (`open_token_dataset`), versions 1 and 2
     loader.py     `PackedLoader` (training, source mixture) and `eval_batches` (validation)
-    fixtures.py   offline RedPajama-format corpora from the bundled books and the stdlib (tests, bench)
 
 Modules are imported on use: `phiforge.data.loader` pulls in torch, the rest only numpy (+ pyarrow/zstandard
 when those inputs are read).

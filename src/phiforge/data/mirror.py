@@ -39,7 +39,7 @@ from pathlib import Path
 
 from phiforge.data.gutenberg import read_bytes
 from phiforge.data.report import Report
-from phiforge.data.sources import GUTENBERG_SOURCES, RawDoc, Skip, Source, Unit
+from phiforge.data.sources import RawDoc, Skip, Source, Unit
 from phiforge.errors import DataError
 
 CATALOG_COLUMNS = ("Text#", "Type", "Issued", "Title", "Language", "Authors", "Subjects", "LoCC", "Bookshelves")
@@ -186,6 +186,7 @@ class MirrorGutenberg(Source):
         self.filter = filter or CatalogFilter(types=None)
         self.only_ids = only_ids
         self._books: list[tuple[str, str, int]] | None = None  # (id, relpath, size)
+        self._by_id: dict[str, Unit] | None = None
         self._catalog: dict[str, CatalogEntry] = catalog_entries or {}
         self._use_catalog = catalog_entries is not None or self.catalog_path is not None
         if catalog_entries is not None:
@@ -233,13 +234,18 @@ class MirrorGutenberg(Source):
         return [Unit(key=rel, source=self.corpus, size=size, ref=(book_id, rel)) for book_id, rel, size
                 in self._scan()]
 
+    def unit_of(self, doc_id: str) -> Unit | None:
+        if self._by_id is None:
+            self._by_id = {u.ref[0]: u for u in self.units()}
+        return self._by_id.get(doc_id)
+
     def read(self, unit: Unit) -> Iterator[RawDoc | Skip]:
         book_id, rel = unit.ref
         path = self.root / rel
         try:
             data = _read_book(path)
         except DataError as e:
-            yield Skip("unreadable file", f"{rel}: {e}")
+            yield Skip("unreadable file", f"{rel}: {e}", document=False)
             return
         entry = self._catalog.get(book_id)
         meta = {"file": rel}
@@ -271,6 +277,18 @@ LAYOUTS = {
     "sedthh/gutenberg_english": {"TEXT", "SOURCE", "METADATA"},
     "pg19": {"short_book_title", "publication_date", "url", "text"},
 }
+
+
+TEXT_COLUMN = {"manu/project_gutenberg": "text", "sedthh/gutenberg_english": "TEXT", "pg19": "text"}
+
+
+def _is_text(t) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    view = getattr(pa.types, "is_string_view", lambda _: False)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or view(t) or pa.types.is_null(t)
 
 
 def _pyarrow():
@@ -328,7 +346,13 @@ class ParquetGutenberg(Source):
     def _info(self, path: Path) -> tuple[str, int]:
         if path not in self._meta:
             pf = self._open(path)
-            self._meta[path] = (_layout(set(pf.schema_arrow.names), path), pf.metadata.num_row_groups)
+            layout = _layout(set(pf.schema_arrow.names), path)
+            col = TEXT_COLUMN[layout]
+            kind = pf.schema_arrow.field(col).type
+            if not _is_text(kind):
+                raise DataError(f"{path}: column '{col}' holds {kind}, not text (the {layout} layout keeps the "
+                                "book text there)")
+            self._meta[path] = (layout, pf.metadata.num_row_groups)
         return self._meta[path]
 
     def _rows(self, path: Path, row_groups=None, with_text=True) -> Iterator[tuple[str, str, str | None, dict]]:
@@ -482,10 +506,11 @@ class DownloadGutenberg(Source):
     def read(self, unit: Unit):
         return self._m().read(unit)
 
+    def unit_of(self, doc_id: str) -> Unit | None:
+        return self._m().unit_of(doc_id)
+
     def describe(self) -> dict:
         return {"source": self.name, "mirror_url": self.mirror_url, "url_template": self.template,
                 "ids": sorted(self.fetched, key=int), "filter": self.filter.describe() if self.catalog_filter
                 else None}
 
-
-GUTENBERG_SOURCES.update(mirror=MirrorGutenberg, parquet=ParquetGutenberg, download=DownloadGutenberg)

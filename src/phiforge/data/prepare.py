@@ -1,6 +1,7 @@
 """Documents -> tokens -> packed shards + index, streamed, in parallel, resumable after a crash.
 
-`prepare(source, out_dir, ...)`:
+`prepare(source, out_dir, val_ids, **options)` (options: the fields of `PrepareOptions`, checked before any
+work; `phiforge.data.corpora.prepare_corpus` builds the source and options from a PrepareConfig):
 
     main process                                   worker processes (--workers, default: all cores)
     ------------                                   --------------------------------------------------
@@ -30,6 +31,9 @@ lengths (so nothing half-written or duplicated survives) and the result is byte-
 uninterrupted run. A run with different inputs or options refuses to resume (--restart starts over). At the
 end index.json is written (last), the journal removed, and the directory swapped in for NAME; an existing
 dataset there is replaced only then, and a directory that is not a phiforge dataset is refused.
+
+The code: `_Run` holds one run's state; `_open_work`/`_load` (resume), `_feed`/`_submit`/`_drain_one`
+(workers, results in order), `_add` (dedup, split, write), `_checkpoint`, `_finish`/`_check_splits`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +59,10 @@ from tqdm import tqdm
 
 from phiforge import __version__
 from phiforge.data.dedup import Deduper, content_hash, minhash_signature
-from phiforge.data.gutenberg import CLEANER_VERSION, clean_book, decode_with_encoding, header_title
+from phiforge.data.gutenberg import CLEANER_VERSION
 from phiforge.data.report import Report
 from phiforge.data.shards import DEFAULT_SHARD_TOKENS, DatasetWriter
-from phiforge.data.sources import RawDoc, Skip, Source
+from phiforge.data.sources import RawDoc, Skip, Source, clean_raw
 from phiforge.errors import DataError
 from phiforge.fileio import write_json_atomic
 from phiforge.tokenizer import EOT, eot_id, load_tokenizer
@@ -210,29 +215,12 @@ def _work(batch: list[RawDoc]) -> list[tuple]:
     out: list = [None] * len(batch)
     texts, todo = [], []
     for i, raw in enumerate(batch):
-        info: dict = {}
-        title, meta = raw.title, dict(raw.meta)
-        text = raw.text
-        if text is None:
-            try:
-                text, enc = decode_with_encoding(raw.data, raw.origin)
-            except DataError as e:
-                reason = "empty file" if str(e).startswith("empty") else "binary file"
-                out[i] = ("skip", reason, raw.origin, len(raw.data or b""))
-                continue
-            if enc != "utf-8":
-                info["encoding"] = enc
-        if meta.pop("title_from_header", False):
-            title = header_title(text) or title
-        if raw.clean == "gutenberg":
-            c = clean_book(text)
-            info.update(header_chars=c.header_chars, footer_chars=c.footer_chars, markers=c.had_markers)
-            meta.update(removed_header_chars=c.header_chars, removed_footer_chars=c.footer_chars)
-            text = c.text
-        if not text.strip():
-            out[i] = ("skip", "empty after cleaning", raw.origin, 0)
+        c = clean_raw(raw)
+        if isinstance(c, Skip):
+            out[i] = ("skip", c.reason, c.example, c.chars)
             continue
-        meta["chars"] = len(text)
+        text, title, meta, info = c
+        meta["bytes"] = len(text.encode("utf-8"))  # for bits per byte in evaluation
         texts.append(text)
         todo.append((i, raw, title, meta, info))
     tokens = tokenize_documents(_W["tok"], texts, _W["eot"], _W["chunk"], _W["dtype"])
@@ -260,7 +248,7 @@ def _make_pool(workers: int, initargs: tuple):
 
 
 class _Done:
-    """A finished result, for the in-process path (workers=0) and for markers in the queue."""
+    """A finished result, for the in-process path (workers=0)."""
 
     def __init__(self, value):
         self.value = value
@@ -274,8 +262,8 @@ class _Done:
 
 class _Fault:
     """PHIFORGE_PREPARE_FAULT (tests): "hang@K" = once the first results of unit K are written (past the last
-    checkpoint) and flushed to the files, write WORK/fault-hang and sleep forever (a test then SIGKILLs the process); "sleep=S" = sleep
-    S seconds after each unit."""
+    checkpoint) and flushed to the files, write WORK/fault-hang and sleep forever (a test then SIGKILLs the
+    process); "sleep=S" = sleep S seconds after each unit."""
 
     def __init__(self, spec: str):
         self.hang, self.sleep = None, 0.0
@@ -295,277 +283,473 @@ class _Fault:
                 time.sleep(1)
 
 
-# ---------------------------------------------------------------------------------------------- prepare
+# ---------------------------------------------------------------------------------------------- options
 
 
-def _fraction(doc_id: str) -> float:
-    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little") / 2**64
+def _flag(key: str) -> str:
+    return f"--{key.replace('_', '-')} ({key})"
 
 
-def _dedup_modes(dedup: str | None, source: Source) -> tuple[bool, bool]:
-    spec = source.default_dedup if dedup is None else dedup
-    modes = {m.strip() for m in spec.split(",") if m.strip()} - {"none"}
+def dedup_modes(spec: str) -> tuple[bool, bool]:
+    """"exact,near" | "exact" | "near" | "none" -> (exact, near)."""
+    modes = {m.strip() for m in str(spec).split(",") if m.strip()} - {"none"}
     unknown = modes - {"exact", "near"}
     if unknown:
         raise DataError(f"--dedup: unknown mode(s) {', '.join(sorted(unknown))} (use exact, near, exact,near or none)")
     return "exact" in modes, "near" in modes
 
 
-def prepare(source: Source, out_dir: str | Path, val_ids: list[str] | None = None, *, val_method: str = "val-ids",
-            val_fraction: float | None = None, tokenizer_dir: str | Path | None = None,
-            shard_tokens: int = DEFAULT_SHARD_TOKENS, chunk_chars: int = CHUNK_CHARS, progress: bool | None = None,
-            on_document: Callable[[dict], None] | None = None, workers: int | None = None,
-            dedup: str | None = None, near_threshold: float = 0.8, mixture: dict[str, float] | None = None,
-            batch_chars: int = BATCH_CHARS, checkpoint_seconds: float = 60.0, restart: bool = False,
-            summary: Callable[[str], None] | None = None) -> dict:
-    """Tokenize a source's documents into a dataset directory; returns the index written.
+def check_mixture(weights: dict | None) -> None:
+    if weights is None:
+        return
+    if not isinstance(weights, dict) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0
+                                                for w in weights.values()):
+        raise DataError(f"--weights (weights): each source needs a number >= 0, got {weights!r}")
+    if not any(w > 0 for w in weights.values()):
+        raise DataError("--weights (weights): at least one source needs a positive weight")
 
-    Validation: documents whose id is in `val_ids`, or (`val_fraction`) a deterministic fraction of documents
-    by a hash of their id. progress: True shows the bar, None only on a terminal. workers: processes for
-    decoding/cleaning/tokenizing (None: all cores, 0: in this process). dedup: "exact", "near", "exact,near"
-    or "none" (None: the source's default). mixture: per-source sampling weights recorded in the index for the
-    loader. summary: called with each line of the short report at the end.
+
+@dataclass
+class PrepareOptions:
+    """How `prepare` runs; every value is checked when the options are made, before any work.
+
+    Validation: documents whose id is in `val_ids`, or (`val_fraction`) a deterministic fraction of documents by
+    a hash of their id; when that leaves the val split empty and at least 2 documents were kept, the document
+    with the smallest hash is held out (the run is repeated with it; the report says so). progress: True shows
+    the bar, None only on a terminal. workers: processes for decoding/cleaning/tokenizing (None: all cores, 0:
+    in this process). dedup: "exact", "near", "exact,near" or "none" (None: the source's default). mixture:
+    per-source sampling weights, recorded in the index for the loader for the sources the train split holds
+    (renormalised to the same total). summary: called with each line of the short report at the end.
     """
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    if shard_tokens < 1:
-        raise DataError(f"--shard-tokens must be at least 1, got {shard_tokens}")
-    if val_ids is None and val_fraction is None:
-        raise DataError("give validation ids or a validation fraction")
-    if val_fraction is not None and not 0 < val_fraction < 1:
-        raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    exact, near = _dedup_modes(dedup, source)
-    _check_out_dir(out_dir)
+
+    val_ids: list[str] | None = None
+    val_method: str = "val-ids"  # how val_ids were chosen, recorded in the index
+    val_fraction: float | None = None
+    tokenizer_dir: str | Path | None = None
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    workers: int | None = None
+    dedup: str | None = None
+    near_dup_threshold: float = 0.8
+    mixture: dict[str, float] | None = None
+    checkpoint_seconds: float = 60.0
+    restart: bool = False
+    progress: bool | None = None
+    summary: Callable[[str], None] | None = None
+    on_document: Callable[[dict], None] | None = None
+    chunk_chars: int = CHUNK_CHARS
+    batch_chars: int = BATCH_CHARS
+
+    def __post_init__(self):
+        if not isinstance(self.shard_tokens, int) or self.shard_tokens < 1:
+            raise DataError(f"{_flag('shard_tokens')} must be at least 1, got {self.shard_tokens}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
+            raise DataError(f"{_flag('workers')} must be 0 (in this process) or more, got {self.workers}")
+        if not 0 < self.near_dup_threshold <= 1:
+            raise DataError(f"{_flag('near_dup_threshold')} is a Jaccard similarity: it must be above 0 and at "
+                            f"most 1, got {self.near_dup_threshold}")
+        if not self.checkpoint_seconds >= 0:
+            raise DataError(f"{_flag('checkpoint_seconds')} must be 0 or more, got {self.checkpoint_seconds}")
+        if self.val_ids is None and self.val_fraction is None:
+            raise DataError("give validation ids or a validation fraction")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise DataError(f"{_flag('val_fraction')} must be between 0 and 1, got {self.val_fraction}")
+        if self.dedup is not None:
+            dedup_modes(self.dedup)
+        check_mixture(self.mixture)
+        if self.chunk_chars < 1 or self.batch_chars < 1:
+            raise DataError("chunk_chars and batch_chars must be at least 1")
+
+
+def _fraction(doc_id: str) -> float:
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little") / 2**64
+
+
+def _tokenizer_info(tokenizer_dir) -> tuple[str, dict]:
+    """(tokenizer.json text, the index's "tokenizer" entry)."""
     tok = load_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None)
     if tokenizer_dir and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise DataError(f"no tokenizer.json in --tokenizer-dir {tokenizer_dir}")
     tok_json = tok.to_str()
-    tok_info = {"name": "gpt2-bpe (builtin)" if not tokenizer_dir else str(Path(tokenizer_dir).resolve()),
-                "vocab_size": tok.get_vocab_size(), "eot_id": eot_id(tok),
-                "sha256": hashlib.sha256(tok_json.encode()).hexdigest(), "file": "tokenizer.json"}
-    val = set(val_ids or ())
-    units = source.units()
-    if workers is None:
-        workers = os.cpu_count() or 1
-    val_info = {"method": val_method, "ids": list(val_ids)} if val_ids is not None else \
-        {"method": "fraction", "fraction": val_fraction}
-    dedup_info = {"exact": exact, "near": near, **({"threshold": near_threshold, "shingle_words": 5,
-                                                     "num_perm": 128, "bands": 16} if near else {})}
-    prepared = {"corpus": source.corpus, "source": source.name, "inputs": source.describe(), "val": val_info,
-                "cleaner_version": CLEANER_VERSION, "shard_tokens": shard_tokens, "chunk_chars": chunk_chars,
-                "dedup": dedup_info, "phiforge_version": __version__, "report": REPORT}
-    units_sig = hashlib.sha256("\n".join(f"{u.key}\t{u.size}" for u in units).encode()).hexdigest()
-    fingerprint = {"prepared": prepared, "tokenizer": tok_info["sha256"], "units": units_sig, "mixture": mixture,
-                   "format": 2}
+    return tok_json, {"name": "gpt2-bpe (builtin)" if not tokenizer_dir else str(Path(tokenizer_dir).resolve()),
+                      "vocab_size": tok.get_vocab_size(), "eot_id": eot_id(tok),
+                      "sha256": hashlib.sha256(tok_json.encode()).hexdigest(), "file": "tokenizer.json"}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = out_dir.parent / f".{out_dir.name}.partial"
-    journal_path = work / JOURNAL
-    journal = None
-    if restart:
-        shutil.rmtree(work, ignore_errors=True)
-    if journal_path.is_file():
-        try:
-            journal = json.loads(journal_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            journal = None
-        if journal is not None and journal.get("fingerprint") != fingerprint:
-            raise DataError(f"{work} holds an interrupted prepare of other inputs or options; re-run it with the "
-                            "same arguments to resume, or add --restart to start over")
-    if journal is None and work.exists():  # died before its first checkpoint: nothing to keep
-        shutil.rmtree(work)
-    work.mkdir(exist_ok=True)
-    (work / "fault-hang").unlink(missing_ok=True)  # left by a PHIFORGE_PREPARE_FAULT test run
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(work, 0o777 & ~umask)
 
-    if journal is not None:
-        writer = DatasetWriter.restore(work, tok_info, shard_tokens, journal["writer"])
-        with open(work / journal["state"], "rb") as f:
+def recorded_mixture(weights: dict[str, float] | None, have: dict) -> tuple[dict[str, float] | None, list[str]]:
+    """The mixture to record for a train split holding the sources in `have`: the weighted sources it holds,
+    renormalised to the total of the weights given (unchanged when it holds them all; None when it holds none),
+    and notes for the report on what was left out."""
+    if weights is None:
+        return None, []
+    kept = {k: float(w) for k, w in weights.items() if w > 0 and k in have}
+    dropped = [k for k, w in weights.items() if w > 0 and k not in have]
+    unweighted = sorted(k for k in have if not weights.get(k))
+    if not kept:
+        return None, [f"mixture: none of the weighted sources ({', '.join(dropped)}) has training documents; "
+                      "no mixture recorded"]
+    notes = []
+    if dropped:
+        scale = sum(float(w) for w in weights.values() if w > 0) / sum(kept.values())
+        kept = {k: w * scale for k, w in kept.items()}
+        notes.append(f"mixture: {', '.join(dropped)} not in this dataset, left out; the weights of "
+                     f"{', '.join(kept)} renormalised to the same total")
+    if unweighted:
+        verb = "has no weight and is" if len(unweighted) == 1 else "have no weight and are"
+        notes.append(f"mixture: {', '.join(unweighted)} {verb} not sampled")
+    return kept, notes
+
+
+class _HoldOutOne(Exception):
+    """The val split came out empty under val_fraction: run again holding out this document."""
+
+    def __init__(self, doc_id: str):
+        super().__init__(doc_id)
+        self.doc_id = doc_id
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+
+
+def prepare(source: Source, out_dir: str | Path, val_ids: list[str] | None = None, **options) -> dict:
+    """Tokenize a source's documents into a dataset directory; returns the index written.
+
+    `options` are the fields of PrepareOptions (val_fraction, workers, dedup, mixture, summary, ...).
+    """
+    t0 = time.perf_counter()
+    opts = PrepareOptions(val_ids=val_ids, **options)
+    try:
+        return _Run(source, Path(out_dir), opts, t0).run()
+    except _HoldOutOne as e:
+        return _Run(source, Path(out_dir), opts, t0, held_out=e.doc_id).run()
+
+
+class _Run:
+    """One pass of `prepare`: settings, the work directory, the writer, and the results in flight.
+
+    run(): open the work directory (resuming from its journal), feed the units to the workers, handle the
+    results in submission order, checkpoint after units, and finish (index, report, swap into place).
+    """
+
+    def __init__(self, source: Source, out_dir: Path, opts: PrepareOptions, t0: float, held_out: str | None = None):
+        self.source, self.out_dir, self.opts, self.t0 = source, out_dir, opts, t0
+        self.exact, self.near = dedup_modes(source.default_dedup if opts.dedup is None else opts.dedup)
+        _check_out_dir(out_dir)
+        self.tok_json, self.tok_info = _tokenizer_info(opts.tokenizer_dir)
+        self.units = source.units()
+        self._check_mixture_sources()
+        self.workers = (os.cpu_count() or 1) if opts.workers is None else opts.workers
+        self.prepared = self._describe()
+        units_sig = hashlib.sha256("\n".join(f"{u.key}\t{u.size}" for u in self.units).encode()).hexdigest()
+        self.fingerprint = {"prepared": self.prepared, "tokenizer": self.tok_info["sha256"], "units": units_sig,
+                            "mixture": opts.mixture, "format": 2}
+        self.work = out_dir.parent / f".{out_dir.name}.partial"
+        self.journal_path = self.work / JOURNAL
+        self.fault = _Fault(os.environ.get("PHIFORGE_PREPARE_FAULT", ""))
+        self.held_out = held_out
+        self.val = set(opts.val_ids or ()) | ({held_out} if held_out else set())
+        self.pool = self.bar = self.writer = None
+        self.pending: deque = deque()  # (kind, unit index, future / payload) in input order
+        self.in_flight = 0
+        self.max_in_flight = 4 * max(self.workers, 1) + 2
+        self.run_tokens, self.finishing = 0, False
+
+    def _check_mixture_sources(self) -> None:
+        weights = self.opts.mixture
+        if weights is None:
+            return
+        have = {u.source for u in self.units}
+        if not any(w > 0 and k in have for k, w in weights.items()):
+            raise DataError(f"--weights: none of the weighted sources ({', '.join(k for k, w in weights.items() if w)}"
+                            f") is in the input (it has: {', '.join(sorted(have))})")
+
+    def _describe(self) -> dict:
+        """The index's "prepared" entry: what was prepared and how (also the resume fingerprint)."""
+        o = self.opts
+        val_info = {"method": o.val_method, "ids": list(o.val_ids)} if o.val_ids is not None else \
+            {"method": "fraction", "fraction": o.val_fraction}
+        dedup_info = {"exact": self.exact, "near": self.near, **(
+            {"threshold": o.near_dup_threshold, "shingle_words": 5, "num_perm": 128, "bands": 16} if self.near else {})}
+        return {"corpus": self.source.corpus, "source": self.source.name, "inputs": self.source.describe(),
+                "val": val_info, "cleaner_version": CLEANER_VERSION, "shard_tokens": o.shard_tokens,
+                "chunk_chars": o.chunk_chars, "dedup": dedup_info, "phiforge_version": __version__, "report": REPORT}
+
+    # ------------------------------------------------------------------ the work directory
+
+    def _open_work(self) -> dict | None:
+        """Create the work directory, or find the journal of an interrupted run of the same inputs."""
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if self.opts.restart:
+            shutil.rmtree(self.work, ignore_errors=True)
+        journal = None
+        if self.journal_path.is_file():
+            try:
+                journal = json.loads(self.journal_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                journal = None
+            if journal is not None and journal.get("fingerprint") != self.fingerprint:
+                raise DataError(f"{self.work} holds an interrupted prepare of other inputs or options; re-run it "
+                                "with the same arguments to resume, or add --restart to start over")
+        if journal is None and self.work.exists():  # died before its first checkpoint: nothing to keep
+            shutil.rmtree(self.work)
+        self.work.mkdir(exist_ok=True)
+        (self.work / "fault-hang").unlink(missing_ok=True)  # left by a PHIFORGE_PREPARE_FAULT test run
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.work, 0o777 & ~umask)
+        return journal
+
+    def _load(self, journal: dict | None) -> None:
+        """The writer and the decision state: restored from the journal, or new."""
+        if journal is None:
+            self.writer = DatasetWriter(self.work, self.tok_info, self.opts.shard_tokens)
+            (self.work / "tokenizer.json").write_text(self.tok_json, encoding="utf-8")
+            self.report = Report()
+            self.deduper = Deduper(self.exact, self.near, self.opts.near_dup_threshold)
+            self.val_seen: list[str] = []
+            self.candidate: tuple[float, str] | None = None  # the train document with the smallest hash
+            self.units_done = 0
+            return
+        self.writer = DatasetWriter.restore(self.work, self.tok_info, self.opts.shard_tokens, journal["writer"])
+        with open(self.work / journal["state"], "rb") as f:
             state = pickle.load(f)
-        report, deduper, val_seen = state["report"], state["deduper"], state["val_seen"]
-        units_done = int(journal["units_done"])
-        report.notes.append(f"resumed after {units_done} of {len(units)} input unit(s)")
-    else:
-        writer = DatasetWriter(work, tok_info, shard_tokens)
-        (work / "tokenizer.json").write_text(tok_json, encoding="utf-8")
-        report, deduper, val_seen, units_done = Report(), Deduper(exact, near, near_threshold), [], 0
-    fault = _Fault(os.environ.get("PHIFORGE_PREPARE_FAULT", ""))
-    dtype = writer.dtype.str
-    pool = None
-    if workers > 0:
-        try:
-            pool = _make_pool(workers, (tok_json, tok_info["eot_id"], dtype, chunk_chars, exact, near, os.getpid()))
-        except BaseException:
-            writer.close_files()
-            raise
-    bar = tqdm(total=sum(u.size for u in units), initial=sum(u.size for u in units[:units_done]), unit="B",
-               unit_scale=True, desc=f"prepare {source.name}", disable=None if progress is None else not progress,
-               smoothing=0.1)
-    run_tokens, run_t0 = 0, time.perf_counter()
-    finishing = False
-    last_ckpt = time.monotonic()
+        self.report, self.deduper, self.val_seen = state["report"], state["deduper"], state["val_seen"]
+        self.candidate = state.get("candidate")
+        self.held_out = journal.get("held_out")
+        if self.held_out:
+            self.val.add(self.held_out)
+        self.units_done = int(journal["units_done"])
+        self.report.notes.append(f"resumed after {self.units_done} of {len(self.units)} input unit(s)")
 
-    def checkpoint(done: int) -> None:
-        snap = writer.snapshot()
+    def _checkpoint(self, done: int) -> None:
+        """Flush and journal everything written for the first `done` units."""
+        snap = self.writer.snapshot()
         name = f"state-{done:09d}.pkl"
-        tmp = work / (name + ".tmp")
+        tmp = self.work / (name + ".tmp")
         with open(tmp, "wb") as f:
-            pickle.dump({"report": report, "deduper": deduper, "val_seen": val_seen}, f, protocol=4)
+            pickle.dump({"report": self.report, "deduper": self.deduper, "val_seen": self.val_seen,
+                         "candidate": self.candidate}, f, protocol=4)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, work / name)
-        write_json_atomic(journal_path, {"fingerprint": fingerprint, "units_done": done, "units": len(units),
-                                         "writer": snap, "state": name})
-        for old in work.glob("state-*.pkl"):
+        os.replace(tmp, self.work / name)
+        write_json_atomic(self.journal_path, {"fingerprint": self.fingerprint, "units_done": done,
+                                              "units": len(self.units), "writer": snap, "state": name,
+                                              "held_out": self.held_out})
+        for old in self.work.glob("state-*.pkl"):
             if old.name != name:
                 old.unlink()
 
-    def handle(result: list, unit_index: int) -> None:
-        nonlocal run_tokens
-        for r in result:
-            if r[0] == "skip":
-                report.skip(r[1], r[2], r[3])
-                continue
-            _, doc_id, title, src, meta, tokens, chash, sig, info = r
-            report.read["documents"] += 1
-            if "encoding" in info:
-                report.encodings[info["encoding"]] += 1
-            if doc_id in val:
-                val_seen.append(doc_id)
-            dup = deduper.check(doc_id, chash, sig) if deduper.enabled else None
-            if dup is not None:
-                reason, kept, sim = dup
-                report.skip(reason, f"{doc_id} ({title[:50]}) ~ {kept}" + (f" (similarity {sim})"
-                                                                             if reason.startswith("near") else ""),
-                            meta.get("chars", 0))
-                if doc_id in val:
-                    report.notes.append(f"validation document {doc_id} was removed as a {reason} of {kept}")
-                continue
-            report.cleaning["header_chars"] += info.get("header_chars", 0)
-            report.cleaning["footer_chars"] += info.get("footer_chars", 0)
-            report.cleaning["documents_with_markers"] += int(bool(info.get("markers")))
-            if val_fraction is not None:
-                split = "val" if _fraction(doc_id) < val_fraction else "train"
-            else:
-                split = "val" if doc_id in val else "train"
-            entry = writer.add(split, tokens, id=doc_id, title=title, source=src, **meta)
-            report.kept["documents"] += 1
-            report.kept["tokens"] += len(tokens)
-            report.kept["chars"] += meta.get("chars", 0)
-            report.sources[src]["documents"] += 1
-            report.sources[src]["tokens"] += len(tokens)
-            run_tokens += len(tokens)
-            if on_document:
-                on_document(entry)
-        fault.written(unit_index, work, writer)
+    # ------------------------------------------------------------------ the run
 
-    try:
-        if pool is None:
-            _worker_init(tok_json, tok_info["eot_id"], dtype, chunk_chars, exact, near, None)
+    def run(self) -> dict:
+        journal = self._open_work()
+        self._load(journal)
+        try:
+            self._start()
+            self._feed()
+            self._stop_workers()
+            self.finishing = True
+            return self._finish()
+        except BaseException:
+            self._abandon()
+            raise
 
-        def submit(batch):
-            return pool.apply_async(_work, (batch,)) if pool is not None else _Done(_work(batch))
+    def _start(self) -> None:
+        initargs = (self.tok_json, self.tok_info["eot_id"], self.writer.dtype.str, self.opts.chunk_chars,
+                    self.exact, self.near)
+        if self.workers > 0:
+            self.pool = _make_pool(self.workers, initargs + (os.getpid(),))
+        else:
+            _worker_init(*initargs, None)
+        total = sum(u.size for u in self.units)
+        progress = self.opts.progress
+        self.bar = tqdm(total=total, initial=sum(u.size for u in self.units[:self.units_done]), unit="B",
+                        unit_scale=True, desc=f"prepare {self.source.name}", smoothing=0.1,
+                        disable=None if progress is None else not progress)
+        self.run_t0 = time.perf_counter()
+        self.last_ckpt = time.monotonic()
 
-        pending: deque = deque()  # (kind, unit index, future / payload) in input order
-        in_flight = 0
-        max_in_flight = 4 * max(workers, 1) + 2
-
-        def drain_one() -> None:
-            nonlocal in_flight, last_ckpt
-            kind, ui, item = pending.popleft()
-            if kind == "batch":
-                in_flight -= 1
-                handle(item.get(), ui)
-            elif kind == "skip":
-                report.skip(item.reason, item.example, item.chars)
-            else:  # unit finished: everything before it is written
-                report.read["units"] += 1
-                report.read["bytes"] += units[ui].size
-                bar.update(units[ui].size)
-                dt = max(time.perf_counter() - run_t0, 1e-9)
-                bar.set_postfix_str(f"docs={report.kept['documents']:,} tok/s={run_tokens / dt:,.0f}", refresh=False)
-                if fault.sleep:
-                    time.sleep(fault.sleep)
-                if time.monotonic() - last_ckpt >= checkpoint_seconds and ui + 1 < len(units):
-                    checkpoint(ui + 1)
-                    last_ckpt = time.monotonic()
-
-        for ui in range(units_done, len(units)):
-            unit = units[ui]
+    def _feed(self) -> None:
+        """Read the remaining units in order, in batches of about batch_chars characters, and handle every
+        result; at most max_in_flight batches are out at any time."""
+        for ui in range(self.units_done, len(self.units)):
             batch, chars = [], 0
-            for raw in source.read(unit):
+            for raw in self.source.read(self.units[ui]):
                 if isinstance(raw, Skip):
-                    pending.append(("skip", ui, raw))
+                    self.pending.append(("skip", ui, raw))
                     continue
                 batch.append(raw)
                 chars += len(raw.text) if raw.text is not None else len(raw.data or b"")
-                if chars >= batch_chars or len(batch) >= BATCH_DOCS:
-                    pending.append(("batch", ui, submit(batch)))
-                    in_flight += 1
+                if chars >= self.opts.batch_chars or len(batch) >= BATCH_DOCS:
+                    self._submit(ui, batch)
                     batch, chars = [], 0
-                    while in_flight > max_in_flight:
-                        drain_one()
             if batch:
-                pending.append(("batch", ui, submit(batch)))
-                in_flight += 1
-            pending.append(("unit", ui, None))
-            while in_flight > max_in_flight:
-                drain_one()
-        while pending:
-            drain_one()
-        bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
-            pool = None
+                self._submit(ui, batch)
+            self.pending.append(("unit", ui, None))
+            self._drain(self.max_in_flight)
+        self._drain(0)
+        while self.pending:  # unit markers and skips after the last batch
+            self._drain_one()
 
-        finishing = True
-        missing = sorted(val - set(val_seen))
+    def _submit(self, ui: int, batch: list[RawDoc]) -> None:
+        future = self.pool.apply_async(_work, (batch,)) if self.pool is not None else _Done(_work(batch))
+        self.pending.append(("batch", ui, future))
+        self.in_flight += 1
+        self._drain(self.max_in_flight)
+
+    def _drain(self, limit: int) -> None:
+        while self.in_flight > limit:
+            self._drain_one()
+
+    def _drain_one(self) -> None:
+        kind, ui, item = self.pending.popleft()
+        if kind == "batch":
+            self.in_flight -= 1
+            for r in item.get():
+                if r[0] == "skip":
+                    self.report.read["documents"] += 1
+                    self.report.skip(r[1], r[2], r[3])
+                else:
+                    self._add(*r[1:])
+            self.fault.written(ui, self.work, self.writer)
+        elif kind == "skip":
+            self.report.read["documents"] += int(item.document)
+            self.report.skip(item.reason, item.example, item.chars)
+        else:
+            self._unit_done(ui)
+
+    def _add(self, doc_id: str, title: str, src: str, meta: dict, tokens: np.ndarray, chash, sig, info: dict):
+        """One cleaned, tokenized document: dedup, split, write, count."""
+        rep = self.report
+        rep.read["documents"] += 1
+        if "encoding" in info:
+            rep.encodings[info["encoding"]] += 1
+        if doc_id in self.val:
+            self.val_seen.append(doc_id)
+        dup = self.deduper.check(doc_id, chash, sig) if self.deduper.enabled else None
+        if dup is not None:
+            reason, kept, sim = dup
+            rep.skip(reason, f"{doc_id} ({title[:50]}) ~ {kept}" + (f" (similarity {sim})"
+                                                                      if reason.startswith("near") else ""),
+                     meta.get("chars", 0))
+            if doc_id in self.val:
+                rep.notes.append(f"validation document {doc_id} was removed as a {reason} of {kept}")
+            return
+        rep.cleaning["header_chars"] += info.get("header_chars", 0)
+        rep.cleaning["footer_chars"] += info.get("footer_chars", 0)
+        rep.cleaning["documents_with_markers"] += int(bool(info.get("markers")))
+        split = "val" if doc_id in self.val else "train"
+        if self.opts.val_fraction is not None:
+            frac = _fraction(doc_id)
+            if frac < self.opts.val_fraction:
+                split = "val"
+            elif split == "train" and (self.candidate is None or (frac, doc_id) < self.candidate):
+                self.candidate = (frac, doc_id)
+        entry = self.writer.add(split, tokens, id=doc_id, title=title, source=src, **meta)
+        rep.kept["documents"] += 1
+        rep.kept["tokens"] += len(tokens)
+        rep.kept["chars"] += meta.get("chars", 0)
+        rep.sources[src]["documents"] += 1
+        rep.sources[src]["tokens"] += len(tokens)
+        self.run_tokens += len(tokens)
+        if self.opts.on_document:
+            self.opts.on_document(entry)
+
+    def _unit_done(self, ui: int) -> None:
+        """Everything of unit ui is written: count it, and checkpoint when it is time."""
+        size = self.units[ui].size
+        self.report.read["units"] += 1
+        self.report.read["bytes"] += size
+        self.bar.update(size)
+        dt = max(time.perf_counter() - self.run_t0, 1e-9)
+        self.bar.set_postfix_str(f"docs={self.report.kept['documents']:,} tok/s={self.run_tokens / dt:,.0f}",
+                                 refresh=False)
+        if self.fault.sleep:
+            time.sleep(self.fault.sleep)
+        if time.monotonic() - self.last_ckpt >= self.opts.checkpoint_seconds and ui + 1 < len(self.units):
+            self._checkpoint(ui + 1)
+            self.last_ckpt = time.monotonic()
+
+    def _stop_workers(self) -> None:
+        self.bar.close()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+            self.pool = None
+
+    def _abandon(self) -> None:
+        """After an error: stop the workers; keep a journaled work directory for resume, else remove it."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+        if self.journal_path.exists() and not self.finishing:
+            self.writer.close_files()  # re-running resumes from here
+        else:
+            if self.writer is not None:
+                self.writer.abort()
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    # ------------------------------------------------------------------ the end
+
+    def _finish(self) -> dict:
+        """Check the splits, write the index (last of the dataset files) and the report, swap into place."""
+        missing = sorted(self.val - set(self.val_seen))
         if missing:
             raise DataError(f"validation id(s) {', '.join(missing)} were not produced by the source")
+        self._check_splits()
+        prepared = self.prepared
+        if self.held_out:
+            prepared = {**prepared, "val": {**prepared["val"], "held_out": [self.held_out]}}
+            self.report.notes.append(
+                f"validation: no document's hash fell under --val-fraction {self.opts.val_fraction} "
+                f"({self.report.kept['documents']:,} kept); held out one document ({self.held_out}) so that the "
+                "val split is not empty")
         extra = {"prepared": prepared}
+        mixture, notes = recorded_mixture(self.opts.mixture, self.writer.writers["train"].sources)
+        self.report.notes.extend(notes)
         if mixture is not None:
-            extra["mixture"] = {"weights": dict(mixture)}
-        index = writer.finish(**extra)
-        for split, info in index["splits"].items():
-            if info["tokens"] == 0:
-                hint = "--val-fraction" if val_fraction is not None else "--val-books/--val-ids"
-                raise DataError(f"the {split} split came out empty; check {hint} and the report "
-                                f"({_short_removed(report)})")
-        merged = _merge_reports(source.scan_report, report)
-        seconds = time.perf_counter() - t0
+            extra["mixture"] = {"weights": mixture}
+        index = self.writer.finish(**extra)
+        merged = _merge_reports(self.source.scan_report, self.report)
         rep = merged.to_json()
-        rep["timing"] = {"seconds": round(seconds, 2), "tokens_this_run": run_tokens,
-                         "tokens_per_second_this_run": round(run_tokens / max(time.perf_counter() - run_t0, 1e-9)),
-                         "workers": workers}
-        write_json_atomic(work / REPORT, rep)
-        journal_path.unlink(missing_ok=True)
-        for old in work.glob("state-*.pkl"):
+        rep["timing"] = {"seconds": round(time.perf_counter() - self.t0, 2), "tokens_this_run": self.run_tokens,
+                         "tokens_per_second_this_run": round(self.run_tokens / max(time.perf_counter() - self.run_t0,
+                                                                                   1e-9)),
+                         "workers": self.workers}
+        write_json_atomic(self.work / REPORT, rep)
+        self.journal_path.unlink(missing_ok=True)
+        for old in self.work.glob("state-*.pkl"):
             old.unlink()
-        _swap_in(work, out_dir)
-        if summary is not None:
+        _swap_in(self.work, self.out_dir)
+        if self.opts.summary is not None:
             for line in merged.summary_lines():
-                summary(line)
-            summary(f"report: {out_dir / REPORT}")
-    except BaseException:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        if journal_path.exists() and not finishing:
-            writer.close_files()  # keep the work dir and its journal: re-running resumes from there
-        else:
-            writer.abort()
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    return index
+                self.opts.summary(line)
+            self.opts.summary(f"report: {self.out_dir / REPORT}")
+        return index
+
+    def _check_splits(self) -> None:
+        """Both splits need documents. An empty val split under val_fraction holds out one document instead,
+        when at least 2 were kept (raises _HoldOutOne: prepare runs again)."""
+        w = self.writer.writers
+        kept = self.report.kept["documents"]
+        what = f"{kept:,} document(s) kept of {self.report.read['documents']:,} read; {_short_removed(self.report)}"
+        if w["val"].tokens == 0:
+            if self.opts.val_fraction is not None:
+                if kept >= 2 and self.candidate is not None and not self.held_out:
+                    raise _HoldOutOne(self.candidate[1])
+                raise DataError(f"the val split came out empty: {what}; holding out a document needs at least 2")
+            raise DataError(f"the val split came out empty: the validation book(s) {', '.join(sorted(self.val))} "
+                            f"were removed ({what}); choose others with --val-ids or --val-books")
+        if w["train"].tokens == 0:
+            hint = "a smaller --val-fraction" if self.opts.val_fraction is not None else "fewer validation books"
+            raise DataError(f"the train split came out empty: every kept document is held out for validation "
+                            f"({what}); use {hint}")
 
 
 def _short_removed(report: Report) -> str:
     items = sorted(report.removed.items(), key=lambda kv: -kv[1]["count"])[:3]
-    return ", ".join(f"{r['count']} x {k}" for k, r in items) or "nothing removed"
+    return "removed " + ", ".join(f"{r['count']} x {k}" for k, r in items) if items else "nothing removed"
 
 
 def _merge_reports(scan: Report, run: Report) -> Report:

@@ -110,14 +110,6 @@ def open_binary(path: str | Path) -> io.BufferedReader:
     return io.BufferedReader(raw, buffer_size=BLOCK)
 
 
-def read_all(path: str | Path) -> bytes:
-    with open_binary(path) as f:
-        try:
-            return f.read()
-        except OSError as e:
-            raise DataError(f"cannot read {path}: {e}") from None
-
-
 @dataclass
 class BadRecord:
     line: int  # 1-based

@@ -238,4 +238,4 @@ class RedPajamaSource(Source):
             yield RawDoc(id=f"{rel}:{n}", title=str(title)[:200], source=unit.source, text=text,
                          origin=f"{rel}:{n}", clean="plain")
         if records == 0:
-            yield Skip("empty file", rel)
+            yield Skip("empty file", rel, document=False)

@@ -40,9 +40,6 @@ class Report:
         if example and len(r["examples"]) < MAX_EXAMPLES:
             r["examples"].append(example[:300])
 
-    def removed_count(self, reason: str) -> int:
-        return self.removed.get(reason, {}).get("count", 0)
-
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": 1, "read": dict(self.read), "kept": dict(self.kept),
                 "removed": dict(sorted(self.removed.items(), key=lambda kv: -kv[1]["count"])),

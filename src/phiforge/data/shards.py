@@ -20,7 +20,10 @@ index.json (format "phiforge-tokens", version 2):
      ...extra keys (provenance) that readers ignore}
 
     DIR/documents.jsonl     one JSON object per document, in the order written:
-                            {"id", "title", "source", "split", "tokens", "offset", ...}
+                            {"id", "title", "source", ..., "chars", "bytes", "split", "tokens", "offset"}
+                            (`prepare` writes "chars" and "bytes": the cleaned text's length in characters
+                            and in UTF-8 bytes, the denominator of bits per byte; "tokens" counts the
+                            document's tokens including its closing EOT)
 
 Version 1 (still read) kept the per-document records inline as a list under "documents" and had no
 per-shard "source"; at corpus scale (10^9 documents) that list does not fit in memory, hence the sidecar.
@@ -29,7 +32,8 @@ A split's token stream is its shards concatenated in index order. A document may
 shard; a shard's "documents" counts the documents that *start* in it. A document's "offset" is where it
 starts in its split's stream. Every shard holds documents of one source only ("source"; a new shard is
 started when the source changes), so a source's token stream is its shards concatenated, which is what
-the loader's per-source mixture samples from. Readers must ignore keys they do not know; an incompatible
+the loader's per-source mixture samples from. `TokenDataset.iter_document_tokens(split)` gives each document
+of a split with its tokens, one at a time. Readers must ignore keys they do not know; an incompatible
 change bumps "version", and readers refuse versions newer than theirs.
 
 Writing is crash-safe: each shard is written as NAME.tmp and renamed when complete, and index.json is
@@ -431,6 +435,20 @@ class TokenDataset:
                         raise DataError(f"corrupt document record {path}:{n}") from None
         except FileNotFoundError:
             raise DataError(f"{path} listed in {self.dir / INDEX} is missing; re-run `phiforge prepare`") from None
+
+    def iter_document_tokens(self, split: str):
+        """(record, tokens) for each document of a split, in stream order: its documents.jsonl record and its
+        token ids (int64, ending with EOT), read one document at a time (per-document evaluation: bits per
+        byte are the document's summed loss in bits over its record's "bytes")."""
+        stream = self.stream(split)
+        for doc in self.iter_documents():
+            if doc.get("split") != split:
+                continue
+            try:
+                yield doc, stream.read(int(doc["offset"]), int(doc["tokens"]))
+            except (KeyError, TypeError, ValueError, IndexError):
+                raise DataError(f"document record {doc.get('id')!r} in {self.dir} has no valid offset/tokens "
+                                f"within split '{split}' ({stream.total} tokens); re-run `phiforge prepare`") from None
 
     @property
     def documents(self) -> list[dict]:

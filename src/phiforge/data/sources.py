@@ -8,10 +8,13 @@ tokenizing in worker processes, dedup, shards, resume).
                 for the Gutenberg cleaning (markers, BOM, CRLF, encoding fallback, NFC)
     Skip        a record that could not be used (malformed line, empty file, ...): counted in the report
 
-Gutenberg sources are registered in `GUTENBERG_SOURCES` under their `--source` name: `bundled` (the seven
-books shipped in the package) here, `mirror`, `parquet` and `download` in `phiforge.data.mirror`. RedPajama
-lives in `phiforge.data.redpajama`. A source also lists its document ids (`ids()`, used to choose validation
-books before any text is read).
+The Gutenberg sources are `bundled` (the seven books shipped in the package) here, `mirror`, `parquet` and
+`download` in `phiforge.data.mirror`; `phiforge.data.corpora.GUTENBERG_SOURCES` names them by `--source`.
+RedPajama lives in `phiforge.data.redpajama`. A source also lists its document ids (`ids()`, used to choose
+validation books before any text is read), and a source with one book per unit finds a book's unit
+(`unit_of`), so the chosen validation books are checked before the long pass (`choose_val_ids(check=True)`).
+
+`clean_raw(raw)` is the first half of a worker's job (decode, Gutenberg cleaning), shared with that check.
 """
 
 from __future__ import annotations
@@ -22,20 +25,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phiforge.data.gutenberg import clean_book, decode_bytes, read_bytes
+from phiforge.data.gutenberg import clean_book, decode_with_encoding, header_title, read_bytes
 from phiforge.data.report import Report
 from phiforge.errors import DataError
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "gutenberg"
-
-
-@dataclass
-class Document:
-    id: str
-    title: str
-    source: str  # the corpus it belongs to, e.g. "gutenberg"; per-source shares are reported by this
-    text: str  # cleaned
-    meta: dict = field(default_factory=dict)  # more JSON-able facts for the index (author, removed chars, ...)
 
 
 @dataclass
@@ -63,6 +57,33 @@ class Skip:
     reason: str
     example: str
     chars: int = 0
+    document: bool = True  # a document was read and dropped (False: a whole file, e.g. an empty one)
+
+
+def clean_raw(raw: RawDoc) -> tuple[str, str, dict, dict] | Skip:
+    """A raw document's (text, title, meta, info) after decoding and cleaning, or the Skip saying why there is
+    none. info: facts for the report (encoding fallback, characters of boilerplate removed)."""
+    info: dict = {}
+    title, meta, text = raw.title, dict(raw.meta), raw.text
+    if text is None:
+        try:
+            text, enc = decode_with_encoding(raw.data, raw.origin)
+        except DataError as e:
+            reason = "empty file" if str(e).startswith("empty") else "binary file"
+            return Skip(reason, raw.origin, len(raw.data or b""))
+        if enc != "utf-8":
+            info["encoding"] = enc
+    if meta.pop("title_from_header", False):
+        title = header_title(text) or title
+    if raw.clean == "gutenberg":
+        c = clean_book(text)
+        info.update(header_chars=c.header_chars, footer_chars=c.footer_chars, markers=c.had_markers)
+        meta.update(removed_header_chars=c.header_chars, removed_footer_chars=c.footer_chars)
+        text = c.text
+    if not text.strip():
+        return Skip("empty after cleaning", raw.origin, 0)
+    meta["chars"] = len(text)
+    return text, title, meta, info
 
 
 class Source:
@@ -91,19 +112,23 @@ class Source:
         """JSON-able facts that identify the input (recorded in the index, part of the resume fingerprint)."""
         return {"source": self.name}
 
-    def documents(self) -> Iterator[Document]:
-        """Cleaned documents, in order, in this process (no dedup, no workers): for small inputs and tests."""
-        for unit in self.units():
-            for raw in self.read(unit):
-                if isinstance(raw, Skip):
-                    continue
-                text = raw.text if raw.text is not None else decode_bytes(raw.data, raw.origin)
-                meta = dict(raw.meta)
-                if raw.clean == "gutenberg":
-                    c = clean_book(text)
-                    text = c.text
-                    meta.update(removed_header_chars=c.header_chars, removed_footer_chars=c.footer_chars)
-                yield Document(id=raw.id, title=raw.title, source=raw.source, text=text, meta=meta)
+    def unit_of(self, doc_id: str) -> Unit | None:
+        """The unit that holds only this document, when the source has one book per unit (else None)."""
+        return None
+
+    def unreadable(self, doc_id: str) -> str | None:
+        """Why a document would not come out of `prepare` (unreadable, empty after cleaning), or None; reads
+        only its own unit. None also when the source cannot tell without reading everything."""
+        unit = self.unit_of(doc_id)
+        if unit is None:
+            return None
+        for raw in self.read(unit):  # the unit holds this document only
+            if isinstance(raw, Skip):
+                return f"{raw.reason}: {raw.example}"
+            if raw.id == doc_id:
+                c = clean_raw(raw)
+                return f"{c.reason}: {c.example}" if isinstance(c, Skip) else None
+        return "not produced by the source"
 
 
 class BundledGutenberg(Source):
@@ -135,6 +160,9 @@ class BundledGutenberg(Source):
     def describe(self) -> dict:
         return {"source": self.name, "books": [r["sha256_uncompressed"] for r in self.rows]}
 
+    def unit_of(self, doc_id: str) -> Unit | None:
+        return next((u for u in self.units() if u.ref["pg_ebook"] == doc_id), None)
+
     def units(self) -> list[Unit]:
         return [Unit(key=f"pg{r['pg_ebook']}", source=self.corpus, size=(self.root / r["file"]).stat().st_size
                      if (self.root / r["file"]).exists() else 0, ref=r) for r in self.rows]
@@ -149,21 +177,14 @@ class BundledGutenberg(Source):
                      clean="gutenberg", meta={"author": row.get("author", ""), "file": row["file"]})
 
 
-GUTENBERG_SOURCES: dict[str, type[Source]] = {"bundled": BundledGutenberg}
-
-
-def get_source(name: str, registry: dict[str, type[Source]] = GUTENBERG_SOURCES, **kwargs) -> Source:
-    if name not in registry:
-        raise DataError(f"unknown --source '{name}' (choose from: {', '.join(registry)})")
-    return registry[name](**kwargs)
-
-
-def choose_val_ids(source: Source, val_books: int | None = None,
-                   val_ids: list[str] | None = None) -> tuple[list[str], str]:
+def choose_val_ids(source: Source, val_books: int | None = None, val_ids: list[str] | None = None,
+                   check: bool = False) -> tuple[list[str], str]:
     """Validation document ids and how they were chosen ("default", "val-books" or "val-ids").
 
     Whole documents are held out. --val-books N takes the source's preference order, then the remaining ids
-    ordered by sha256 (deterministic, independent of listing order).
+    ordered by sha256 (deterministic, independent of listing order). With `check`, each pick is read first
+    (`Source.unreadable`): an unreadable pick is passed over for the next one (noted in the report), and an
+    unreadable --val-ids book is an error, before the long pass rather than after it.
     """
     ids = source.ids()
     if not ids:
@@ -177,27 +198,46 @@ def choose_val_ids(source: Source, val_books: int | None = None,
         if unknown:
             shown = ", ".join(ids[:20]) + (f", ... ({len(ids)} in all)" if len(ids) > 20 else "")
             raise DataError(f"--val-ids {','.join(unknown)} not in source '{source.name}' (ids: {shown})")
-        method = "val-ids"
-    elif val_books is not None:
+        for v in chosen if check else ():
+            why = source.unreadable(v)
+            if why:
+                raise DataError(f"--val-ids {v}: this book cannot be used for validation ({why}); choose another")
+        return chosen, "val-ids"
+    if val_books is not None:
         known = set(ids)
         order = [v for v in source.val_preference if v in known]
         first = set(order)
         order += sorted((v for v in ids if v not in first), key=lambda v: hashlib.sha256(v.encode()).hexdigest())
-        chosen, method = order[:val_books], "val-books"
+        want, method = val_books, "val-books"
     elif source.default_val_ids:
-        chosen, method = [v for v in source.default_val_ids if v in ids], "default"
+        order, method = [v for v in source.default_val_ids if v in ids], "default"
+        want = len(order)
     else:  # a fraction of the books (at least one), by sha256 order
-        n = max(1, round(len(ids) * source.default_val_fraction))
-        chosen = sorted(ids, key=lambda v: hashlib.sha256(v.encode()).hexdigest())[:n]
-        method = "default"
+        order = sorted(ids, key=lambda v: hashlib.sha256(v.encode()).hexdigest())
+        want, method = max(1, round(len(ids) * source.default_val_fraction)), "default"
+    if want >= len(ids):
+        raise DataError(f"holding out {want} of {len(ids)} books leaves no training data; "
+                        f"use --val-books below {len(ids)}")
+    chosen = _first_usable(source, order, want) if check else order[:want]
     if not chosen:
         raise DataError("--val-books must be at least 1" if method == "val-books" else
                         f"source '{source.name}' has no default validation books; give --val-books or --val-ids")
-    if len(chosen) >= len(ids):
-        raise DataError(f"holding out {len(chosen)} of {len(ids)} books leaves no training data; "
-                        f"use --val-books below {len(ids)}")
     return chosen, method
 
 
-# the other Gutenberg sources register themselves (they build on the classes above)
-import phiforge.data.mirror  # noqa: E402,F401
+def _first_usable(source: Source, order: list[str], want: int) -> list[str]:
+    """The first `want` ids of `order` that `source` can produce, noting each one passed over."""
+    chosen, passed = [], []
+    for v in order:
+        if len(chosen) == want:
+            break
+        why = source.unreadable(v)
+        if why:
+            passed.append(v)
+            source.scan_report.notes.append(f"validation: book {v} passed over, it cannot be used ({why})")
+        else:
+            chosen.append(v)
+    if passed and len(chosen) < want:
+        raise DataError(f"only {len(chosen)} of the {want} validation book(s) can be read (unreadable: "
+                        f"{', '.join(passed[:10])}); use fewer --val-books")
+    return chosen

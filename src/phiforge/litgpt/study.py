@@ -162,9 +162,7 @@ def tokens_budget(train: dict, nproc: int = 1) -> int:
 
 
 def _prepare_tokens(study: StudyConfig, work: Path) -> Path:
-    from phiforge.cli import build_parser
-    from phiforge.commands.litgpt import _prepare_corpora
-    from phiforge.errors import DataError
+    from phiforge.data.corpora import load_prepare_config, parse_flags, prepare_corpus
 
     if study.data.dataset:
         return Path(study.data.dataset)
@@ -174,15 +172,11 @@ def _prepare_tokens(study: StudyConfig, work: Path) -> Path:
     if (out / "index.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         print(f"study: reusing {out}", flush=True)
         return out
-    corpora = _prepare_corpora()
-    if study.data.corpus not in corpora:
-        raise DataError(f"`phiforge prepare {study.data.corpus}` is not available in this phiforge (it has: "
-                        f"{', '.join(corpora)}); prepare a phiforge dataset some other way and set data.dataset")
-    argv = ["prepare", study.data.corpus, *study.data.prepare_args, "--out", str(out)]
-    print(f"study: phiforge {' '.join(shlex.quote(a) for a in argv)}", flush=True)
-    args = build_parser().parse_args(argv)
-    if int(args.func(args) or 0):
-        raise DataError(f"`phiforge {' '.join(argv)}` failed")
+    flags = {**parse_flags(study.data.corpus, study.data.prepare_args), "out": str(out)}
+    cfg = load_prepare_config(study.data.corpus, flags=flags)
+    print(f"study: phiforge prepare {study.data.corpus} {shlex.join(study.data.prepare_args)} --out {out}",
+          flush=True)
+    prepare_corpus(cfg, echo=print)
     stamp.write_text(json.dumps(want))
     return out
 

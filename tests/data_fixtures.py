@@ -1,4 +1,8 @@
-"""Offline corpora in the RedPajama layouts, made from real text that ships with phiforge and Python.
+"""Test and benchmark corpora (not part of the package): offline RedPajama layouts made from real text that
+ships with phiforge and Python, and a source's cleaned documents read in this process.
+
+`cleaned_documents(source)` reads a source's documents in order, decoded and cleaned as `prepare`'s workers do
+(no dedup, no tokenizing): for small inputs.
 
 `make_redpajama(out, layout="1T"|"sample"|"v2", max_bytes=...)` writes a small RedPajama-format download:
 
@@ -25,14 +29,24 @@ import random
 import sysconfig
 from pathlib import Path
 
-from phiforge.data.sources import BundledGutenberg
+from phiforge.data.sources import BundledGutenberg, RawDoc, Skip, Source, clean_raw
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
+def cleaned_documents(source: Source):
+    """(id, title, cleaned text, meta) of each document a source yields that survives cleaning, in order."""
+    for unit in source.units():
+        for raw in source.read(unit):
+            c = clean_raw(raw) if isinstance(raw, RawDoc) else raw
+            if not isinstance(c, Skip):
+                text, title, meta, _ = c
+                yield raw.id, title, text, meta
+
+
 def _books() -> list[tuple[str, str, str]]:
     """(id, title, cleaned text) of the bundled books."""
-    return [(d.id, d.title, d.text) for d in BundledGutenberg().documents()]
+    return [(i, title, text) for i, title, text, _ in cleaned_documents(BundledGutenberg())]
 
 
 def _stdlib_files(limit_bytes: int) -> list[tuple[str, str]]:
