@@ -26,6 +26,7 @@ from phiforge.config import BadValue
 from phiforge.errors import CheckpointError, ConfigError
 from phiforge.fileio import claim_output_dir, output_dir, write_json_atomic
 from phiforge.model import Phi2, Phi2Config
+from phiforge.model.init import on_meta
 from phiforge.tokenizer import EOT_ID, save_tokenizer_files
 
 HF_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB"
@@ -213,7 +214,7 @@ def convert_from_hf(src_dir: Path, out_dir: Path, overwrite: bool = False, **sav
         raise CheckpointError(f"{src_dir} has only PyTorch .bin weights; phiforge reads safetensors "
                               "(re-save with save_pretrained(..., safe_serialization=True))")
     hf_state = load_state_dict(src_dir)
-    with torch.device("meta"):
+    with on_meta():
         model = Phi2(cfg)
     # Check against HF names first so errors name the keys that are actually in the user's files.
     check_state_dict(state_dict_to_hf(model.state_dict(), cfg), hf_state, str(src_dir))
@@ -240,7 +241,7 @@ def convert_to_hf(src_dir: Path, out_dir: Path, dtype: str | None = None,
                               "Hugging Face PhiConfig; this model cannot be exported with `convert to-hf`")
     cfg = read_config(src_dir)
     state = load_state_dict(src_dir)
-    with torch.device("meta"):
+    with on_meta():
         check_state_dict(Phi2(cfg), state, str(src_dir))
     if dtype is not None:
         state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}

@@ -22,6 +22,7 @@ from phiforge.config import apply_overrides
 from phiforge.errors import CheckpointError, ConfigError
 from phiforge.fileio import claim_output_dir
 from phiforge.model import Phi2, Phi2Config
+from phiforge.model.init import on_meta
 
 INITS = ("zero", "copy")
 _MLP_KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
@@ -60,7 +61,7 @@ def upcycle(src: Path, out: Path, moe: dict, init: str = "zero", noise: float = 
         moe.setdefault("expert_hidden", cfg.intermediate_size)  # experts as wide as the MLP they copy
     new_cfg = Phi2Config.from_dict({**cfg.to_dict(), "moe": moe})
     state = load_state_dict(src)
-    with torch.device("meta"):
+    with on_meta():
         check_state_dict(Phi2(cfg), state, str(src))
         model = Phi2(new_cfg)
     dtype = state["lm_head.weight"].dtype

@@ -64,6 +64,7 @@ from phiforge.data.report import Report
 from phiforge.data.shards import DEFAULT_SHARD_TOKENS, DatasetWriter
 from phiforge.data.sources import RawDoc, Skip, Source, clean_raw
 from phiforge.errors import DataError
+from phiforge.faults import PrepareFaults
 from phiforge.fileio import write_json_atomic
 from phiforge.tokenizer import EOT, eot_id, load_tokenizer
 
@@ -260,29 +261,6 @@ class _Done:
 # ---------------------------------------------------------------------------------------------- faults
 
 
-class _Fault:
-    """PHIFORGE_PREPARE_FAULT (tests): "hang@K" = once the first results of unit K are written (past the last
-    checkpoint) and flushed to the files, write WORK/fault-hang and sleep forever (a test then SIGKILLs the
-    process); "sleep=S" = sleep S seconds after each unit."""
-
-    def __init__(self, spec: str):
-        self.hang, self.sleep = None, 0.0
-        for item in filter(None, (x.strip() for x in spec.split(","))):
-            if item.startswith("hang@"):
-                self.hang = int(item[5:])
-            elif item.startswith("sleep="):
-                self.sleep = float(item[6:])
-            else:
-                raise DataError(f"PHIFORGE_PREPARE_FAULT: cannot parse {item!r}")
-
-    def written(self, unit: int, work: Path, writer: DatasetWriter) -> None:
-        if self.hang is not None and unit == self.hang:
-            writer.flush()  # what was written past the checkpoint reaches the files, as a crash may leave it
-            (work / "fault-hang").write_text(str(os.getpid()))
-            while True:
-                time.sleep(1)
-
-
 # ---------------------------------------------------------------------------------------------- options
 
 
@@ -444,7 +422,7 @@ class _Run:
                             "mixture": opts.mixture, "format": 2}
         self.work = out_dir.parent / f".{out_dir.name}.partial"
         self.journal_path = self.work / JOURNAL
-        self.fault = _Fault(os.environ.get("PHIFORGE_PREPARE_FAULT", ""))
+        self.fault = PrepareFaults.from_env()
         self.held_out = held_out
         self.val = set(opts.val_ids or ()) | ({held_out} if held_out else set())
         self.pool = self.bar = self.writer = None

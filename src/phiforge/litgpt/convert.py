@@ -45,6 +45,7 @@ from phiforge.checkpoint import (
 from phiforge.errors import CheckpointError, ConfigError
 from phiforge.fileio import claim_output_dir, output_dir
 from phiforge.model import Phi2, Phi2Config
+from phiforge.model.init import on_meta
 from phiforge.tokenizer import save_tokenizer_files
 
 LIT_WEIGHTS = "lit_model.pth"
@@ -321,7 +322,7 @@ def convert_from_litgpt(src_dir: Path, out_dir: Path, tokenizer_dir: Path | None
     lit = read_lit_config(src_dir)
     cfg = config_from_litgpt(lit)
     state = load_lit_weights(src_dir / LIT_WEIGHTS)
-    with torch.device("meta"):
+    with on_meta():
         model = Phi2(cfg)
     legacy = any(".attn.attn." in k for k in state)
     expected = state_dict_to_litgpt(model.state_dict(), cfg, "grouped" if legacy else "split")
@@ -366,7 +367,7 @@ def convert_to_litgpt(src_dir: Path, out_dir: Path, dtype: str | None = None, qk
         raise CheckpointError(f"model config field(s) {', '.join(bad)} in {src_dir} cannot be represented in a "
                               "LitGPT Config; this model cannot be exported with `convert to-litgpt`")
     state = load_state_dict(src_dir)
-    with torch.device("meta"):
+    with on_meta():
         check_state_dict(Phi2(cfg), state, str(src_dir))
     if dtype is not None:
         state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}

@@ -43,7 +43,9 @@ def _params(ckpt: Path) -> tuple[int, int]:
     from phiforge.model import MoE, Phi2
 
     cfg = read_config(ckpt)
-    with torch.device("meta"):
+    from phiforge.model.init import on_meta
+
+    with on_meta():
         model = Phi2(cfg)
     total = model.num_params()
     inactive = 0

@@ -30,7 +30,7 @@ from phiforge.train.checkpointing import Checkpointer
 from phiforge.train.config import TrainConfig
 from phiforge.train.distributed import DistEnv, all_reduce_, barrier, init_distributed, shutdown
 from phiforge.train.engine import Cadence, Job, Loop, MoEBalancing, StopRequest, TrainStep
-from phiforge.train.faults import Faults
+from phiforge.faults import Faults
 from phiforge.train.metrics import Sinks, flops_per_token, matmul_params, peak_flops
 from phiforge.train.optim import build_optimizer, lr_at
 from phiforge.train.parallelize import autocast_for, build_mesh, resolve_precision, resolve_strategy

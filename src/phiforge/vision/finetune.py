@@ -37,7 +37,7 @@ from phiforge.train.checkpointing import TRAIN_STATE, Checkpointer, read_train_s
 from phiforge.train.config import model_config_from_spec
 from phiforge.train.distributed import DistEnv, all_reduce_, barrier, init_distributed, shutdown
 from phiforge.train.engine import Cadence, Job, Loop, MoEBalancing, StopRequest, TrainStep
-from phiforge.train.faults import Faults
+from phiforge.faults import Faults
 from phiforge.train.metrics import Sinks
 from phiforge.train.optim import build_optimizer, lr_at
 from phiforge.train.parallelize import (apply_activation_checkpointing, apply_compile, autocast_for,
