@@ -41,10 +41,9 @@ def _params(ckpt: Path) -> tuple[int, int]:
 
     from phiforge.checkpoint import read_config
     from phiforge.model import MoE, Phi2
-
-    cfg = read_config(ckpt)
     from phiforge.model.init import on_meta
 
+    cfg = read_config(ckpt)
     with on_meta():
         model = Phi2(cfg)
     total = model.num_params()
