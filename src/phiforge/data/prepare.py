@@ -46,7 +46,6 @@ import pickle
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -65,7 +64,7 @@ from phiforge.data.shards import DEFAULT_SHARD_TOKENS, DatasetWriter
 from phiforge.data.sources import RawDoc, Skip, Source, clean_raw
 from phiforge.errors import DataError
 from phiforge.faults import PrepareFaults
-from phiforge.fileio import write_json_atomic
+from phiforge.fileio import swap_in_dir, write_json_atomic
 from phiforge.tokenizer import EOT, eot_id, load_tokenizer
 
 CHUNK_CHARS = 32_768
@@ -168,21 +167,6 @@ def _check_out_dir(out_dir: Path) -> None:
     if foreign:
         raise DataError(f"{out_dir} is a phiforge dataset but also holds other files ({', '.join(foreign[:5])}); "
                         "move them or choose another --out")
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        old.rmdir()
-        out_dir.rename(old)
-        try:
-            tmp.rename(out_dir)
-        except OSError:
-            old.rename(out_dir)  # put the previous dataset back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -699,7 +683,7 @@ class _Run:
         self.journal_path.unlink(missing_ok=True)
         for old in self.work.glob("state-*.pkl"):
             old.unlink()
-        _swap_in(self.work, self.out_dir)
+        swap_in_dir(self.work, self.out_dir)
         if self.opts.summary is not None:
             for line in merged.summary_lines():
                 self.opts.summary(line)

@@ -65,12 +65,26 @@ class StopRequest:
         self._previous.clear()
 
 
+def run_distributed(body: Callable, cfg, overwrite: bool) -> dict:
+    """Run `body(cfg, env, stop, overwrite)` in the process group with SIGTERM/SIGINT caught; always cleaned up."""
+    from phiforge.train.distributed import init_distributed, shutdown
+
+    env = init_distributed(cfg.device)
+    stop = StopRequest().install()
+    try:
+        return body(cfg, env, stop, overwrite)
+    finally:
+        stop.restore()
+        shutdown(env)
+
+
 def oom_message(step: int, settings: dict) -> str:
     shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+    chunk = ", set loss_chunk_rows (e.g. 4096)" if "loss_chunk_rows" in settings else ""
     return (f"CUDA out of memory at step {step} ({shown}): lower micro_batch_size (raise grad_accum_steps to keep "
             "the global batch), set parallel.activation_checkpointing=full (or selective), lower the sequence "
-            "length, set loss_chunk_rows (e.g. 4096), use parallel.strategy=fsdp on more GPUs, or "
-            "precision=bf16-mixed; `phiforge plan` predicts what fits")
+            f"length{chunk}, use parallel.strategy=fsdp on more GPUs, or precision=bf16-mixed; `phiforge plan` "
+            "predicts what fits")
 
 
 class MoEBalancing:

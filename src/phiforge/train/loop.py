@@ -28,8 +28,8 @@ from phiforge.model.moe import moe_metrics
 from phiforge.train.build import build_train_model, train_model_config
 from phiforge.train.checkpointing import Checkpointer
 from phiforge.train.config import TrainConfig
-from phiforge.train.distributed import DistEnv, all_reduce_, barrier, init_distributed, shutdown
-from phiforge.train.engine import Cadence, Job, Loop, MoEBalancing, StopRequest, TrainStep
+from phiforge.train.distributed import DistEnv, all_reduce_, barrier
+from phiforge.train.engine import Cadence, Job, Loop, MoEBalancing, StopRequest, TrainStep, run_distributed
 from phiforge.faults import Faults
 from phiforge.train.metrics import Sinks, flops_per_token, matmul_params, peak_flops
 from phiforge.train.optim import build_optimizer, lr_at
@@ -125,13 +125,7 @@ def check_data(cfg: TrainConfig, mcfg):
 def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
     """Run training; returns a summary dict (on rank 0 also the last line of metrics.jsonl).
     overwrite: start over in a run directory that holds an earlier run (its checkpoints and metrics go)."""
-    env = init_distributed(cfg.device)
-    stop = StopRequest().install()
-    try:
-        return _train(cfg, env, stop, overwrite)
-    finally:
-        stop.restore()
-        shutdown(env)
+    return run_distributed(_train, cfg, overwrite)
 
 
 def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest, overwrite: bool) -> dict:

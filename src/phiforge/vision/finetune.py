@@ -35,8 +35,8 @@ from phiforge.model.xattn import XAttnConfig
 from phiforge.tokenizer import load_tokenizer
 from phiforge.train.checkpointing import TRAIN_STATE, Checkpointer, read_train_state
 from phiforge.train.config import model_config_from_spec
-from phiforge.train.distributed import DistEnv, all_reduce_, barrier, init_distributed, shutdown
-from phiforge.train.engine import Cadence, Job, Loop, MoEBalancing, StopRequest, TrainStep
+from phiforge.train.distributed import DistEnv, all_reduce_, barrier
+from phiforge.train.engine import Cadence, Job, Loop, MoEBalancing, StopRequest, TrainStep, run_distributed
 from phiforge.faults import Faults
 from phiforge.train.metrics import Sinks
 from phiforge.train.optim import build_optimizer, lr_at
@@ -93,13 +93,7 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
     """Run both stages; returns the summary. overwrite: start over in a run directory that holds a run."""
     if cfg.stage1.steps == 0 and cfg.stage2.steps == 0:
         raise ConfigError("stage1.steps and stage2.steps are both 0: nothing to train")
-    env = init_distributed(cfg.device)
-    stop = StopRequest().install()
-    try:
-        return _finetune(cfg, env, stop, overwrite)
-    finally:
-        stop.restore()
-        shutdown(env)
+    return run_distributed(_finetune, cfg, overwrite)
 
 
 class VisionStage(Job):
