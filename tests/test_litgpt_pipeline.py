@@ -150,7 +150,7 @@ def test_litgpt_pretrain_end_to_end(capsys, tmp_path, redpajama_dir, lit_dir):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3  # it learns
     # same weights, same validation windows: LitGPT's initial validation is phiforge's (printed to 3 decimals)
     ours = evaluate(init.eval(), eval_batches(redpajama_dir, "val", T, MB, 4), torch.device("cpu"),
-                    lambda: torch.autocast("cpu", enabled=False))
+                    lambda: torch.autocast("cpu", enabled=False))["val_loss"]
     assert abs(evals[0]["val_loss"] - ours) <= 6e-4
     # the result is a phiforge checkpoint too (converted from LitGPT's lit_model.pth)
     assert (run / "latest").read_text().strip() == "step-00000012"
@@ -158,7 +158,7 @@ def test_litgpt_pretrain_end_to_end(capsys, tmp_path, redpajama_dir, lit_dir):
     final = load_checkpoint(resolve_checkpoint(run))
     assert final.cfg.to_dict() == init.cfg.to_dict()
     vl = evaluate(final, eval_batches(redpajama_dir, "val", T, MB, 4), torch.device("cpu"),
-                  lambda: torch.autocast("cpu", enabled=False))
+                  lambda: torch.autocast("cpu", enabled=False))["val_loss"]
     assert vl == pytest.approx(evals[-1]["val_loss"], rel=1e-4)
     code, out, err = run_cli(capsys, "generate", "--checkpoint", run, "--prompt", "def main", "--max-new-tokens", "5",
                              "--temperature", "0")

@@ -75,3 +75,19 @@ def save_tokenizer_files(out_dir: Path, source_dir: Path | None = None) -> None:
         cfg = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
                "add_prefix_space": False, "model_max_length": 2048, "clean_up_tokenization_spaces": False}
         (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def token_byte_lengths(tok: Tokenizer) -> list[int]:
+    """The UTF-8 bytes each token id stands for (special tokens such as <|endoftext|>: 0), for bits per byte.
+    A byte-level BPE writes every byte as one character of its vocabulary, so a token's length in characters
+    is its length in bytes, also for tokens that hold part of a multi-byte character."""
+    special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    byte_level = "ByteLevel" in json.dumps(json.loads(tok.to_str()).get("pre_tokenizer"))
+    lengths = []
+    for i in range(tok.get_vocab_size()):
+        piece = tok.id_to_token(i)
+        if i in special or piece is None:
+            lengths.append(0)
+        else:
+            lengths.append(len(piece) if byte_level else len(tok.decode([i]).encode("utf-8")))
+    return lengths

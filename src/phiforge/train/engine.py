@@ -236,8 +236,8 @@ class Loop:
             self.val = val
             self.sinks.write(event="eval", **job.tags, step=step, **{job.units: self.units_done}, **val,
                              elapsed_s=time.perf_counter() - self.t0)
-            self.log(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in val.items()
-                                                 if isinstance(v, float) and k.startswith("val_loss")))
+            shown = [k for k in ("val_loss", "val_bpb") if k in val] + sorted(k for k in val if "/" in k)
+            self.log(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {val[k]:.4f}" for k in shown))
         return val
 
     def run(self, job: Job, train_step: TrainStep, start: int, end: int, offset: int = 0, desc: str = "train") -> bool:

@@ -19,12 +19,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from phiforge.config import to_dict
 from phiforge.data.loader import PackedLoader, eval_batches
 from phiforge.data.shards import open_token_dataset
 from phiforge.errors import ConfigError
 from phiforge.model.moe import moe_metrics
+from phiforge.tokenizer import eot_id, load_tokenizer, token_byte_lengths
 from phiforge.train.build import build_train_model, train_model_config
 from phiforge.train.checkpointing import Checkpointer
 from phiforge.train.config import TrainConfig
@@ -38,24 +40,34 @@ from phiforge.train.rundir import RunDir
 
 
 @torch.no_grad()
-def evaluate(train_model: torch.nn.Module, batches, device: torch.device, autocast, env: DistEnv | None = None) -> float:
-    """Mean language-model loss over `batches`, split across ranks (each rank runs the same number of forwards,
-    as FSDP needs)."""
+def evaluate(train_model: torch.nn.Module, batches, device: torch.device, autocast, env: DistEnv | None = None,
+             token_bytes: torch.Tensor | None = None, eot: int | None = None) -> dict:
+    """Validation over `batches`, split across ranks (each rank runs the same number of forwards, as FSDP needs):
+    val_loss, the mean loss per token; with token_bytes (UTF-8 bytes per token id), val_bpb, bits per byte of
+    the text tokens (document separators, which stand for no text, are left out as `phiforge eval` does)."""
     rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
     mine = batches[rank::world]
-    n = -(-len(batches) // world)
-    total = torch.zeros(2, device=device, dtype=torch.float64)
+    total = torch.zeros(4, device=device, dtype=torch.float64)  # nats, tokens, text nats, text bytes
     train_model.eval()
-    for i in range(n):
+    for i in range(-(-len(batches) // world)):
         x, y = mine[i] if i < len(mine) else batches[0]
+        x, y = x.to(device), y.to(device)
         with autocast():
-            loss = train_model(x.to(device), y.to(device)).lm_loss
+            logits = train_model(x)
+        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
         if i < len(mine):
-            total += torch.stack([loss.double(), torch.ones((), device=device, dtype=torch.float64)])
+            text = y.flatten() != eot if eot is not None else torch.ones_like(nats, dtype=torch.bool)
+            n_bytes = token_bytes.to(device)[y.flatten()].sum() if token_bytes is not None else 0
+            total += torch.stack([nats.sum(), torch.tensor(float(nats.numel()), device=device, dtype=torch.float64),
+                                  nats[text].sum(), torch.as_tensor(n_bytes, device=device, dtype=torch.float64)])
     train_model.train()
     if env is not None:
         all_reduce_(total, env)
-    return (total[0] / total[1].clamp_min(1)).item()
+    nats, tokens, text_nats, text_bytes = total.tolist()
+    out = {"val_loss": nats / max(tokens, 1)}
+    if token_bytes is not None and text_bytes > 0:
+        out["val_bpb"] = text_nats / (math.log(2) * text_bytes)
+    return out
 
 
 class TextJob(Job):
@@ -68,6 +80,8 @@ class TextJob(Job):
         self.cfg, self.env, self.model, self.train_model, self.optimizer = cfg, env, model, train_model, optimizer
         self.loader, self.val, self.ckpt, self.autocast, self.strategy = loader, val, ckpt, autocast, strategy
         self.tokenizer_dir = tokenizer_dir
+        tok = load_tokenizer(tokenizer_dir)
+        self.token_bytes, self.eot = torch.tensor(token_byte_lengths(tok), dtype=torch.float64), eot_id(tok)
         self.units_per_step = cfg.micro_batch_size * cfg.data.seq_len * cfg.grad_accum_steps * env.world_size
         self.loop: Loop | None = None  # set by train(): the state it counts goes into every checkpoint
 
@@ -82,8 +96,10 @@ class TextJob(Job):
         return lr_at(step, self.cfg.max_steps, self.cfg.optim)
 
     def evaluate(self) -> dict:
-        v = evaluate(self.train_model, self.val, self.env.device, self.autocast, self.env)
-        return {"val_loss": v, "val_ppl": math.exp(min(v, 50))}
+        val = evaluate(self.train_model, self.val, self.env.device, self.autocast, self.env, self.token_bytes,
+                       self.eot)
+        return {"val_loss": val["val_loss"], "val_ppl": math.exp(min(val["val_loss"], 50)),
+                **({"val_bpb": val["val_bpb"]} if "val_bpb" in val else {})}
 
     def train_state(self, step: int) -> dict:
         cfg, world = self.cfg, self.env.world_size
