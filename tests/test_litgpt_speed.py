@@ -55,7 +55,7 @@ def test_model_loss_and_grads_match_plain_cross_entropy(mode, monkeypatch):
         if mode == "compiled":
             compiled = torch.compile(model, backend="aot_eager")
             model.zero_grad(set_to_none=True)
-            loss = compiled(x, y)
+            loss = compiled(x, y).loss
             loss.backward()
             return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
         return _model_loss_and_grads(model, x, y)
