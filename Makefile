@@ -11,7 +11,7 @@ TEST_EXTRAS := test,vision,tensorboard,litgpt
 DEMO_DATA := data/gutenberg
 DEMO_RUN := runs/demo
 
-.PHONY: setup setup-test demo test clean
+.PHONY: setup setup-test demo test test-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ demo: setup
 
 test: setup-test
 	$(BIN)/python -m pytest -q
+
+# the tests that run in one process: about 3 minutes on 2 cores
+test-quick: setup-test
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

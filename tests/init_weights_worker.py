@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from phiforge.config import load_config
 from phiforge.train.build import build_train_model, train_model_config
 from phiforge.train.config import TrainConfig
-from phiforge.train.distributed import init_distributed, shutdown
+from phiforge.train.distributed import barrier, init_distributed, shutdown
 from phiforge.train.parallelize import build_mesh
 
 out, strategy = sys.argv[1], sys.argv[2]
@@ -27,4 +27,5 @@ model, _ = build_train_model(cfg, train_model_config(cfg), env, build_mesh(cfg, 
 state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if env.is_main:
     save_file({k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}, out)
+barrier(env)  # rank 1 tearing gloo down while rank 0 still writes has aborted it (SIGABRT) under load
 shutdown(env)

@@ -15,6 +15,8 @@ from phiforge.data.shards import open_token_dataset
 
 from conftest import assert_one_line_error, run_cli
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: left out of the quick subset (-m "not slow")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

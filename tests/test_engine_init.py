@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from engine_helpers import ROOT, TIMEOUT, child_env
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: left out of the quick subset (-m "not slow")
+
 WORKER = ROOT / "tests" / "init_weights_worker.py"
 
 

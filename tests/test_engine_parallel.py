@@ -14,6 +14,8 @@ from engine_helpers import AC_VARIANTS, losses, make_synthetic, max_rel_diff, me
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: left out of the quick subset (-m "not slow")
+
 STEPS = range(1, 21)
 TOL = 1e-5
 

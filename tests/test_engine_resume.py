@@ -15,6 +15,8 @@ from engine_helpers import kill9, losses, make_synthetic, metrics, run_train, st
 
 from conftest import assert_one_line_error, run_cli
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: left out of the quick subset (-m "not slow")
+
 LONG = ["max_steps=40", "save_interval=10", "eval_interval=20"]
 
 

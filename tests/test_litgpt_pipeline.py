@@ -18,6 +18,8 @@ import yaml
 
 from conftest import assert_one_line_error, run_cli
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: left out of the quick subset (-m "not slow")
+
 pytest.importorskip("litgpt")
 pytest.importorskip("litdata")
 

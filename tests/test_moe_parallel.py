@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from engine_helpers import (AC_VARIANTS, kill9, losses, make_synthetic, max_rel_diff, metrics, run_train, start_train,
                             wait_for)
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: left out of the quick subset (-m "not slow")
+
 PARALLEL = "model.moe={num_experts: 4, top_k: 2, position: parallel"
 
 

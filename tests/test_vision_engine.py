@@ -19,6 +19,8 @@ from test_vision_cli import TINY
 
 from conftest import assert_one_line_error, run_cli
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end: left out of the quick subset (-m "not slow")
+
 # 4 + 6 steps, a checkpoint every 3 steps and at each stage end: steps 3, 4, 6, 9, 10
 SETS = ["stage1.steps=4", "stage2.steps=6", "save_interval=3", "log_interval=1", "eval_interval=100"]
 
