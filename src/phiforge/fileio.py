@@ -44,6 +44,37 @@ def write_json_atomic(path: Path, obj, indent: int = 2) -> None:
     write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
+def read_user_text(path: str | Path, error: type[Exception], what: str, missing: str | None = None) -> str:
+    """The UTF-8 text of a file a user named. A missing file raises `error(missing)` (default "WHAT not found:
+    PATH"); a folder, an unreadable or a non-UTF-8 file raises `error("cannot read WHAT PATH: why")`."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(missing or f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"cannot read {what} {path}: {e}") from None
+
+
+def read_user_mapping(path: str | Path, error: type[Exception], what: str, missing: str | None = None) -> dict:
+    """A YAML (or, by its .json suffix, JSON) file a user named that must hold a mapping ({} when empty); every
+    problem is `error` naming WHAT and PATH (see read_user_text)."""
+    import yaml
+
+    text = read_user_text(path, error, what, missing)
+    is_json = Path(path).suffix == ".json"
+    try:
+        data = json.loads(text) if is_json else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise error(f"{what} {path} is not valid {'JSON' if is_json else 'YAML'}: {str(e).splitlines()[0]}") \
+            from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} must hold a mapping at the top level")
+    return data
+
+
 # ---------------------------------------------------------------------------------------------
 # Output directories: the one rule for every command that writes a directory
 #

@@ -12,13 +12,12 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (uses its latest)")
     p.add_argument("--prompt", required=True)
     add_sampling_args(p, max_new_tokens=100, temperature=0.8)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=run)
 
 
 def add_sampling_args(p, max_new_tokens: int, temperature: float) -> None:
-    """--max-new-tokens, --temperature, --top-k, --top-p (checked by phiforge.generate.check_sampling)."""
+    """--max-new-tokens, --temperature, --top-k, --top-p (checked by phiforge.generate.check_sampling), --seed
+    and --device."""
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help=f"default {max_new_tokens}; clamped to the model's context after the prompt")
     p.add_argument("--temperature", type=float, default=temperature,
@@ -26,6 +25,8 @@ def add_sampling_args(p, max_new_tokens: int, temperature: float) -> None:
     p.add_argument("--top-k", type=int, default=None,
                    help="sample from the k likeliest tokens (at least 1; clamped to the vocabulary)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
 
 
 def fit_sampling(args, prompt_len: int, cfg) -> None:

@@ -36,8 +36,6 @@ def register(sub) -> None:
     g.add_argument("--image", required=True, help="image file (or .npy/.safetensors features for a features encoder)")
     g.add_argument("--prompt", required=True)
     add_sampling_args(g, max_new_tokens=32, temperature=0.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--device", default="auto")
     g.set_defaults(func=run_generate)
 
     e = vsub.add_parser("eval", help="answer accuracy on held-out questions, with and without the image")

@@ -43,7 +43,7 @@ from phiforge.checkpoint import (
     save_checkpoint,
 )
 from phiforge.errors import CheckpointError, ConfigError
-from phiforge.fileio import claim_output_dir, output_dir
+from phiforge.fileio import claim_output_dir, output_dir, read_user_mapping
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
 from phiforge.tokenizer import save_tokenizer_files
@@ -289,17 +289,9 @@ def load_lit_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_lit_config(src_dir: Path) -> dict:
-    path = Path(src_dir) / LIT_CONFIG
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"no {LIT_CONFIG} in {src_dir} (a LitGPT checkpoint directory has lit_model.pth and "
-                              f"{LIT_CONFIG})") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a mapping")
-    return data
+    return read_user_mapping(Path(src_dir) / LIT_CONFIG, CheckpointError, "LitGPT config",
+                             missing=f"no {LIT_CONFIG} in {src_dir} (a LitGPT checkpoint directory has "
+                                     f"lit_model.pth and {LIT_CONFIG})")
 
 
 def _summary(state: dict[str, torch.Tensor], out: Path) -> dict:

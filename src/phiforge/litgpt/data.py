@@ -20,7 +20,6 @@ workers (same format, no worker processes).
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from phiforge.data.loader import PackedLoader, _count_windows, eval_batches
 from phiforge.data.shards import INDEX, open_token_dataset
 from phiforge.errors import DataError
-from phiforge.fileio import write_json_atomic
+from phiforge.fileio import read_user_mapping, write_json_atomic
 
 MANIFEST = "litgpt-data.json"
 FORMAT = "phiforge-litdata"
@@ -52,14 +51,9 @@ def _import_litdata():
 
 def read_manifest(litdata_dir: str | Path) -> dict:
     path = Path(litdata_dir) / MANIFEST
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"no {MANIFEST} in {litdata_dir}; make it with `phiforge litgpt prepare --out "
-                        f"{litdata_dir} ...`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"corrupt {path}: {e}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
+    m = read_user_mapping(path, DataError, "litdata manifest", missing=f"no {MANIFEST} in {litdata_dir}; make it "
+                          f"with `phiforge litgpt prepare --out {litdata_dir} ...`")
+    if m.get("format") != FORMAT:
         raise DataError(f"{path} is not a phiforge litdata manifest")
     if int(m.get("version", 0)) > VERSION:
         raise DataError(f"{path} has version {m.get('version')}; this phiforge reads up to {VERSION}: upgrade it")

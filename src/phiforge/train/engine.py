@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from phiforge.errors import PhiforgeError
-from phiforge.train.distributed import DistEnv, all_reduce_
+from phiforge.train.distributed import DistEnv, all_reduce_, barrier
 from phiforge.train.metrics import Sinks, peak_memory
 from phiforge.train.optim import set_lr
 from phiforge.train.parallelize import clip_grad_norm_, grad_sync
@@ -284,6 +284,18 @@ class Loop:
         finally:
             bar.close()
         return False
+
+    def finish(self, **fields) -> dict:
+        """After the last step, on every rank: the "end" event (the run's summary, written on rank 0) and the
+        sinks closed; returns the summary with this rank's number."""
+        barrier(self.env)
+        summary = {"event": "end", "steps": self.step, **fields, "elapsed_s": time.perf_counter() - self.t0,
+                   "skipped_steps": self.bad_total}
+        if self.stopped_by:
+            summary["stopped_by"] = self.stopped_by
+        self.sinks.write(**summary)
+        self.sinks.close()
+        return {**summary, "rank": self.env.rank}
 
     def _count(self, result: StepResult, step: int, job: Job, window: _Window) -> None:
         if result.applied:

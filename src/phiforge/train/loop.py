@@ -14,7 +14,6 @@ RUN/metrics.jsonl (+ TensorBoard / W&B) on rank 0.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from phiforge.tokenizer import eot_id, load_tokenizer, token_byte_lengths
 from phiforge.train.build import build_train_model, train_model_config
 from phiforge.train.checkpointing import Checkpointer
 from phiforge.train.config import TrainConfig
-from phiforge.train.distributed import DistEnv, all_reduce_, barrier
+from phiforge.train.distributed import DistEnv, all_reduce_
 from phiforge.train.engine import Cadence, Job, Loop, MoEBalancing, StopRequest, TrainStep, run_distributed
 from phiforge.faults import Faults
 from phiforge.train.metrics import Sinks, flops_per_token, matmul_params, peak_flops
@@ -202,14 +201,6 @@ def _run(cfg: TrainConfig, env: DistEnv, stop: StopRequest, run: RunDir, job: Te
         loop.log(f"resumed from {run.checkpoint} at step {start_step} ({loop.units_done:,} tokens)")
     first_val = loop.evaluate(job, start_step)["val_loss"]
     loop.run(job, step_fn, start_step, cfg.max_steps)
-    barrier(env)
-    summary = {"event": "end", "steps": loop.step, "tokens": loop.units_done, "params": model.num_params(),
-               "val_loss_start": first_val, "val_loss_end": loop.val.get("val_loss"),
-               "elapsed_s": time.perf_counter() - loop.t0, "checkpoint": str(job.ckpt.last_complete),
-               "skipped_steps": loop.bad_total, "world_size": env.world_size}
-    if loop.stopped_by:
-        summary["stopped_by"] = loop.stopped_by
-    sinks.write(**summary)
-    sinks.close()
-    summary["rank"] = env.rank
-    return summary
+    return loop.finish(tokens=loop.units_done, params=model.num_params(), val_loss_start=first_val,
+                       val_loss_end=loop.val.get("val_loss"), checkpoint=str(job.ckpt.last_complete),
+                       world_size=env.world_size)

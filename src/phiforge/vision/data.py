@@ -23,6 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 from phiforge.errors import DataError
+from phiforge.fileio import read_user_text
 from phiforge.tokenizer import eot_id
 from phiforge.vision.config import EncoderConfig
 from phiforge.vision.encoders import load_visual
@@ -38,12 +39,7 @@ ROLES = ("human", "gpt")
 def read_records(path: str | Path) -> list[dict]:
     """Records of a LLaVA JSON list (or .jsonl file), each checked for the fields this pipeline uses."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"data file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read data file {path}: {e}") from None
+    text = read_user_text(path, DataError, "data file")
     if path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(text.splitlines(), 1):

@@ -18,7 +18,6 @@ model + vision.safetensors) in one, so `--resume auto` and `vision generate --ch
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from phiforge.model.xattn import XAttnConfig
 from phiforge.tokenizer import load_tokenizer
 from phiforge.train.checkpointing import TRAIN_STATE, Checkpointer, read_train_state
 from phiforge.train.config import model_config_from_spec
-from phiforge.train.distributed import DistEnv, all_reduce_, barrier
+from phiforge.train.distributed import DistEnv, all_reduce_
 from phiforge.train.engine import Cadence, Job, Loop, MoEBalancing, StopRequest, TrainStep, run_distributed
 from phiforge.faults import Faults
 from phiforge.train.metrics import Sinks
@@ -260,13 +259,5 @@ def _run_stages(cfg: FinetuneConfig, env: DistEnv, stop: StopRequest, vr: Vision
             if loop.run(stage, step_fn, start, steps, offset=offset, desc=name):
                 break  # stopped by a signal: saved, resume continues here
         offset += steps
-    barrier(env)
-    summary = {"event": "end", "steps": loop.step, "samples": loop.units_done,
-               "val_loss_end": loop.val.get("val_loss"), "elapsed_s": time.perf_counter() - loop.t0,
-               "checkpoint": str(vr.ckpt.last_complete), "skipped_steps": loop.bad_total}
-    if loop.stopped_by:
-        summary["stopped_by"] = loop.stopped_by
-    sinks.write(**summary)
-    sinks.close()
-    summary["rank"] = env.rank
-    return summary
+    return loop.finish(samples=loop.units_done, val_loss_end=loop.val.get("val_loss"),
+                       checkpoint=str(vr.ckpt.last_complete))
