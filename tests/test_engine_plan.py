@@ -59,6 +59,20 @@ def test_plan_cli_phi2_configs(capsys):
     assert code == 1 and "--gpus" in err
 
 
+def test_plan_states_start_up_memory_per_rank(capsys):
+    """Issue 14: after meta-device init a rank holds its parameter shard on the device and, on the host, one
+    block of 2^20 values being drawn (init_from: its slice of the largest tensor, the embedding)."""
+    code, out, err = run_cli(capsys, "plan", "--config", ROOT / "configs" / "phi2-8xh100.yaml", "--gpus", 8, "--json")
+    assert code == 0, err
+    startup = json.loads(out)["startup_gib"]
+    assert startup["device"] == pytest.approx(2_779_683_840 * 4 / 8 / 2**30)
+    assert startup["host"] == pytest.approx(4 / 1024)
+    code, out, err = run_cli(capsys, "plan", "--config", ROOT / "configs" / "phi2-8xh100.yaml", "--gpus", 8,
+                             "--set", "init_from=ckpt")
+    assert code == 0, err
+    assert "at start-up, per rank" in out and "device 1.29 GiB, host 62.50 MiB" in out  # 51200 x 2560 x 4 / 8
+
+
 def test_docs_hold_the_current_phi2_predictions():
     from phiforge.train.plan import max_micro_batch, plan_memory
 

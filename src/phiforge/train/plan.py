@@ -49,6 +49,7 @@ import torch
 
 from phiforge.errors import ConfigError
 from phiforge.model import Phi2Config, count_params_meta
+from phiforge.model.init import BLOCK_VALUES
 from phiforge.train.config import TrainConfig
 from phiforge.train.engine import Job
 
@@ -68,11 +69,13 @@ class MemoryPlan:
     components: dict = field(default_factory=dict)  # bytes
     peak_bytes: float = 0.0
     peak_phase: str = ""
+    startup: dict = field(default_factory=dict)  # bytes per rank once the weights are materialised
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["peak_gib"] = self.peak_bytes / GiB
         d["components_gib"] = {k: v / GiB for k, v in self.components.items()}
+        d["startup_gib"] = {k: v / GiB for k, v in self.startup.items()}
         return d
 
 
@@ -185,9 +188,18 @@ def plan_memory(cfg: TrainConfig, n_gpus: int, gpus_per_node: int = 8, device_ty
     comp["gradients (at the step)"] = grads
     comp["transient (loss grad / recompute)"] = max(head_transient, BT * transient)
     plan = MemoryPlan(strategy, precision, n_gpus, shard, B, T, cfg.parallel.activation_checkpointing, P, comp)
+    plan.startup = startup_bytes(cfg, counts, m, shard)
     plan.peak_bytes, plan.peak_phase = (fwd, "forward end + loss gradient") if fwd >= bwd else \
         (bwd, "end of backward + optimizer step")
     return plan
+
+
+def startup_bytes(cfg: TrainConfig, counts: dict, m: int, shard: int) -> dict:
+    """Memory per rank once the model is materialised (train/build.py): the parameter shard on the device; on
+    the host, beyond Python and torch, one block of values being drawn, or with init_from the largest tensor's
+    rows being copied (the embedding or the head, whichever this rank's slice of it is)."""
+    host = BLOCK_VALUES * 4 if not cfg.init_from else counts["embed"] * 4 / shard
+    return {"device": counts["total"] * m / shard, "host": host}
 
 
 def usable_bytes(gpu_mem_gib: float) -> float:
@@ -229,6 +241,9 @@ def format_plan(cfg: TrainConfig, n_gpus: int, gpu_mem_gib: float, gpus_per_node
     for k, v in plan.components.items():
         lines.append(f"  {k:<36} {format_bytes(v)}")
     lines.append(f"  {'predicted peak':<36} {format_bytes(plan.peak_bytes)}   (at the {plan.peak_phase})")
+    dev, host = (format_bytes(plan.startup[k]).strip() for k in ("device", "host"))
+    lines.append(f"at start-up, per rank (built on the meta device, each rank fills only its shard): device {dev}, "
+                 f"host {host} beyond what Python and torch take (~0.7 GB)")
     fits = plan.peak_bytes <= usable_bytes(gpu_mem_gib)
     lines.append(f"{'fits' if fits else 'does NOT fit'} in {gpu_mem_gib:g} GiB (usable {usable_bytes(gpu_mem_gib) / GiB:.1f} "
                  f"GiB after the reserve); largest micro_batch_size that fits: {best}{'+' if best == 4096 else ''}")
