@@ -46,10 +46,9 @@ def task_manager(tasks: list[str], include_path: str | Path | None = None):
 
 def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, include_path: str | Path | None = None,
                 num_fewshot: int | None = None, limit: int | None = None, batch_size: int | str = 1,
-                device: str = "cpu", seed: int = 1234, dtype: str = "float32", log_samples: bool = False,
-                model=None) -> dict:
-    """lm_eval.simple_evaluate's result (JSON-safe) for the checkpoint's HF export (weights in `dtype`) on `tasks`;
-    `model`: an lm_eval LM already built (the export is then skipped; the benchmark times the evaluation alone so)."""
+                device: str = "cpu", seed: int = 1234, dtype: str = "float32", log_samples: bool = False) -> dict:
+    """lm_eval.simple_evaluate's result (JSON-safe: results, configs, n-shot, samples with log_samples) for the
+    checkpoint's HF export (weights in `dtype`) on `tasks`."""
     from phiforge.checkpoint import resolve_checkpoint
     from phiforge.hf import convert_to_hf
 
@@ -61,13 +60,9 @@ def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, include_path: str |
     manager = task_manager(tasks, include_path)
     kwargs = dict(tasks=tasks, task_manager=manager, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                   device=device, log_samples=log_samples, bootstrap_iters=0, fewshot_random_seed=seed)
-    if model is not None:
-        result = lm_eval.simple_evaluate(model=model, **kwargs)
-    else:
-        with tempfile.TemporaryDirectory(prefix="phiforge-lm-eval-") as tmp:
-            export = Path(tmp) / "hf"
-            convert_to_hf(resolve_checkpoint(Path(checkpoint)), export, dtype=dtype)
-            result = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(export), "dtype": dtype},
-                                             **kwargs)
+    with tempfile.TemporaryDirectory(prefix="phiforge-lm-eval-") as tmp:
+        export = Path(tmp) / "hf"
+        convert_to_hf(resolve_checkpoint(Path(checkpoint)), export, dtype=dtype)
+        result = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(export), "dtype": dtype}, **kwargs)
     keep = {k: result[k] for k in ("results", "configs", "n-shot", "samples") if k in result}
     return json.loads(json.dumps(keep, default=str))
