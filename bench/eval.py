@@ -4,7 +4,8 @@ The task: N multiple-choice questions made from the bundled held-out book (Persu
 the true next sentence and 3 other sentences of the book as choices (HellaSwag's shape), as a local JSONL file
 and a local lm-eval YAML (`dataset_path: json`). The model: the `small` preset (14M parameters, 50k vocabulary,
 512 context) with seeded random weights, or --checkpoint. Both harnesses score the same requests in fp32 on the
-CPU; rounds alternate between them so load from other processes hits both alike, and the median is kept. lm-eval
+CPU with --threads torch threads (default 1); rounds alternate between them so load from other processes hits
+both alike, and the median is kept. lm-eval
 is timed for each --lm-eval-batch-sizes value and the speedup is against its fastest; its model (HFLM) is built
 before the clock starts, and so is ours; both times include building the task's requests from the file.
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import subprocess
@@ -28,42 +28,20 @@ import time
 from pathlib import Path
 
 import torch
+from moe import device_name  # bench/moe.py: the CPU or GPU name with the thread count
 
 ROOT = Path(__file__).resolve().parents[1]
-YAML = """task: bench_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: multiple_choice
-doc_to_text: context
-doc_to_choice: choices
-doc_to_target: label
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-
-
-def device_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
 
 
 def make_task(work: Path, n: int, seed: int) -> Path:
     """N next-sentence questions from the held-out book of the bundled Gutenberg dataset."""
     from phiforge.cli import main
-    from phiforge.evaluation.cloze import _validation_texts, sentences
+    from phiforge.evaluation.cloze import document_texts, sentences
+    from phiforge.evaluation.harness import mc_task_yaml
 
     data = work / "data"
     assert main(["prepare", "gutenberg", "--source", "bundled", "--out", str(data)]) == 0
-    sents = [s for _, text in _validation_texts(data, "val") for s in sentences(text) if 5 <= len(s.split()) <= 30]
+    sents = [s for _, text in document_texts(data, "val") for s in sentences(text) if 5 <= len(s.split()) <= 30]
     rng = random.Random(seed)
     rows = []
     for start in rng.sample(range(len(sents) - 4), n):
@@ -74,7 +52,7 @@ def make_task(work: Path, n: int, seed: int) -> Path:
     path = work / "bench_mc.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (work / "tasks").mkdir()
-    (work / "tasks" / "bench_mc.yaml").write_text(YAML.format(path=path))
+    (work / "tasks" / "bench_mc.yaml").write_text(mc_task_yaml("bench_mc", path))
     return path
 
 
@@ -95,9 +73,12 @@ def main(argv=None) -> int:
     p.add_argument("--lm-eval-batch-sizes", default="1,16", help="comma-separated; the speedup uses the fastest")
     p.add_argument("--checkpoint", default=None, help="default: the small preset, seeded random weights")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for both harnesses (default 1: stable timings on a shared machine)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval-cpu.json"))
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="phiforge-bench-eval-") as tmp:
         result = run(args, Path(tmp))
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -131,7 +112,8 @@ def run(args, work: Path) -> dict:
             theirs_t[b].append(time.perf_counter() - t)
     builtin_s = statistics.median(ours_t)
     lm_eval_s = {str(b): statistics.median(ts) for b, ts in theirs_t.items()}
-    return {"bench": "eval", "device": device_name(), "torch": torch.__version__, "lm_eval": lm_eval.__version__,
+    return {"bench": "eval", "device": device_name(torch.device("cpu")), "torch": torch.__version__,
+            "lm_eval": lm_eval.__version__,
             "command": " ".join(["python bench/eval.py", *args.argv]),
             "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                   text=True).stdout.strip(),
@@ -140,11 +122,12 @@ def run(args, work: Path) -> dict:
             "task": f"{args.questions} next-sentence questions from Persuasion, 4 choices, 0-shot",
             "settings": {"builtin": "one question per step: context once, all choices in one batched forward",
                          "lm_eval_batch_sizes": batch_sizes, "dtype": "float32", "rounds": args.rounds,
+                         "threads": torch.get_num_threads(),
                          "timing": "median of rounds, interleaved; models built before timing"},
             "builtin_s": builtin_s, "lm_eval_s": lm_eval_s,
             "speedup_vs_lm_eval": min(lm_eval_s.values()) / builtin_s,
             "builtin": {k: ours[k] for k in ("acc", "acc_norm", "n")},
-            "lm_eval": {b: {"acc": r["acc,none"], "acc_norm": r["acc_norm,none"]} for b, r in theirs.items()}}
+            "lm_eval_metrics": {b: {"acc": r["acc,none"], "acc_norm": r["acc_norm,none"]} for b, r in theirs.items()}}
 
 
 if __name__ == "__main__":

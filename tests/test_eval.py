@@ -226,3 +226,22 @@ def test_eval_tasks_during_training(capsys, gutenberg_dir, tmp_path):
                              "--set", f"eval_tasks={bad}")
     assert_one_line_error(code, err, "file not found", "missing.jsonl")
     assert not (tmp_path / "run2").exists()
+
+
+def test_eval_tasks_under_fsdp_match_one_rank(tmp_path):
+    """2 ranks (FSDP2, gloo) run the suite with the same forwards on every rank and get the 1-rank numbers."""
+    from engine_helpers import make_synthetic, metrics, run_train
+
+    data = make_synthetic(tmp_path / "synthetic")  # no tokenizer.json: the built-in GPT-2 BPE, hence the vocabulary
+    write_jsonl(tmp_path / "mc.jsonl", [{"context": "a truth universally", "choices": ["single men", "a truth"],
+                                         "label": i % 2} for i in range(4)])
+    (tmp_path / "t.txt").write_text("It is a truth universally acknowledged, that a single man " * 3)
+    sets = [f'eval_tasks=["mc={tmp_path / "mc.jsonl"}", "t:text={tmp_path / "t.txt"}"]', "max_steps=4",
+            "eval_interval=2", "save_interval=0", "model.vocab_size=50304"]
+    run_train(1, data, tmp_path / "r1", "micro_batch_size=8", *sets)
+    run_train(2, data, tmp_path / "r2", "parallel.strategy=fsdp", *sets)
+    one, two = ([e for e in metrics(tmp_path / r) if e["event"] == "eval"] for r in ("r1", "r2"))
+    assert [e["step"] for e in one] == [e["step"] for e in two] == [0, 2, 4]
+    for a, b in zip(one, two):
+        assert a["task/mc/acc_norm"] == b["task/mc/acc_norm"]
+        assert a["text/t/bpb"] == pytest.approx(b["text/t/bpb"], rel=1e-4)

@@ -12,27 +12,12 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from eval_helpers import cloze_rows, gpt2_checkpoint, mc_rows, write_jsonl
 from phiforge.evaluation import load_for_eval, load_task
-from phiforge.evaluation.harness import import_lm_eval, run_lm_eval
+from phiforge.evaluation.harness import import_lm_eval, mc_task_yaml, run_lm_eval
 from phiforge.evaluation.tasks import encode_task, score_task, task_metrics
 
 lm_eval, TaskManager = import_lm_eval()
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
 
-LOCAL_MC = """task: local_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-fewshot_split: test
-output_type: multiple_choice
-doc_to_text: context
-doc_to_choice: choices
-doc_to_target: label
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 LOCAL_CLOZE = """include: {lm_eval}/lambada/lambada_openai.yaml
 task: local_cloze
 dataset_path: json
@@ -49,7 +34,7 @@ def setup(tmp_path_factory):
     ckpt = gpt2_checkpoint(d / "ckpt")
     (d / "tasks").mkdir()
     mc, cloze = write_jsonl(d / "mc.jsonl", mc_rows(60)), write_jsonl(d / "cloze.jsonl", cloze_rows(30))
-    (d / "tasks" / "mc.yaml").write_text(LOCAL_MC.format(path=mc))
+    (d / "tasks" / "mc.yaml").write_text(mc_task_yaml("local_mc", mc))
     (d / "tasks" / "cloze.yaml").write_text(LOCAL_CLOZE.format(lm_eval=LM_EVAL_TASKS, path=cloze))
     return d, ckpt
 

@@ -65,7 +65,7 @@ def _candidates(docs: list[tuple[str, list[str]]], rng: random.Random, lo: int, 
     return found
 
 
-def _validation_texts(data_dir: Path, split: str) -> list[tuple[str, str]]:
+def document_texts(data_dir: Path, split: str) -> list[tuple[str, str]]:
     """(name, text) of each document of the split, decoded from its tokens (byte-level BPE decodes exactly)."""
     from phiforge.data.shards import open_token_dataset
     from phiforge.tokenizer import load_tokenizer
@@ -92,7 +92,7 @@ def make_cloze(data_dir: str | Path, out_path: str | Path, *, n_items: int = 500
                             f"{min_sentences}, {max_sentences}")
     if out.exists() and not overwrite:
         raise PhiforgeError(f"{out} exists; pass --overwrite to replace it or choose another path")
-    docs = [(name, sentences(text)) for name, text in _validation_texts(Path(data_dir), split)]
+    docs = [(name, sentences(text)) for name, text in document_texts(Path(data_dir), split)]
     rng = random.Random(seed)
     found = _candidates(docs, rng, min_sentences, max_sentences)
     if not found:

@@ -18,6 +18,29 @@ from phiforge.errors import ConfigError, PhiforgeError
 OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
+MC_TASK_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+fewshot_split: test
+output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def mc_task_yaml(task: str, path: str | Path) -> str:
+    """An lm-eval task YAML for a generic multiple-choice file (the `mc` format: context, choices, label) that
+    scores it as `phiforge eval --tasks mc=PATH` does, k-shot included (demonstrations from the same file)."""
+    return MC_TASK_YAML.format(task=task, path=Path(path).resolve())
+
+
 def import_lm_eval():
     """lm_eval, imported offline; PhiforgeError naming the extra when it is not installed."""
     for var in OFFLINE:

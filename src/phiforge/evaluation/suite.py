@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from phiforge.errors import ConfigError
 from phiforge.evaluation.perplexity import encode_documents, read_text_file, score_tokenized
 from phiforge.evaluation.tasks import encode_task, load_task, score_task, task_metrics
 
@@ -33,9 +34,14 @@ class EvalSuite:
         self.items = items
 
     @classmethod
-    def load(cls, entries, tokenizer, max_len: int) -> "EvalSuite":
+    def load(cls, entries, tokenizer, max_len: int, vocab_size: int) -> "EvalSuite":
         """entries: objects with name, path, format (None: implied by the name; "text": a .txt/.jsonl text
-        file), limit (questions or documents) and num_fewshot, such as train.config.EvalTaskConfig."""
+        file), limit (questions or documents) and num_fewshot, such as train.config.EvalTaskConfig; for a model
+        of context max_len and vocab_size embedding rows."""
+        if tokenizer.get_vocab_size() > vocab_size:
+            raise ConfigError(f"eval_tasks: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's "
+                              f"vocabulary only {vocab_size} (give the data directory the tokenizer.json it was "
+                              "made with)")
         items = []
         for e in entries:
             if e.format == TEXT_FORMAT:

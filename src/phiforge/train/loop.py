@@ -156,7 +156,8 @@ def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest, overwrite: bool) -
     mcfg = train_model_config(cfg)  # first, so a bad preset or model key is reported before any data problem
     dataset = check_data(cfg, mcfg)
     tokenizer_dir = Path(cfg.init_from) if cfg.init_from else Path(cfg.data.dir)
-    suite = EvalSuite.load(cfg.eval_tasks, load_tokenizer(tokenizer_dir), mcfg.max_seq_len) if cfg.eval_tasks else None
+    suite = EvalSuite.load(cfg.eval_tasks, load_tokenizer(tokenizer_dir), mcfg.max_seq_len, mcfg.vocab_size) \
+        if cfg.eval_tasks else None
     run = RunDir(cfg.out_dir, env, "train", cfg.resume, overwrite)  # refuses a run dir it must not touch
     faults = Faults.from_env(env.rank)
     model, train_model = build_train_model(cfg, mcfg, env, build_mesh(cfg, env))
