@@ -88,6 +88,38 @@ class ParallelConfig:
 
 
 @dataclass
+class EvalTaskConfig:
+    """One entry of `eval_tasks` (docs/evaluation.md): a local task file or, with format `text`, a text file."""
+
+    name: str = ""
+    path: str = ""
+    format: str | None = None  # None: the format the name implies (hellaswag, mc, ...); text: .txt / .jsonl text
+    limit: int = 200  # questions (text: documents) scored at each validation: bounds the cost
+    num_fewshot: int = 0
+
+    def __post_init__(self):
+        from phiforge.evaluation.suite import TEXT_FORMAT
+        from phiforge.evaluation.tasks import task_format
+
+        if not self.name or not self.path:
+            raise ConfigError("each eval_tasks entry needs a name and a path (or is a 'NAME[:FORMAT]=PATH' string)")
+        if self.format != TEXT_FORMAT:
+            task_format(self.name, self.format)
+        check_range("limit", self.limit, 1)
+        check_range("num_fewshot", self.num_fewshot, 0)
+
+    @classmethod
+    def parse(cls, entry: "str | EvalTaskConfig") -> "EvalTaskConfig":
+        """An entry as written in the config: 'NAME[:FORMAT]=PATH' or a mapping (already an EvalTaskConfig)."""
+        from phiforge.evaluation.tasks import parse_task_spec
+
+        if isinstance(entry, cls):
+            return entry
+        name, fmt, path = parse_task_spec(entry)
+        return cls(name=name, path=path, format=fmt)
+
+
+@dataclass
 class TrainConfig:
     model: dict = field(default_factory=lambda: {"preset": "small"})  # preset name + Phi2Config overrides
     init_from: str | None = None  # start from a phiforge checkpoint instead of random weights
@@ -118,6 +150,9 @@ class TrainConfig:
     tensorboard: bool = True  # also write RUN/tensorboard/ when the tensorboard package is installed
     wandb_project: str | None = None  # also log to this W&B project when wandb is installed
     progress_bar: bool = True  # rank 0 only
+    # local tasks and text files scored at every validation (docs/evaluation.md): 'NAME[:FORMAT]=PATH' strings or
+    # {name, path, format, limit, num_fewshot}; metrics task/NAME/acc, text/NAME/bpb, ... in metrics.jsonl
+    eval_tasks: list[str | EvalTaskConfig] = field(default_factory=list)
 
     def __post_init__(self):
         if self.optim.schedule not in ("cosine", "linear", "wsd", "constant"):
@@ -135,6 +170,10 @@ class TrainConfig:
         if not self.resume:
             raise ConfigError("resume must be none, auto or a checkpoint path")
         self.model = checked_model_spec(self.model)
+        self.eval_tasks = [EvalTaskConfig.parse(e) for e in self.eval_tasks]
+        names = [e.name for e in self.eval_tasks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"eval_tasks names must differ (their metrics are named after them): {names}")
 
     def model_config(self) -> Phi2Config:
         return model_config_from_spec(self.model)

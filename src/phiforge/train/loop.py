@@ -24,6 +24,7 @@ from phiforge.config import to_dict
 from phiforge.data.loader import PackedLoader, eval_batches
 from phiforge.data.shards import open_token_dataset
 from phiforge.errors import ConfigError
+from phiforge.evaluation.suite import EvalSuite
 from phiforge.model.moe import moe_metrics
 from phiforge.tokenizer import eot_id, load_tokenizer, token_byte_lengths
 from phiforge.train.build import build_train_model, train_model_config
@@ -75,10 +76,10 @@ class TextJob(Job):
     units = "tokens"
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, model, train_model, optimizer, loader, val, ckpt,
-                 autocast, strategy: str, tokenizer_dir: Path):
+                 autocast, strategy: str, tokenizer_dir: Path, suite: EvalSuite | None = None):
         self.cfg, self.env, self.model, self.train_model, self.optimizer = cfg, env, model, train_model, optimizer
         self.loader, self.val, self.ckpt, self.autocast, self.strategy = loader, val, ckpt, autocast, strategy
-        self.tokenizer_dir = tokenizer_dir
+        self.tokenizer_dir, self.suite = tokenizer_dir, suite
         tok = load_tokenizer(tokenizer_dir)
         self.token_bytes, self.eot = torch.tensor(token_byte_lengths(tok), dtype=torch.float64), eot_id(tok)
         self.units_per_step = cfg.micro_batch_size * cfg.data.seq_len * cfg.grad_accum_steps * env.world_size
@@ -97,8 +98,12 @@ class TextJob(Job):
     def evaluate(self) -> dict:
         val = evaluate(self.train_model, self.val, self.env.device, self.autocast, self.env, self.token_bytes,
                        self.eot)
-        return {"val_loss": val["val_loss"], "val_ppl": math.exp(min(val["val_loss"], 50)),
-                **({"val_bpb": val["val_bpb"]} if "val_bpb" in val else {})}
+        out = {"val_loss": val["val_loss"], "val_ppl": math.exp(min(val["val_loss"], 50)),
+               **({"val_bpb": val["val_bpb"]} if "val_bpb" in val else {})}
+        if self.suite is not None:  # eval_tasks: the same forwards on every rank (the plain model, or the FSDP root)
+            with self.autocast():
+                out.update(self.suite(self.model))
+        return out
 
     def train_state(self, step: int) -> dict:
         cfg, world = self.cfg, self.env.world_size
@@ -149,6 +154,9 @@ def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest, overwrite: bool) -
     strategy = resolve_strategy(cfg, env.world_size)
     mcfg = train_model_config(cfg)  # first, so a bad preset or model key is reported before any data problem
     dataset = check_data(cfg, mcfg)
+    tokenizer_dir = Path(cfg.init_from) if cfg.init_from else Path(cfg.data.dir)
+    suite = EvalSuite.load(cfg.eval_tasks, load_tokenizer(tokenizer_dir), mcfg.max_seq_len, mcfg.vocab_size) \
+        if cfg.eval_tasks else None
     run = RunDir(cfg.out_dir, env, "train", cfg.resume, overwrite)  # refuses a run dir it must not touch
     faults = Faults.from_env(env.rank)
     model, train_model = build_train_model(cfg, mcfg, env, build_mesh(cfg, env))
@@ -159,13 +167,13 @@ def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest, overwrite: bool) -
                           rank=env.rank, world_size=env.world_size, mixture=cfg.data.mixture)
     val = eval_batches(cfg.data.dir, "val", cfg.data.seq_len, cfg.micro_batch_size, cfg.eval_batches,
                        mixture=cfg.data.mixture)
-    tokenizer_dir = Path(cfg.init_from) if cfg.init_from else Path(cfg.data.dir)
     ckpt = Checkpointer(run.path, env, cfg.keep_checkpoints, async_save=cfg.async_checkpoint,
                         tokenizer_dir=tokenizer_dir, fault=faults)
     state = ckpt.load(Path(run.checkpoint), train_model, optimizer, mcfg) if run.checkpoint else None
     if state:
         loader.load_state_dict(state["loader"])
-    job = TextJob(cfg, env, model, train_model, optimizer, loader, val, ckpt, autocast, strategy, tokenizer_dir)
+    job = TextJob(cfg, env, model, train_model, optimizer, loader, val, ckpt, autocast, strategy, tokenizer_dir,
+                  suite)
     step_fn = TrainStep(train_model, optimizer, env, strategy, autocast, cfg.grad_accum_steps, cfg.optim.grad_clip,
                         cfg.parallel.defer_grad_sync, hooks=[MoEBalancing(model, env)], faults=faults,
                         run_dir=run.path)
