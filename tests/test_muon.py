@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from engine_helpers import kill9, losses, make_synthetic, max_rel_diff, metrics, run_train, start_train, wait_for
+from engine_helpers import kill9_inside, losses, make_synthetic, max_rel_diff, metrics, run_train
 
 from conftest import assert_one_line_error, run_cli
 
@@ -157,7 +157,7 @@ def test_muon_step_equals_torch_muon_on_matrices(nesterov, adjust):
     from phiforge.train.optim import MuonWithAdamW
 
     gen = torch.Generator().manual_seed(0)
-    ref = [torch.nn.Parameter(torch.randn(32, 48, generator=gen)), torch.nn.Parameter(torch.randn(64, 16, generator=gen))]
+    ref = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in ((32, 48), (64, 16))]
     mine = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     start = ref[0].detach().clone()
     a = torch.optim.Muon(ref, lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust)
@@ -301,9 +301,7 @@ def test_exact_resume_after_kill9_is_bit_identical(data, tmp_path):
     straight = tmp_path / "straight"
     run_train(1, data, straight, *long)
     run = tmp_path / "killed"
-    proc = start_train(1, data, run, *long, fault="hang@25")
-    wait_for(run / "fault-hang", proc)
-    kill9(proc)
+    kill9_inside(25, data, run, *long)
     run_train(1, data, run, *long, resume="auto")
     assert [e for e in metrics(run) if e["event"] == "start"][-1]["start_step"] == 20
     a, b = losses(straight), losses(run)
@@ -331,3 +329,23 @@ def test_vision_finetune_with_muon(tmp_path):
     assert "xattn.attn.q.weight" in stages[0]["optimizer_groups"][0]
     assert "layers.*.attn.qkv.weight" in stages[1]["optimizer_groups"][0]  # stage 2 trains the LM too
     assert len(losses(tmp_path / "run")) == 6
+
+
+def test_plan_counts_muon_state_traffic_and_flops(capsys):
+    """phi-2 on 8 GPUs: Muon holds one momentum for its 32 x 12 d^2 matrix values, gathers them in bf16."""
+    from phiforge.config import load_config
+    from phiforge.train.config import TrainConfig
+    from phiforge.train.plan import plan_memory
+
+    cfg = load_config(TrainConfig, "configs/phi2-8xh100.yaml", [MUON])
+    adamw = plan_memory(load_config(TrainConfig, "configs/phi2-8xh100.yaml"), 8)
+    plan = plan_memory(cfg, 8)
+    d, P, M = 2560, plan.params, 32 * 12 * 2560 ** 2
+    assert plan.muon["params"] == M
+    assert plan.components["optimizer"] == (2 * P - M) * 4 / 8 < adamw.components["optimizer"]
+    assert plan.muon["gathered_bytes"] == 2 * M * 7 / 8
+    per_layer = 4 * d * d * 3 * d + 2 * d ** 3 + 6 * d ** 3 + 2 * (4 * d * d * 4 * d + 2 * d ** 3)  # qkv, dense, fc1/2
+    assert plan.muon["ns_flops"] == 32 * 5 * per_layer
+    code, out, err = run_cli(capsys, "plan", "--config", "configs/phi2-8xh100.yaml", "--gpus", 8, "--set", MUON)
+    assert code == 0, err
+    assert "muon: 2,516,582,400 matrix parameters" in out and "4.10 GiB received per step per GPU" in out

@@ -7,8 +7,8 @@ Start-up checks everything before writing anything: the model config, the data, 
 that holds checkpoints needs --resume auto or --overwrite), the checkpoint to resume from. Then: the model is
 built on the meta device, laid out by parallelize() (AC, compile, FSDP2/DDP) and materialised shard by shard
 (build.py), the optimizer (AdamW, or Muon + AdamW: optim.py), the resume load (DCP, checkpointing.py), and
-the shared step and cadence of engine.py run the steps. The resolved config is written to RUN/config.yaml when training starts; metrics go to
-RUN/metrics.jsonl (+ TensorBoard / W&B) on rank 0.
+the shared step and cadence of engine.py run the steps. The resolved config is written to RUN/config.yaml
+when training starts; metrics go to RUN/metrics.jsonl (+ TensorBoard / W&B) on rank 0.
 """
 
 from __future__ import annotations

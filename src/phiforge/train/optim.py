@@ -9,9 +9,9 @@ Which parameter goes where (`param_roles`, decided by module type, not by name):
 optim.name=adamw: AdamW for all four (matrices decayed); optim.name=muon: Muon for the two matrix roles.
 
 Muon under FSDP2/HSDP (`MuonWithAdamW`): the momentum stays sharded like the weight; each step every rank
-all-gathers each 2-D matrix's Nesterov update in bf16 (the dtype Newton-Schulz runs in, so the result is
-what one process computes), orthogonalises the whole matrix and keeps its own rows. Expert stacks sharded on
-the expert dimension hold whole experts per rank and need no gather. docs/training.md, "Optimizers".
+all-gathers each 2-D matrix's Nesterov update in the dtype Newton-Schulz runs in (bf16 by default, so the
+result is what one process computes), orthogonalises the whole matrix and keeps its own rows. Expert stacks
+sharded on the expert dimension hold whole experts per rank and need no gather. docs/training.md, "Optimizers".
 """
 
 from __future__ import annotations
@@ -65,6 +65,10 @@ def _pattern(name: str) -> str:
     return re.sub(r"(^|\.)\d+(\.|$)", r"\1*\2", _WRAPPERS.sub("", name))
 
 
+_GROUP_ORDER = ("muon", "muon (MoE, x @ W layout; each expert on its own)", "adamw (weight decay)",
+                "adamw (no weight decay)")
+
+
 def describe_split(model: nn.Module, cfg: OptimConfig) -> list[str]:
     """One line per optimizer group: which optimizer, how many tensors and values, the name patterns."""
     roles = param_roles(model)
@@ -77,10 +81,6 @@ def describe_split(model: nn.Module, cfg: OptimConfig) -> list[str]:
         patterns = list(dict.fromkeys(_pattern(n) for n, _ in items))
         lines.append(f"{group}: {len(items)} tensors, {sum(n for _, n in items):,} values: {', '.join(patterns)}")
     return lines
-
-
-_GROUP_ORDER = ("muon", "muon (MoE, x @ W layout; each expert on its own)", "adamw (weight decay)",
-                "adamw (no weight decay)")
 
 
 def _group_name(role: str, cfg: OptimConfig) -> str:
