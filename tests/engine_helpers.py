@@ -94,6 +94,13 @@ def kill9(proc: subprocess.Popen) -> None:
     proc.communicate(timeout=60)
 
 
+def kill9_inside(step: int, data: Path, run: Path, *sets: str) -> None:
+    """Start a 1-process run that hangs inside `step` (after its backward pass), wait for the hang, kill -9 it."""
+    proc = start_train(1, data, run, *sets, fault=f"hang@{step}")
+    wait_for(run / "fault-hang", proc)
+    kill9(proc)
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 

@@ -28,7 +28,9 @@ MEASURED = ["model.vocab_size=4096", "model.n_layer=4", "model.n_embd=256", "mod
     (["micro_batch_size=1", "data.seq_len=32"], 1),  # weight-dominated: the peak is the optimizer step
     (["parallel.strategy=fsdp"], 2),
     (["parallel.strategy=fsdp", "precision=bf16-mixed", "parallel.activation_checkpointing=full"], 2),
-], ids=["none", "full", "selective-op", "tiny-batch", "fsdp2", "fsdp2-bf16-full"])
+    (["optim.name=muon", "micro_batch_size=1", "data.seq_len=32"], 1),  # one momentum for the matrices
+    (["optim.name=muon", "parallel.strategy=fsdp"], 2),  # + the gathered matrices of the Muon step
+], ids=["none", "full", "selective-op", "tiny-batch", "fsdp2", "fsdp2-bf16-full", "muon-tiny-batch", "muon-fsdp2"])
 def test_plan_within_15_percent_of_measured_cpu_peak(sets, world):
     from phiforge.train.plan import cpu_plan, measure_cpu_peak
 

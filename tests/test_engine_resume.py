@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine_helpers import kill9, losses, make_synthetic, metrics, run_train, start_train, wait_for
+from engine_helpers import kill9, kill9_inside, losses, make_synthetic, metrics, run_train, start_train, wait_for
 
 from conftest import assert_one_line_error, run_cli
 
@@ -35,9 +35,7 @@ def straight(data, tmp_path_factory):
 
 def test_exact_resume_after_kill9_is_bit_identical(data, straight, tmp_path):
     run = tmp_path / "killed"
-    proc = start_train(1, data, run, *LONG, fault="hang@25")  # hangs inside step 25, after its backward pass
-    wait_for(run / "fault-hang", proc)
-    kill9(proc)
+    kill9_inside(25, data, run, *LONG)
     assert (run / "latest").read_text().strip() == "step-00000020"
     assert max(losses(run)) == 24  # step 25 never finished
     run_train(1, data, run, *LONG, resume="auto")
@@ -56,9 +54,7 @@ def test_exact_resume_with_moe_and_bias_balancing(data, tmp_path):
     straight = tmp_path / "moe-straight"
     run_train(1, data, straight, *moe)
     run = tmp_path / "moe-killed"
-    proc = start_train(1, data, run, *moe, fault="hang@25")
-    wait_for(run / "fault-hang", proc)
-    kill9(proc)
+    kill9_inside(25, data, run, *moe)
     run_train(1, data, run, *moe, resume="auto")
     assert [e for e in metrics(run) if e["event"] == "start"][-1]["start_step"] == 20
     a, b = losses(straight), losses(run)

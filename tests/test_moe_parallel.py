@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine_helpers import (AC_VARIANTS, kill9, losses, make_synthetic, max_rel_diff, metrics, run_train, start_train,
-                            wait_for)
+from engine_helpers import AC_VARIANTS, kill9_inside, losses, make_synthetic, max_rel_diff, metrics, run_train
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: left out of the quick subset (-m "not slow")
 
@@ -39,9 +38,7 @@ def test_exact_resume_after_kill9(data, tmp_path):
     moe = [f"{PARALLEL}, bias_balancing: true, bias_update_rate: 0.01}}", "max_steps=20", "save_interval=5"]
     run_train(1, data, tmp_path / "straight", *moe)
     run = tmp_path / "killed"
-    proc = start_train(1, data, run, *moe, fault="hang@13")
-    wait_for(run / "fault-hang", proc)
-    kill9(proc)
+    kill9_inside(13, data, run, *moe)
     assert (run / "latest").read_text().strip() == "step-00000010"
     run_train(1, data, run, *moe, resume="auto")
     assert [e for e in metrics(run) if e["event"] == "start"][-1]["start_step"] == 10

@@ -34,9 +34,38 @@ class DataConfig:
                                   f"got '{self.mixture}'")
 
 
+OPTIMIZERS = ("adamw", "muon")
+ADJUST_LR_FNS = ("match_rms_adamw", "original", "spectral_unclamped")
+
+
+@dataclass
+class MuonConfig:
+    """`optim.muon:` (only with optim.name=muon): Muon for the weight matrices (docs/training.md, "Optimizers")."""
+
+    lr: float | None = None  # the matrices' peak lr; None: optim.lr (match_rms_adamw makes AdamW's lr carry over)
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5  # Newton-Schulz iterations
+    # bf16: torch.optim.Muon's own Newton-Schulz (fast on GPUs and bf16 CPUs); fp32: the same iteration in fp32
+    # (slower; rounding no longer amplifies tiny gradient differences, e.g. between 1 rank and N)
+    ns_dtype: str = "bf16"
+    adjust_lr_fn: str = "match_rms_adamw"  # match_rms_adamw | original | spectral_unclamped (torch.optim.Muon's)
+
+    def __post_init__(self):
+        if self.lr is not None:
+            check_range("lr", self.lr, 0.0, lo_open=True)
+        check_range("momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        check_range("ns_steps", self.ns_steps, 1, 99)
+        if self.ns_dtype not in ("bf16", "fp32"):
+            raise BadValue("ns_dtype", f"must be bf16 or fp32, got '{self.ns_dtype}'")
+        if self.adjust_lr_fn not in ADJUST_LR_FNS:
+            raise BadValue("adjust_lr_fn", f"must be one of {', '.join(ADJUST_LR_FNS)}, got '{self.adjust_lr_fn}'")
+
+
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
+    name: str = "adamw"  # adamw | muon (Muon for the weight matrices, AdamW for the rest)
+    lr: float = 3e-4  # peak lr of the schedule; with muon: the AdamW group's (embeddings, head, biases, norms)
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     weight_decay: float = 0.1  # applied to matrices only, never to biases, norms or embeddings
     beta1: float = 0.9
@@ -46,8 +75,15 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | linear | wsd | constant
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    muon: MuonConfig | None = None  # Muon's keys; only with name=muon (filled with the defaults when not given)
 
     def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise BadValue("name", f"must be one of {', '.join(OPTIMIZERS)}, got '{self.name}'")
+        if self.name == "muon" and self.muon is None:
+            self.muon = MuonConfig()
+        if self.name != "muon" and self.muon is not None:
+            raise BadValue("muon", f"is set but optim.name is {self.name}: set optim.name=muon or drop optim.muon")
         check_range("lr", self.lr, 0.0, lo_open=True)
         check_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         check_range("weight_decay", self.weight_decay, 0.0)

@@ -6,9 +6,9 @@
 Start-up checks everything before writing anything: the model config, the data, the run directory (a run
 that holds checkpoints needs --resume auto or --overwrite), the checkpoint to resume from. Then: the model is
 built on the meta device, laid out by parallelize() (AC, compile, FSDP2/DDP) and materialised shard by shard
-(build.py), AdamW, the resume load (DCP, checkpointing.py), and the shared step and cadence of engine.py run
-the steps. The resolved config is written to RUN/config.yaml when training starts; metrics go to
-RUN/metrics.jsonl (+ TensorBoard / W&B) on rank 0.
+(build.py), the optimizer (AdamW, or Muon + AdamW: optim.py), the resume load (DCP, checkpointing.py), and
+the shared step and cadence of engine.py run the steps. The resolved config is written to RUN/config.yaml
+when training starts; metrics go to RUN/metrics.jsonl (+ TensorBoard / W&B) on rank 0.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from phiforge.train.distributed import DistEnv, all_reduce_
 from phiforge.train.engine import Cadence, Job, Loop, MoEBalancing, StopRequest, TrainStep, run_distributed
 from phiforge.faults import Faults
 from phiforge.train.metrics import Sinks, flops_per_token, matmul_params, peak_flops
-from phiforge.train.optim import build_optimizer, lr_at
+from phiforge.train.optim import build_optimizer, describe_split, lr_at
 from phiforge.train.parallelize import autocast_for, build_mesh, resolve_precision, resolve_strategy
 from phiforge.train.rundir import RunDir
 
@@ -161,7 +161,8 @@ def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest, overwrite: bool) -
     faults = Faults.from_env(env.rank)
     model, train_model = build_train_model(cfg, mcfg, env, build_mesh(cfg, env))
     autocast = autocast_for(resolve_precision(cfg, env.device), strategy, env.device)
-    # fused AdamW: one kernel per step; on CPU only for plain (non-DTensor) parameters, where it is ~2x foreach's speed
+    # fused AdamW: one kernel per step; on CPU only for plain (non-DTensor) parameters, where it is ~2x foreach's
+    # speed. optim.name=muon: Muon for the weight matrices, this AdamW for the rest (train/optim.py)
     optimizer = build_optimizer(model, cfg.optim, fused=env.device.type == "cuda" or strategy == "none")
     loader = PackedLoader(cfg.data.dir, "train", cfg.data.seq_len, cfg.micro_batch_size, seed=cfg.data.seed,
                           rank=env.rank, world_size=env.world_size, mixture=cfg.data.mixture)
@@ -200,11 +201,15 @@ def _run(cfg: TrainConfig, env: DistEnv, stop: StopRequest, run: RunDir, job: Te
                 units_done=int(state["tokens"]) if state else 0,
                 bad_total=int(state.get("bad_steps", 0)) if state else 0)
     job.loop = loop
+    split = describe_split(model, cfg.optim)
     sinks.write(event="start", params=model.num_params(), params_matmul=n_matmul, device=str(env.device),
                 world_size=env.world_size, strategy=job.strategy, precision=resolve_precision(cfg, env.device),
                 tokens_per_step=job.units_per_step, flops_per_token=flops_tok, peak_flops=peak,
                 peak_flops_source=peak_label, train_tokens=dataset.split_tokens("train"),
-                val_tokens=dataset.split_tokens("val"), resumed_from=run.checkpoint, start_step=start_step)
+                val_tokens=dataset.split_tokens("val"), resumed_from=run.checkpoint, start_step=start_step,
+                optimizer_groups=split)
+    for line in split:
+        loop.log(f"optimizer {line}")
     if run.checkpoint:
         loop.log(f"resumed from {run.checkpoint} at step {start_step} ({loop.units_done:,} tokens)")
     first_val = loop.evaluate(job, start_step)["val_loss"]

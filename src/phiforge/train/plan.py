@@ -6,6 +6,9 @@ micro-batch, d = n_embd, V = vocab_size, c = compute bytes (2 for bf16, 4 for fp
 
   parameters     P * m / S                      (fp32 master weights; sharded under fsdp/hsdp)
   optimizer      2 * P * m / S                  (AdamW exp_avg and exp_avg_sq, same dtype as the weights)
+                 optim.name=muon: (2 * (P - M) + M) * m / S, M = the Muon matrices' parameters (one momentum)
+  muon step      n * (2 r c + 2 k^2) + 4 r c / S (transient, largest Muon matrix r x c, k = min(r, c), n = 2
+                 for bf16 Newton-Schulz, 4 for fp32: the gathered matrix, its Gram matrices and the result)
   gradients      P * m / S                      (exist from the backward pass to the optimizer step)
   ddp buckets    P * m                          (ddp only: the all-reduce buffers)
   fsdp buffers   (root + 2 blocks) * c          (gathered bf16 parameters of the block in use + the prefetched
@@ -26,6 +29,11 @@ and bf16 copies of q and k give 38 d bytes instead of 17 * 2. Checkpointing keep
   selective, layer     full for every ac_every-th block, none for the others
   selective, op        the input + the outputs of the matmuls and attention (qkv 3d, attention d, dense d,
                        fc1 4d, fc2 d): 11 d, plus one block's remainder while it is recomputed
+
+Muon's communication under fsdp/hsdp (reported, not part of the memory): every step each rank all-gathers
+every 2-D Muon matrix's update (n bytes per value; expert stacks sharded on the expert dimension need none)
+and runs Newton-Schulz on the whole matrix, ns_steps * (4 k^2 l + 2 k^3) FLOPs (l = max(r, c)), redundantly
+on every rank of the shard group.
 
 Peak = max(forward end + head transient, end of backward / optimizer step): the first wins with long
 sequences and large vocabularies, the second (all gradients plus optimizer state) with small batches.
@@ -69,6 +77,7 @@ class MemoryPlan:
     components: dict = field(default_factory=dict)  # bytes
     peak_bytes: float = 0.0
     peak_phase: str = ""
+    muon: dict = field(default_factory=dict)  # optim.name=muon: matrices, step traffic and FLOPs per device
     startup: dict = field(default_factory=dict)  # bytes per rank once the weights are materialised
 
     def to_dict(self) -> dict:
@@ -103,6 +112,44 @@ def _param_counts(mcfg: Phi2Config) -> dict:
     head = V * d + V + 2 * d  # lm_head (+ bias) and the final LayerNorm
     block = (total - embed - head) // max(1, L)
     return {"total": total, "embed": embed, "root": embed + head, "block": block}
+
+
+_MUON_SHAPES: dict[str, list] = {}
+
+
+def _muon_shapes(mcfg: Phi2Config) -> list[tuple[int, ...]]:
+    """Shapes of the parameters Muon updates (train/optim.py's split), from a meta model."""
+    from phiforge.model import Phi2
+    from phiforge.model.init import on_meta
+    from phiforge.train.optim import MUON_ROLES, param_roles
+
+    key = json.dumps(mcfg.to_dict(), sort_keys=True, default=str)
+    if key not in _MUON_SHAPES:
+        with on_meta():
+            model = Phi2(mcfg)
+        roles = param_roles(model)
+        _MUON_SHAPES[key] = [tuple(p.shape) for n, p in model.named_parameters() if roles[n] in MUON_ROLES]
+    return _MUON_SHAPES[key]
+
+
+def muon_costs(cfg: TrainConfig, shard: int) -> dict:
+    """Muon per device and step: its parameters, the bytes each rank receives in its all-gathers (fsdp/hsdp),
+    Newton-Schulz FLOPs, and the transient bytes of the largest matrix's orthogonalisation."""
+    shapes = _muon_shapes(cfg.model_config())
+    n = 2 if cfg.optim.muon.ns_dtype == "bf16" else 4
+    params = gathered = flops = transient = 0
+    for shape in shapes:
+        r, c = shape[-2:]
+        k, l = min(r, c), max(r, c)
+        stacked = shape[0] if len(shape) == 3 else 1
+        local = stacked if len(shape) == 2 or shard == 1 else -(-stacked // shard)  # experts per rank
+        params += stacked * r * c
+        if len(shape) == 2 and shard > 1:
+            gathered += n * r * c * (shard - 1) / shard
+        flops += local * cfg.optim.muon.ns_steps * (4 * k * k * l + 2 * k ** 3)
+        step = n * (2 * r * c + 2 * k * k) + 4 * r * c * (local if len(shape) == 3 else 1 / shard)
+        transient = max(transient, step + (n * local * r * c if len(shape) == 3 else 0))
+    return {"params": params, "gathered_bytes": gathered, "ns_flops": flops, "transient_bytes": transient}
 
 
 def activation_bytes_per_token(mcfg: Phi2Config, precision: str, strategy: str, ac: str, ac_policy: str,
@@ -159,7 +206,8 @@ def plan_memory(cfg: TrainConfig, n_gpus: int, gpus_per_node: int = 8, device_ty
 
     comp = {}
     comp["parameters"] = P * m / shard
-    comp["optimizer"] = 2 * P * m / shard
+    muon = muon_costs(cfg, shard) if cfg.optim.name == "muon" else {}
+    comp["optimizer"] = (2 * P - muon.get("params", 0)) * m / shard
     grads = P * m / shard
     if strategy == "ddp":
         comp["ddp_buckets"] = P * m
@@ -184,11 +232,14 @@ def plan_memory(cfg: TrainConfig, n_gpus: int, gpus_per_node: int = 8, device_ty
     # weight-sized temporary on CPU; fused AdamW on GPUs adds none)
     static = comp["parameters"] + comp["optimizer"] + comp.get("ddp_buckets", 0) + comp.get("fsdp_buffers", 0) \
         + comp.get("fsdp_accumulated_grads", 0)
-    bwd = static + grads + (2 * counts["embed"] * m if device_type == "cpu" else 0)
+    step_transient = max(2 * counts["embed"] * m if device_type == "cpu" else 0, muon.get("transient_bytes", 0))
+    bwd = static + grads + step_transient
     comp["gradients (at the step)"] = grads
     comp["transient (loss grad / recompute)"] = max(head_transient, BT * transient)
-    plan = MemoryPlan(strategy, precision, n_gpus, shard, B, T, cfg.parallel.activation_checkpointing, P, comp)
-    plan.startup = startup_bytes(cfg, counts, m, shard)
+    if muon:
+        comp["muon step transient"] = muon["transient_bytes"]
+    plan = MemoryPlan(strategy, precision, n_gpus, shard, B, T, cfg.parallel.activation_checkpointing, P, comp,
+                      muon=muon, startup=startup_bytes(cfg, counts, m, shard))
     plan.peak_bytes, plan.peak_phase = (fwd, "forward end + loss gradient") if fwd >= bwd else \
         (bwd, "end of backward + optimizer step")
     return plan
@@ -249,7 +300,26 @@ def format_plan(cfg: TrainConfig, n_gpus: int, gpu_mem_gib: float, gpus_per_node
                  f"GiB after the reserve); largest micro_batch_size that fits: {best}{'+' if best == 4096 else ''}")
     if best == 0:
         lines.append("  not even 1 fits: use more GPUs with fsdp, activation_checkpointing=full, or a shorter seq_len")
+    if plan.muon:
+        lines += muon_lines(cfg, plan)
     return "\n".join(lines)
+
+
+def muon_lines(cfg: TrainConfig, plan: MemoryPlan) -> list[str]:
+    """What Muon costs per optimizer step and device, beside FSDP's own traffic for comparison."""
+    mu, S = plan.muon, plan.shard
+    lines = [f"muon: {mu['params']:,} matrix parameters ({mu['params'] / plan.params:.0%}); one momentum buffer "
+             f"instead of AdamW's two; Newton-Schulz {mu['ns_flops'] / 1e12:.3f} TFLOP per step per GPU"]
+    if S > 1:
+        c = 4 if plan.precision == "fp32" else 2
+        reduce = 4 if plan.precision in ("fp32", "bf16-mixed") else 2
+        gathers = 2 if cfg.parallel.reshard_after_forward else 1
+        fsdp = (gathers * c + reduce) * plan.params * (S - 1) / S
+        lines.append(f"  every rank all-gathers each 2-D matrix's update ({cfg.optim.muon.ns_dtype}): "
+                     f"{format_bytes(mu['gathered_bytes']).strip()} received per step per GPU, against "
+                     f"{format_bytes(fsdp).strip()} for FSDP's parameter gathers and gradient reduce-scatter per "
+                     "micro-step; every rank of the shard group orthogonalises every matrix")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Two-stage visual instruction fine-tuning (`phiforge vision finetune`) on the training engine's pieces.
 
 stage1 trains the parts it lists (default: projector + cross-attention, the LM frozen), stage2 the parts it
-lists (default: + the LM). Each stage has its own AdamW (phiforge.train.optim) over just its trainable
-parameters and its own warmup + schedule. Metrics go to RUN/metrics.jsonl, the resolved config to
-RUN/config.yaml.
+lists (default: + the LM). Each stage has its own optimizer (phiforge.train.optim: AdamW, or Muon + AdamW with
+optim.name=muon) over just its trainable parameters and its own warmup + schedule. Metrics go to
+RUN/metrics.jsonl, the resolved config to RUN/config.yaml.
 
 Each stage is a Job of the training engine (phiforge.train.engine): the same step (non-finite steps skipped,
 MoE balancing hook), the same cadence (logging to metrics.jsonl + TensorBoard / W&B, validation, checkpoints,
@@ -38,7 +38,7 @@ from phiforge.train.distributed import DistEnv, all_reduce_
 from phiforge.train.engine import Cadence, Job, Loop, MoEBalancing, StopRequest, TrainStep, run_distributed
 from phiforge.faults import Faults
 from phiforge.train.metrics import Sinks
-from phiforge.train.optim import build_optimizer, lr_at
+from phiforge.train.optim import build_optimizer, describe_split, lr_at
 from phiforge.train.parallelize import (apply_activation_checkpointing, apply_compile, autocast_for,
                                         resolve_precision, resolve_strategy)
 from phiforge.train.rundir import RunDir
@@ -96,7 +96,7 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> dict:
 
 
 class VisionStage(Job):
-    """One stage of the fine-tune: its trainable parts, its own AdamW and lr schedule."""
+    """One stage of the fine-tune: its trainable parts, its own optimizer and lr schedule."""
 
     units = "samples"
 
@@ -250,12 +250,16 @@ def _run_stages(cfg: FinetuneConfig, env: DistEnv, stop: StopRequest, vr: Vision
         step_fn = vr.step_fn(stage)
         start = 0
         if resumed and name == resumed["stage"]:
-            vr.ckpt.load(Path(vr.run_dir.checkpoint), model, stage.optimizer, model.lm.cfg)  # model, AdamW, RNG
+            vr.ckpt.load(Path(vr.run_dir.checkpoint), model, stage.optimizer, model.lm.cfg)  # model, optimizer, RNG
             start = int(resumed["stage_step"])
             loop.log(f"resumed from {vr.run_dir.checkpoint} at step {loop.step} ({name} step {start})")
         if start < steps:
-            sinks.write(event="stage", stage=name, steps=steps, train=stage.stage.train, trainable_params=n_train)
+            split = describe_split(model, stage.optim_cfg)
+            sinks.write(event="stage", stage=name, steps=steps, train=stage.stage.train, trainable_params=n_train,
+                        optimizer_groups=split)
             loop.log(f"{name}: training {', '.join(stage.stage.train)} ({n_train:,} parameters) for {steps} steps")
+            for line in split:
+                loop.log(f"{name} optimizer {line}")
             if loop.run(stage, step_fn, start, steps, offset=offset, desc=name):
                 break  # stopped by a signal: saved, resume continues here
         offset += steps
