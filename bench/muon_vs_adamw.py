@@ -222,10 +222,12 @@ def main(argv=None) -> int:
                     args.workers, args.reuse)
     seeds = {opt: [{"seed": s, "lr": best[opt], **done[name]} for (o, s), name in names.items() if o == opt]
              for opt in best}
-    result = {"command": " ".join(["python", "bench/muon_vs_adamw.py", *map(shlex.quote, sys.argv[1:])]),
+    summary = summarize(sweeps, seeds)
+    result = {"muon_tokens_ratio": summary["muon_tokens_ratio"],  # the headline, also in summary
+              "command": " ".join(["python", "bench/muon_vs_adamw.py", *map(shlex.quote, sys.argv[1:])]),
               "torch": __import__("torch").__version__, "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "wall_s": time.time() - t0, "base_config": base,
-              "sweeps": sweeps, "seeds": seeds, "summary": summarize(sweeps, seeds)}
+              "sweeps": sweeps, "seeds": seeds, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     plot(result, args.out.with_suffix(".png"))
