@@ -225,6 +225,7 @@ def fake_study_run(tmp_path: Path) -> Path:
                "tokens_per_s": 64.0} for s in (1, 2)]
     events += [{"event": "eval", "step": 2, "tokens": 128, "val_loss": 4.5, "elapsed_s": 2.0}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (work / "study-state.json").write_text(json.dumps({"version": 2, "runs": {"dense/seed-0": {"seed": 0}}}))
     cfg = {"name": "fake", "routes": [{"name": "dense"}], "seeds": [0], "work_dir": str(work),
            "report_dir": str(tmp_path / "report"), "samples": {"max_new_tokens": 2},
            "train": {"model": {"preset": "tiny"}, "data": {"seq_len": 32}, "micro_batch_size": 2, "max_steps": 2}}

@@ -101,7 +101,8 @@ def fake_study(tmp_path: Path, cloze: bool = True) -> Path:
                 "init": f"dense init, seed {seed}",
                 "eval": {"val_loss": bpb * 2.5, "val_bpb": bpb, **({"cloze_acc": acc} if cloze else {})}}
     (work / "study-state.json").write_text(json.dumps(state))
-    cfg = {"name": "fake", "seeds": SEEDS, "work_dir": str(work), "report_dir": str(tmp_path / "report"),
+    _fake_run(work / "runs" / "dense" / "seed-3", 1.0, 1000.0)  # interrupted: not in study-state.json, left out
+    cfg = {"name": "fake", "seeds": [*SEEDS, 3], "work_dir": str(work), "report_dir": str(tmp_path / "report"),
            "routes": [{"name": n, "label": f"{n} route"} for n in NUMBERS], "samples": {"max_new_tokens": 2},
            "larger_study": "studies/phi2-redpajama-8xh100.yaml",
            "train": {"model": {"preset": "tiny"}, "data": {"seq_len": 32}, "micro_batch_size": 2, "max_steps": 20}}
@@ -141,6 +142,7 @@ def test_report_aggregates_significance_and_readme(tmp_path, capsys):
             assert agg[key]["n"] == 3 and agg[key]["mean"] == pytest.approx(statistics.mean(vals))
             assert agg[key]["sd"] == pytest.approx(statistics.stdev(vals))
         assert [res["routes"][route]["seeds"][str(s)]["val_bpb"] for s in SEEDS] == [r[0] for r in rows]
+        assert set(res["routes"][route]["seeds"]) == {"0", "1", "2"}
     sig = {(r["route"], r["metric"]): r for r in res["significance"]}
     for route in ("moe", "wide"):
         diffs = [o[0] - d[0] for o, d in zip(NUMBERS[route], NUMBERS["dense"])]
@@ -158,7 +160,7 @@ def test_report_aggregates_significance_and_readme(tmp_path, capsys):
     assert text.startswith("# x\n\n## Results\n\n") and text.endswith(f"{README_END}\n\nrest stays\n")
     table = readme_table(text)
     assert mean_sd(table["moe route"]["cloze acc"]) == pytest.approx((0.23, 0.01))
-    assert "moe route (-0.0200) differ from dense route by more than two standard errors" in text
+    assert "moe route (-0.0200) differs from dense route by more than two standard errors" in text
     assert "(../report/report.md)" not in text and "(report/report.md)" in text  # relative to the README
 
 

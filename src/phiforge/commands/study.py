@@ -37,6 +37,7 @@ def run(args) -> int:
     import shlex
 
     reproduce = " ".join(["phiforge study --config", shlex.quote(str(args.config)),
+                          *([f"--routes {shlex.quote(args.routes)}"] if args.routes else []),
                           *(f"--set {shlex.quote(s)}" for s in args.sets)])
     res = run_study(study, only=only, report_only=args.report_only, overwrite=args.overwrite, reproduce=reproduce,
                     rerun=args.rerun, readme=args.readme)

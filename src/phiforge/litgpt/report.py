@@ -204,15 +204,16 @@ def band(curves: list[list[dict]]) -> list[dict]:
 
 
 def summarize(study, state: dict) -> dict:
-    """Route name -> label, parameters and per-seed records of every run that finished, plus aggregates."""
+    """Route name -> label, parameters and per-seed records of every run study-state.json records as finished
+    (an interrupted run is left out), plus aggregates over seeds."""
     work = Path(study.work_dir)
     bpt = state.get("data", {}).get("val_bytes_per_token")
     routes = {}
     for r in study.routes:
         seeds = {}
         for seed in study.seeds:
-            rec = state.get("runs", {}).get(run_key(r.name, seed), {"seed": seed})
-            one = summarize_run(work / "runs" / r.name / f"seed-{seed}", rec, r.trainer, bpt)
+            rec = state.get("runs", {}).get(run_key(r.name, seed))  # recorded when it finished (and was scored)
+            one = summarize_run(work / "runs" / r.name / f"seed-{seed}", rec, r.trainer, bpt) if rec else None
             if one is not None:
                 seeds[seed] = one
         if not seeds:
@@ -457,28 +458,40 @@ README_END = "<!-- study-results:end -->"
 README_COLUMNS = (("val_bpb", "val bpb"), ("cloze_acc", "cloze acc"), ("steady_tokens_per_s", "tokens/s"))
 
 
-def findings(study, results: dict) -> str:
-    """Two sentences: the best route on val bpb and which routes differ from the reference beyond 2 SE; the
-    fastest route and the best cloze accuracy."""
+def _bpb_finding(study, results: dict) -> str:
     routes, ref = results["routes"], study.label(results["reference"])
     ranked = sorted((r for r in routes.values() if r["aggregates"]["val_bpb"]),
                     key=lambda r: r["aggregates"]["val_bpb"]["mean"])
+    if not ranked:
+        return "No run measured validation bpb."
     real = [f"{study.label(row['route'])} ({row['mean_diff']:+.4f})" for row in exceeding(results, "val_bpb")]
     n = max(len(r["seeds"]) for r in routes.values())
-    one = (f"Over {n} seed(s) of {results['tokens_budget']:,} tokens per run, {ranked[0]['label']} reached the lowest "
-           f"validation bpb ({fmt_agg(ranked[0]['aggregates']['val_bpb'], '.4f')}); "
-           + (f"{', '.join(real)} differ from {ref} by more than two standard errors (paired per seed)" if real else
-              f"no route's bpb differs from {ref} by more than two standard errors (paired per seed)") + ".")
-    speed = [r for r in routes.values() if r["aggregates"]["steady_tokens_per_s"]]
+    verb = "differs" if len(real) == 1 else "differ"
+    return (f"Over {n} seed{'s' if n > 1 else ''} of {results['tokens_budget']:,} tokens per run, "
+            f"{ranked[0]['label']} reached the lowest validation bpb "
+            f"({fmt_agg(ranked[0]['aggregates']['val_bpb'], '.4f')}); "
+            + (f"{', '.join(real)} {verb} from {ref} by more than two standard errors (paired per seed)" if real
+               else f"no route's bpb differs from {ref} by more than two standard errors (paired per seed)") + ".")
+
+
+def _speed_cloze_finding(results: dict) -> str:
+    routes = results["routes"].values()
+    speed = [r for r in routes if r["aggregates"]["steady_tokens_per_s"]]
     fast = max(speed, key=lambda r: r["aggregates"]["steady_tokens_per_s"]["mean"]) if speed else None
-    cloze = [r for r in routes.values() if r["aggregates"]["cloze_acc"]]
+    cloze = [r for r in routes if r["aggregates"]["cloze_acc"]]
     best = max(cloze, key=lambda r: r["aggregates"]["cloze_acc"]["mean"]) if cloze else None
-    two = ((f"{fast['label']} trained fastest ({fast['aggregates']['steady_tokens_per_s']['mean']:,.0f} tokens/s); "
-            if fast else "Throughput was not measured (too few log intervals); ")
-           + (f"{best['label']} had the best gutenberg-cloze accuracy "
+    first = (f"{fast['label']} trained fastest ({fast['aggregates']['steady_tokens_per_s']['mean']:,.0f} tokens/s); "
+             if fast else "Throughput was not measured (too few log intervals); ")
+    second = (f"{best['label']} had the best gutenberg-cloze accuracy "
               f"({fmt_agg(best['aggregates']['cloze_acc'], '.3f')})" if best else
-              "gutenberg-cloze accuracy is not measured yet") + ".")
-    return f"{one} {two}"
+              "gutenberg-cloze accuracy is not measured yet")
+    return f"{first}{second}."
+
+
+def findings(study, results: dict) -> str:
+    """Two sentences: the best route on val bpb and which routes differ from the reference beyond 2 SE; the
+    fastest route and the best cloze accuracy."""
+    return f"{_bpb_finding(study, results)} {_speed_cloze_finding(results)}"
 
 
 def readme_section(study, results: dict, base: Path) -> str:

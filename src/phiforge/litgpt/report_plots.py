@@ -19,7 +19,10 @@ def _bpb_bands(ax, routes: dict, colors: dict) -> None:
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation bits per byte")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no validation bpb measured", ha="center", va="center", transform=ax.transAxes)
 
 
 def _bars(ax, routes: dict, colors: dict, key: str, ylabel: str, spec: str) -> None:

@@ -249,14 +249,14 @@ def data_facts(tokens_dir: Path, base, budget: int) -> dict:
 
 def _litdata_for_seed(tokens_dir: Path, work: Path, base: dict, facts: dict) -> Path:
     """`phiforge litgpt prepare` for one seed's data order (kept when an earlier run of the study wrote it)."""
-    from phiforge.litgpt.data import MANIFEST, prepare_litdata
+    from phiforge.litgpt.data import MANIFEST, prepare_litdata, read_manifest
 
     t = _train_config(base)
     out = work / "data" / "litdata" / f"seed-{t.data.seed}"
     epochs = max(1, math.ceil(facts["tokens_per_run"] / facts["tokens_per_epoch"]))
     want = {"seq_len": t.data.seq_len, "micro_batch_size": t.micro_batch_size, "seed": t.data.seed}
     if (out / MANIFEST).is_file():
-        m = json.loads((out / MANIFEST).read_text())
+        m = read_manifest(out)
         if {k: m.get(k) for k in want} == want and m["splits"]["train"].get("epochs") == epochs \
                 and m.get("source_dataset") == str(tokens_dir.resolve()):
             return out
