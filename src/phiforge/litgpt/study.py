@@ -115,10 +115,10 @@ class StudyConfig:
             raise ConfigError("nproc must be at least 1")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
             raise ConfigError(f"seeds must be a non-empty list of distinct integers >= 0, got {self.seeds}")
-        for key, where in (("seed", self.train), ("seed", self.train.get("data") or {})):
-            if key in where:
-                raise ConfigError(f"train.{'data.' if where is not self.train else ''}{key} is set by the study's "
-                                  "`seeds` (each seed sets train.seed and train.data.seed): remove it")
+        for key, section in (("train.seed", self.train), ("train.data.seed", self.train.get("data") or {})):
+            if "seed" in section:
+                raise ConfigError(f"{key} is set by the study's `seeds` (each seed sets train.seed and "
+                                  "train.data.seed): remove it")
         self.work_dir = self.work_dir or f"runs/studies/{self.name}"
         self.report_dir = self.report_dir or f"docs/results/{self.name}"
 
