@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from phiforge.checkpoint import load_checkpoint, save_checkpoint
+from phiforge.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from phiforge.cli import main
 from phiforge.config import load_config
 from phiforge.errors import ConfigError
@@ -418,6 +418,32 @@ def test_upcycle_parallel_zero_is_identity_and_copy_splits_the_mlp(tmp_path):
     assert torch.equal(copy.layers[0].moe.w2[3], dense.layers[0].mlp.fc2.weight.t() / 2)
     assert copy.layers[0].moe(torch.randn(5, 32)).abs().max() > 1e-2  # the experts are live, not zero
     torch.testing.assert_close(copy(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_training_from_upcycled_parallel_checkpoint_starts_as_the_dense_model(gutenberg_dir, tmp_path, capsys):
+    """Step 0 of `phiforge train` from a dense checkpoint upcycled with `parallel` experts is the dense run's:
+    the same validation loss and the same first training loss (bit for bit, one thread); then the experts learn."""
+    torch.manual_seed(0)
+    small = dict(n_layer=2, n_embd=32, n_head=2, intermediate_size=64, max_seq_len=64)  # the data's vocabulary
+    save_checkpoint(Phi2(Phi2Config(**small)), tmp_path / "dense", tokenizer_dir=gutenberg_dir)
+    assert main(["convert", "upcycle", str(tmp_path / "dense"), str(tmp_path / "moe"),
+                 "--moe", "num_experts=4,top_k=2,position=parallel"]) == 0
+    events = {}
+    for name in ("dense", "moe"):
+        sets = [f"data.dir={gutenberg_dir}", f"out_dir={tmp_path / name}-run", f"init_from={tmp_path / name}",
+                "data.seq_len=32", "micro_batch_size=2", "max_steps=2", "log_interval=1", "eval_interval=2",
+                "eval_batches=1", "threads=1", "progress_bar=false"]
+        code, _, err = run_cli(capsys, "train", *sum((["--set", s] for s in sets), []))
+        assert code == 0, err
+        lines = (tmp_path / f"{name}-run" / "metrics.jsonl").read_text().splitlines()
+        events[name] = [json.loads(line) for line in lines]
+    first = {n: ([e["val_loss"] for e in ev if e["event"] == "eval"][0],
+                 [e["loss"] for e in ev if e["event"] == "train"][0]) for n, ev in events.items()}
+    assert first["moe"] == first["dense"]
+    moe = [e for e in events["moe"] if e["event"] == "moe"]
+    assert moe and set(moe[-1]["layers"]) == {"0", "1"}  # the experts were there and routed
+    state = load_checkpoint(resolve_checkpoint(tmp_path / "moe-run")).state_dict()
+    assert state["layers.0.moe.w2"].abs().sum() > 0  # and learned after step 0
 
 
 @pytest.mark.parametrize("position", POSITIONS)

@@ -217,7 +217,7 @@ def test_report_only_without_runs_leaves_the_committed_report_alone(capsys, tmp_
 def fake_study_run(tmp_path: Path) -> Path:
     """A study config whose one route has 'run': metrics events and a final checkpoint, as `phiforge train` leaves."""
     work = tmp_path / "work"
-    run = work / "runs" / "dense"
+    run = work / "runs" / "dense" / "seed-0"
     torch.manual_seed(0)
     save_checkpoint(Phi2(Phi2Config.from_preset("tiny", vocab_size=50304)), run / "checkpoints" / "step-00000002")
     (run / "latest").write_text("step-00000002\n")
@@ -225,7 +225,8 @@ def fake_study_run(tmp_path: Path) -> Path:
                "tokens_per_s": 64.0} for s in (1, 2)]
     events += [{"event": "eval", "step": 2, "tokens": 128, "val_loss": 4.5, "elapsed_s": 2.0}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    cfg = {"name": "fake", "routes": [{"name": "dense"}], "work_dir": str(work),
+    (work / "study-state.json").write_text(json.dumps({"version": 2, "runs": {"dense/seed-0": {"seed": 0}}}))
+    cfg = {"name": "fake", "routes": [{"name": "dense"}], "seeds": [0], "work_dir": str(work),
            "report_dir": str(tmp_path / "report"), "samples": {"max_new_tokens": 2},
            "train": {"model": {"preset": "tiny"}, "data": {"seq_len": 32}, "micro_batch_size": 2, "max_steps": 2}}
     path = tmp_path / "configs" / "my-study.yaml"

@@ -1,20 +1,30 @@
-"""`phiforge study --config studies/NAME.yaml`: one architecture, one data set, one token budget, several routes.
+"""`phiforge study --config studies/NAME.yaml`: one architecture, one data set, one token budget, several routes,
+several seeds.
 
 A study trains the same Phi-2-family model on the same tokens with the same hyperparameters through each route:
 
-    phiforge   `phiforge train` (dense, or with `model.moe` set: MoE after the MLP)
+    phiforge   `phiforge train` (dense, or with `model.moe` set; any `train` key can differ per route, e.g.
+               optim.name for another optimizer)
     litgpt     `litgpt pretrain`, through `phiforge litgpt pretrain`
 
+and repeats every route for each of `seeds`. Seed S sets train.seed (the initial weights) and train.data.seed
+(the order of the training windows) of every route, so the routes of one seed start from the same weights and
+read the same windows in the same order, and differences between routes can be judged seed by seed (stats.py).
+
 Steps (all under work_dir, default runs/studies/NAME):
-  1. data: `phiforge prepare CORPUS ...` (or an existing phiforge dataset), then `phiforge litgpt prepare`: the
-     same token windows, in the same order, for LitGPT (litdata chunks).
-  2. init (same_init: true): one dense model drawn with torch.manual_seed(train.seed) is every route's start;
-     LitGPT gets it converted (`convert to-litgpt`), an MoE route gets it upcycled with zero-output experts
-     (`convert upcycle --init zero`: the same function as the dense model at step 0).
-  3. each route runs as its own process, one after another; wall time and peak RSS (the process and its
-     children, from wait4) are measured from outside, the same way for every route.
-  4. report_dir (default docs/results/NAME): report.md, PNG plots, results.json, each route's metrics.jsonl
-     and the study config.
+  1. data: `phiforge prepare CORPUS ...` (or an existing phiforge dataset), once.
+  2. per seed: the initial weights (same_init: true) and, when a LitGPT route runs, its litdata chunks
+     (`phiforge litgpt prepare`: phiforge's windows in phiforge's order for that seed). One dense model per
+     dense architecture is drawn with torch.manual_seed(S); a route of that architecture starts from it (LitGPT
+     through `convert to-litgpt`), an MoE route gets it upcycled with zero-output experts (`convert upcycle
+     --init zero`: after_mlp and parallel compute the dense model's function at step 0; replace_mlp keeps the
+     attention and embeddings, its experts replace the MLP).
+  3. each (route, seed) runs as its own process, seed after seed; wall time and peak RSS (the process and its
+     children, from wait4) are measured from outside, the same way for every route. Then evaluate_route
+     (study_eval.py) scores its final checkpoint. A finished run is recorded in study-state.json and skipped
+     when the study runs again (unless --rerun, or its config changed): a long study survives an interruption.
+  4. report_dir (default docs/results/NAME): report.md, PNG plots, results.json (every per-seed number and the
+     aggregates), readme-section.md, each run's metrics.jsonl and the study config (report.py).
 
 Throughput is "steady" tokens/s: tokens over training-loop seconds between consecutive train log events, leaving
 out the first interval (warm-up, LitGPT's torch.compile) and any interval that contains a validation. Both
@@ -23,6 +33,8 @@ trainers log on the same steps, so the same intervals count for each.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import math
 import os
@@ -39,12 +51,14 @@ from phiforge.config import apply_overrides, from_dict, read_yaml
 from phiforge.errors import ConfigError, PhiforgeError
 
 TRAINERS = ("phiforge", "litgpt")
+STATE = "study-state.json"
+STATE_VERSION = 2
 
 
 @dataclass
 class StudyData:
     corpus: str = "gutenberg"  # `phiforge prepare CORPUS` (gutenberg, redpajama, ...)
-    prepare_args: list[str] = field(default_factory=list)  # e.g. [--source, bundled]
+    prepare_args: list[str] = field(default_factory=list)  # e.g. [--source, bundled] or [--tokenizer-dir, DIR]
     dataset: str | None = None  # a prepared phiforge dataset to use instead of running `phiforge prepare`
 
 
@@ -71,9 +85,10 @@ class StudyConfig:
     title: str = ""
     description: str = ""
     data: StudyData = field(default_factory=StudyData)
-    train: dict = field(default_factory=dict)  # `phiforge train` keys shared by every route
+    train: dict = field(default_factory=dict)  # `phiforge train` keys shared by every route (not seed, data.seed)
     litgpt: dict = field(default_factory=dict)  # extra `phiforge litgpt pretrain` keys (devices, data.num_workers, ...)
     routes: list[Route] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # each sets train.seed and train.data.seed
     nproc: int = 1  # processes per phiforge route (> 1: torchrun); LitGPT routes get devices = nproc
     same_init: bool = True
     work_dir: str = ""  # default runs/studies/NAME
@@ -81,6 +96,7 @@ class StudyConfig:
     samples: Samples = field(default_factory=Samples)
     max_val_gap: float = 0.02  # the check: |phiforge dense - LitGPT| / phiforge dense final val loss
     reference: str = ""  # the route the others are compared with (default: the first phiforge route)
+    larger_study: str = ""  # a study config of the same comparison at scale; the README section links it
 
     def __post_init__(self):
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -97,6 +113,12 @@ class StudyConfig:
             raise ConfigError(f"reference '{self.reference}' is not a route ({', '.join(names)})")
         if self.nproc < 1:
             raise ConfigError("nproc must be at least 1")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ConfigError(f"seeds must be a non-empty list of distinct integers >= 0, got {self.seeds}")
+        for key, section in (("train.seed", self.train), ("train.data.seed", self.train.get("data") or {})):
+            if "seed" in section:
+                raise ConfigError(f"{key} is set by the study's `seeds` (each seed sets train.seed and "
+                                  "train.data.seed): remove it")
         self.work_dir = self.work_dir or f"runs/studies/{self.name}"
         self.report_dir = self.report_dir or f"docs/results/{self.name}"
 
@@ -106,6 +128,10 @@ class StudyConfig:
             return next(r for r in self.routes if r.name == self.reference)
         return next((r for r in self.routes if r.trainer == "phiforge"), self.routes[0])
 
+    def label(self, name: str) -> str:
+        r = next(r for r in self.routes if r.name == name)
+        return r.label or r.name
+
 
 def load_study(path: str | Path, sets: list[str] | None = None) -> StudyConfig:
     data = read_yaml(path)
@@ -113,16 +139,26 @@ def load_study(path: str | Path, sets: list[str] | None = None) -> StudyConfig:
     return from_dict(StudyConfig, data)
 
 
+def run_key(route: str, seed: int) -> str:
+    return f"{route}/seed-{seed}"
+
+
 # ---------------------------------------------------------------------------------------------
-# Configs per route
+# Configs per route and seed
 
 
 def route_train_dict(study: StudyConfig, route: Route) -> dict:
     """The shared `train` section with the route's overrides applied (phiforge TrainConfig keys)."""
-    import copy
-
     d = copy.deepcopy(study.train)
     apply_overrides(d, route.set)
+    return d
+
+
+def seeded(train: dict, seed: int) -> dict:
+    """A route's train keys for one seed: the initial weights (seed) and the data order (data.seed)."""
+    d = copy.deepcopy(train)
+    d["seed"] = seed
+    d.setdefault("data", {})["seed"] = seed
     return d
 
 
@@ -138,13 +174,10 @@ _SHARED = ("model", "init_from", "optim", "micro_batch_size", "grad_accum_steps"
 
 def litgpt_dict(train: dict, study: StudyConfig) -> dict:
     """LitPretrainConfig keys for a route, from its phiforge TrainConfig keys plus study.litgpt."""
-    import copy
-
     d = {k: copy.deepcopy(v) for k, v in train.items() if k in _SHARED}
     d["data"] = {"seq_len": train.get("data", {}).get("seq_len", 256)}
     d["devices"] = study.nproc
-    extra = copy.deepcopy(study.litgpt)
-    for k, v in extra.items():
+    for k, v in copy.deepcopy(study.litgpt).items():
         if k == "data":
             d["data"].update(v)
         else:
@@ -157,8 +190,27 @@ def tokens_budget(train: dict, nproc: int = 1) -> int:
     return t.max_steps * t.micro_batch_size * t.grad_accum_steps * nproc * t.data.seq_len
 
 
+def check_routes(study: StudyConfig, trains: dict[str, dict], names: list[str]) -> None:
+    """The routes that are about to run, checked before any work: each config is valid, all share one token
+    budget with the reference, and LitGPT routes are dense."""
+    budgets = {n: tokens_budget(seeded(trains[n], 0), study.nproc)
+               for n in dict.fromkeys([study.reference_route.name, *names])}
+    if len(set(budgets.values())) != 1:
+        raise ConfigError(f"routes must share one token budget, got {budgets}")
+    for r in study.routes:
+        if r.name in names and r.trainer == "litgpt" and _train_config(trains[r.name]).model_config().moe is not None:
+            raise ConfigError(f"route {r.name}: LitGPT cannot train phiforge's MoE")
+
+
+def dense_key(train: dict) -> str:
+    """The dense architecture of a route's model (its MoE left out), as a comparable string."""
+    mcfg = _train_config(train).model_config()
+    mcfg.moe = None
+    return json.dumps(mcfg.to_dict(), sort_keys=True)
+
+
 # ---------------------------------------------------------------------------------------------
-# Running
+# Data and initial weights
 
 
 def _prepare_tokens(study: StudyConfig, work: Path) -> Path:
@@ -181,40 +233,115 @@ def _prepare_tokens(study: StudyConfig, work: Path) -> Path:
     return out
 
 
-def _make_inits(study: StudyConfig, work: Path, trains: dict[str, dict]) -> dict[str, tuple[str, str]]:
-    """Route name -> (initial checkpoint, how it was made). Dense routes with the reference's architecture share
-    one init; an MoE route whose dense part has that architecture gets it upcycled with zero-output experts."""
+def data_facts(tokens_dir: Path, base, budget: int) -> dict:
+    """Sizes the report states: the training split, one epoch of training windows, and the budget in epochs."""
+    from phiforge.data.loader import PackedLoader
+    from phiforge.data.shards import open_token_dataset
+
+    ds = open_token_dataset(tokens_dir)
+    T, mb = base.data.seq_len, base.micro_batch_size
+    loader = PackedLoader(tokens_dir, "train", T, mb, seed=0, mixture=base.data.mixture)
+    epoch = loader.batches_per_epoch * mb * T
+    return {"dataset": str(tokens_dir), "train_split_tokens": ds.split_tokens("train"),
+            "val_split_tokens": ds.split_tokens("val"), "tokens_per_epoch": epoch, "tokens_per_run": budget,
+            "epochs": budget / epoch}
+
+
+def _litdata_for_seed(tokens_dir: Path, work: Path, base: dict, facts: dict) -> Path:
+    """`phiforge litgpt prepare` for one seed's data order (kept when an earlier run of the study wrote it)."""
+    from phiforge.litgpt.data import MANIFEST, prepare_litdata, read_manifest
+
+    t = _train_config(base)
+    out = work / "data" / "litdata" / f"seed-{t.data.seed}"
+    epochs = max(1, math.ceil(facts["tokens_per_run"] / facts["tokens_per_epoch"]))
+    want = {"seq_len": t.data.seq_len, "micro_batch_size": t.micro_batch_size, "seed": t.data.seed}
+    if (out / MANIFEST).is_file():
+        m = read_manifest(out)
+        if {k: m.get(k) for k in want} == want and m["splits"]["train"].get("epochs") == epochs \
+                and m.get("source_dataset") == str(tokens_dir.resolve()):
+            return out
+    mixture = t.data.mixture
+    m = prepare_litdata(tokens_dir, out, t.data.seq_len, micro_batch_size=t.micro_batch_size, seed=t.data.seed,
+                        epochs=epochs, mixture=mixture, eval_batches_n=t.eval_batches if mixture else None)
+    print(f"study: litdata {out}: {m['splits']['train']['windows']:,} train windows ({epochs} epoch(s))", flush=True)
+    return out
+
+
+def init_paths(study: StudyConfig, work: Path, trains: dict[str, dict], seed: int,
+               names: list[str]) -> dict[str, tuple[Path, Path]]:
+    """Route name -> (its dense init, its own init) for one seed. One dense model per dense architecture: `dense`
+    for the reference's, `dense-HASH` for another; an MoE route's own init is `ROUTE`, a dense route's is its
+    dense init."""
+    root = work / "init" / f"seed-{seed}"
+    ref_key = dense_key(trains[study.reference_route.name])
+    out = {}
+    for name in names:
+        key = dense_key(trains[name])
+        dense = root / ("dense" if key == ref_key else f"dense-{hashlib.sha256(key.encode()).hexdigest()[:8]}")
+        out[name] = (dense, root / name if trains[name]["model"].get("moe") else dense)
+    return out
+
+
+def make_inits(study: StudyConfig, work: Path, trains: dict[str, dict], seed: int, names: list[str],
+               tokens_dir: Path) -> dict[str, str]:
+    """Write the initial weights of one seed for these routes; route name -> how they were made. Dense models are
+    drawn with torch.manual_seed(seed); MoE routes get theirs upcycled with zero-output experts."""
     import torch
 
     from phiforge.checkpoint import save_checkpoint
     from phiforge.model import Phi2
     from phiforge.upcycle import upcycle
 
-    inits: dict[str, tuple[str, str]] = {}
-    base = _train_config(trains[study.reference_route.name])
-    base_dense = base.model_config()
-    base_dense.moe = None
-    init_root = work / "init"
-    dense_dir = init_root / "dense"
-    torch.manual_seed(base.seed)
-    save_checkpoint(Phi2(base_dense), dense_dir, tokenizer_dir=Path(base.data.dir))
-    for r in study.routes:
-        t = _train_config(trains[r.name])
+    paths = init_paths(study, work, trains, seed, names)
+    drawn = set()
+    how = {}
+    for name in names:
+        dense, own = paths[name]
+        t = _train_config(seeded(trains[name], seed))
         mcfg = t.model_config()
-        dense = t.model_config()
-        dense.moe = None
-        if dense.to_dict() != base_dense.to_dict():
-            torch.manual_seed(t.seed)
-            out = init_root / r.name
-            save_checkpoint(Phi2(mcfg), out, tokenizer_dir=Path(t.data.dir))
-            inits[r.name] = (str(out), f"its own init (seed {t.seed}; its architecture differs)")
-        elif mcfg.moe is not None:
-            out = init_root / r.name
-            upcycle(dense_dir, out, trains[r.name]["model"]["moe"], init="zero", seed=t.seed)
-            inits[r.name] = (str(out), f"the shared dense init (seed {base.seed}) + zero-output experts (upcycle)")
-        else:
-            inits[r.name] = (str(dense_dir), f"the shared dense init (seed {base.seed})")
-    return inits
+        if dense not in drawn:
+            dense_cfg = t.model_config()
+            dense_cfg.moe = None
+            torch.manual_seed(seed)
+            save_checkpoint(Phi2(dense_cfg), dense, tokenizer_dir=tokens_dir)
+            drawn.add(dense)
+        how[name] = f"dense init, seed {seed}" + ("" if dense.name == "dense" else f" (d_ff {mcfg.intermediate_size})")
+        if own != dense:
+            upcycle(dense, own, trains[name]["model"]["moe"], init="zero", seed=seed)
+            kept = "without its MLP " if mcfg.moe.position == "replace_mlp" else ""
+            how[name] += f" {kept}+ zero-output experts (upcycle)"
+    return how
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def _config_file(study: StudyConfig, route: Route, t: dict, work: Path, lit_dir: Path | None) -> tuple[dict, Path]:
+    """The config this (route, seed) runs with, validated, and where it is written."""
+    path = work / "configs" / route.name / f"seed-{t['seed']}.yaml"
+    if route.trainer == "phiforge":
+        t = {**t, "progress_bar": False}
+        t.setdefault("save_interval", 0)
+        _train_config(t)
+        return t, path
+    from phiforge.litgpt.pretrain import LitPretrainConfig
+
+    d = litgpt_dict(t, study)
+    d["data"]["dir"] = str(lit_dir)
+    d["echo"] = False
+    from_dict(LitPretrainConfig, d)
+    return d, path
+
+
+def _command(study: StudyConfig, route: Route, path: Path) -> list[str]:
+    if route.trainer == "litgpt":
+        return [sys.executable, "-m", "phiforge", "litgpt", "pretrain", "--config", str(path)]
+    launch = [sys.executable, "-m", "phiforge"]
+    if study.nproc > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={study.nproc}",
+                  "-m", "phiforge"]
+    return [*launch, "train", "--config", str(path)]
 
 
 def _run_route(cmd: list[str], log_path: Path) -> dict:
@@ -246,88 +373,174 @@ def claim_study_dirs(study: StudyConfig, overwrite: bool = False, report_only: b
     claim_output_dir(study.report_dir, "study-report", [work / "runs", dataset], overwrite)
 
 
+def read_state(work: Path) -> dict:
+    """study-state.json: finished runs and the data facts (an older layout, without seeds, counts as empty)."""
+    path = work / STATE
+    state = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if state.get("version") != STATE_VERSION:
+        state = {}
+    return {"version": STATE_VERSION, "runs": {}, **state}
+
+
+def _config_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finished(state: dict, key: str, cfg: dict) -> bool:
+    rec = state["runs"].get(key)
+    return rec is not None and rec.get("config_sha") == _config_hash(cfg) and \
+        (Path(cfg["out_dir"]) / "metrics.jsonl").is_file()
+
+
+def _eta(state: dict, pending: list[str]) -> str:
+    """Remaining time from the recorded durations (training + evaluation) of the same route, else of all."""
+    took = {k: r["wall_s"] + r.get("eval_s", 0.0) for k, r in state["runs"].items()}
+    if not took or not pending:
+        return "ETA unknown" if pending else "done"
+    overall = sum(took.values()) / len(took)
+    left = 0.0
+    for key in pending:
+        same = [v for k, v in took.items() if k.split("/")[0] == key.split("/")[0]]
+        left += sum(same) / len(same) if same else overall
+    return f"ETA {time.strftime('%H:%M', time.localtime(time.time() + left))} (~{left / 60:.0f} min for " \
+           f"{len(pending)} run(s))"
+
+
+@dataclass
+class _Run:
+    route: Route
+    seed: int
+    cfg: dict  # what the trainer's --config file holds
+    path: Path  # that file
+
+    @property
+    def key(self) -> str:
+        return run_key(self.route.name, self.seed)
+
+
+def plan_runs(study: StudyConfig, trains: dict, names: list[str], work: Path, tokens_dir: Path) -> list[_Run]:
+    """Every (route, seed) run of these routes, seed after seed (an interrupted study has whole seeds)."""
+    runs = []
+    for seed in study.seeds:
+        inits = init_paths(study, work, trains, seed, names)
+        for r in study.routes:
+            if r.name not in names:
+                continue
+            t = seeded(trains[r.name], seed)
+            t["data"]["dir"] = str(tokens_dir)
+            t["out_dir"] = str(work / "runs" / r.name / f"seed-{seed}")
+            if study.same_init:
+                t["init_from"] = str(inits[r.name][1])
+            cfg, path = _config_file(study, r, t, work, work / "data" / "litdata" / f"seed-{seed}")
+            runs.append(_Run(r, seed, cfg, path))
+    return runs
+
+
+def _prepare_seed(study: StudyConfig, work: Path, trains: dict, seed: int, todo: list[_Run], tokens_dir: Path,
+                  facts: dict) -> dict[str, str]:
+    """Initial weights of one seed (route -> how they were made) and, for a LitGPT route, its litdata."""
+    names = [run.route.name for run in todo if run.seed == seed]
+    how = make_inits(study, work, trains, seed, names, tokens_dir) if study.same_init else {}
+    lit = [run for run in todo if run.seed == seed and run.route.trainer == "litgpt"]
+    if lit:
+        t = seeded(trains[lit[0].route.name], seed)
+        t["data"]["dir"] = str(tokens_dir)
+        _litdata_for_seed(tokens_dir, work, t, facts)
+    return how
+
+
+def _run_one(study: StudyConfig, run: _Run, setup) -> dict:
+    """Train one (route, seed) in its own process, then score its final checkpoint."""
+    from phiforge.litgpt.study_eval import evaluate_route
+
+    run.path.parent.mkdir(parents=True, exist_ok=True)
+    run.path.write_text(yaml.safe_dump(run.cfg, sort_keys=False), encoding="utf-8")
+    run_dir = Path(run.cfg["out_dir"])
+    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted attempt starts over
+    run_dir.mkdir(parents=True)
+    rec = _run_route(_command(study, run.route, run.path), run_dir.parent / f"seed-{run.seed}.log")
+    t0 = time.perf_counter()
+    rec["eval"] = evaluate_route(run_dir, setup)
+    rec["eval_s"] = time.perf_counter() - t0
+    return rec
+
+
+def _run_pending(study: StudyConfig, trains: dict, runs: list[_Run], todo: list[_Run], state: dict, work: Path,
+                 tokens_dir: Path, setup) -> None:
+    from phiforge.fileio import write_json_atomic
+
+    how: dict[int, dict[str, str]] = {}
+    left = [run.key for run in todo]
+    for i, run in enumerate(runs, 1):
+        head = f"study: [{i}/{len(runs)}] {run.key}"
+        if run.key not in left:
+            print(f"{head}: finished earlier ({STATE}), skipped", flush=True)
+            continue
+        if run.seed not in how:
+            how[run.seed] = _prepare_seed(study, work, trains, run.seed, todo, tokens_dir, state["data"])
+        print(f"{head}: {run.route.trainer}", flush=True)
+        rec = _run_one(study, run, setup)
+        rec.update(route=run.route.name, seed=run.seed, trainer=run.route.trainer,
+                   init=how[run.seed].get(run.route.name, "the trainer's own init"),
+                   config_sha=_config_hash(run.cfg), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        state["runs"][run.key] = rec
+        write_json_atomic(work / STATE, state, indent=1)
+        left.remove(run.key)
+        bpb = rec["eval"].get("val_bpb")
+        print(f"{head}: done in {rec['wall_s'] + rec['eval_s']:.0f} s"
+              + (f", val bpb {bpb:.4f}" if bpb is not None else "") + f"; {_eta(state, left)}", flush=True)
+
+
 def run_study(study: StudyConfig, only: list[str] | None = None, report_only: bool = False, overwrite: bool = False,
-              reproduce: str | None = None) -> dict:
-    """Run the study's routes (or only some) and write its report; returns the report's results.
-    reproduce: the command that reruns it, for the report (default: the resolved study.yaml the report keeps)."""
+              reproduce: str | None = None, rerun: bool = False, readme: str | None = None) -> dict:
+    """Run the study's (route, seed) runs that are not finished yet (train_runs) and write its report; returns
+    the report's results. reproduce: the command shown in the report; readme: a README whose results block is
+    rewritten from the report (report.write_readme)."""
+    from phiforge.litgpt.report import write_report
+
+    trains = {r.name: route_train_dict(study, r) for r in study.routes}
+    if report_only:
+        claim_study_dirs(study, overwrite, report_only=True)
+    else:
+        train_runs(study, only, overwrite, rerun)
+    return write_report(study, read_state(Path(study.work_dir)), trains, overwrite=overwrite, reproduce=reproduce,
+                        readme=readme)
+
+
+def train_runs(study: StudyConfig, only: list[str] | None = None, overwrite: bool = False,
+               rerun: bool = False) -> dict:
+    """Train and evaluate every (route, seed) of the study (of `only` routes) that has not finished yet (every one
+    with `rerun`); returns study-state.json's contents."""
     from phiforge.fileio import open_output_dir
 
     work = Path(study.work_dir)
-    runs = work / "runs"
-    cfg_dir = work / "configs"
     trains = {r.name: route_train_dict(study, r) for r in study.routes}
-    budgets = {n: tokens_budget(t, study.nproc) for n, t in trains.items()}
-    if len(set(budgets.values())) != 1:
-        raise ConfigError(f"routes must share one token budget, got {budgets}")
-    for r in study.routes:
-        if r.trainer == "litgpt" and _train_config(trains[r.name]).model_config().moe is not None:
-            raise ConfigError(f"route {r.name}: LitGPT cannot train phiforge's MoE after the MLP")
-    claim_study_dirs(study, overwrite, report_only)
-    if not report_only:
-        open_output_dir(work, "study-work", overwrite=overwrite)  # claimed above, with the dataset as input
-    state_path = work / "study-state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if not report_only:
-        cfg_dir.mkdir(parents=True, exist_ok=True)
-        t_data = time.perf_counter()
-        tokens_dir = _prepare_tokens(study, work)
-        base = _train_config(trains[study.reference_route.name])
-        for t in trains.values():
-            t.setdefault("data", {})["dir"] = str(tokens_dir)
-        need_lit = any(r.trainer == "litgpt" for r in study.routes if not only or r.name in only)
-        lit_dir = work / "data" / "litdata"
-        if need_lit:
-            from phiforge.litgpt.data import prepare_litdata
-            from phiforge.data.loader import PackedLoader
+    names = [r.name for r in study.routes if not only or r.name in only]
+    check_routes(study, trains, names)
+    claim_study_dirs(study, overwrite)
+    open_output_dir(work, "study-work", overwrite=overwrite)  # claimed above, with the dataset as input
+    _run_all(study, trains, names, work, rerun)
+    return read_state(work)
 
-            loader = PackedLoader(tokens_dir, "train", base.data.seq_len, base.micro_batch_size, seed=base.data.seed)
-            per_epoch = loader.batches_per_epoch * base.micro_batch_size
-            windows = base.max_steps * base.micro_batch_size * base.grad_accum_steps * study.nproc
-            epochs = max(1, math.ceil(windows / per_epoch))
-            mixture = trains[study.reference_route.name].get("data", {}).get("mixture")  # when the trainer has one
-            m = prepare_litdata(tokens_dir, lit_dir, base.data.seq_len, micro_batch_size=base.micro_batch_size,
-                                seed=base.data.seed, epochs=epochs, mixture=mixture,
-                                eval_batches_n=base.eval_batches if mixture else None)
-            print(f"study: litdata {lit_dir}: {m['splits']['train']['windows']:,} train windows ({epochs} epoch(s))",
-                  flush=True)
-        state["data_seconds"] = round(time.perf_counter() - t_data, 1)
-        inits = _make_inits(study, work, trains) if study.same_init else {}
-        state.setdefault("routes", {})
-        for r in study.routes:
-            if only and r.name not in only:
-                continue
-            t = trains[r.name]
-            run_dir = runs / r.name
-            shutil.rmtree(run_dir, ignore_errors=True)
-            t = {**t, "out_dir": str(run_dir)}
-            if r.name in inits:
-                t["init_from"] = inits[r.name][0]
-            if r.trainer == "phiforge":
-                t["progress_bar"] = False
-                t.setdefault("save_interval", 0)
-                path = cfg_dir / f"{r.name}.yaml"
-                _train_config(t)  # validate before launching
-                path.write_text(yaml.safe_dump(t, sort_keys=False), encoding="utf-8")
-                launch = [sys.executable, "-m", "phiforge"]
-                if study.nproc > 1:
-                    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc-per-node={study.nproc}", "-m", "phiforge"]
-                cmd = [*launch, "train", "--config", str(path)]
-            else:
-                from phiforge.litgpt.pretrain import LitPretrainConfig
 
-                d = litgpt_dict(t, study)
-                d["data"]["dir"] = str(lit_dir)
-                d["echo"] = False
-                from_dict(LitPretrainConfig, d)
-                path = cfg_dir / f"{r.name}.yaml"
-                path.write_text(yaml.safe_dump(d, sort_keys=False), encoding="utf-8")
-                cmd = [sys.executable, "-m", "phiforge", "litgpt", "pretrain", "--config", str(path)]
-            run_dir.mkdir(parents=True, exist_ok=True)
-            state["routes"][r.name] = {**_run_route(cmd, work / f"{r.name}.log"), "trainer": r.trainer,
-                                       "init": inits.get(r.name, ("", "the trainer's own init"))[1],
-                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-            state_path.write_text(json.dumps(state, indent=1))
-    from phiforge.litgpt.report import write_report
+def _run_all(study: StudyConfig, trains: dict, names: list[str], work: Path, rerun: bool) -> None:
+    from phiforge.fileio import write_json_atomic
+    from phiforge.litgpt.study_eval import prepare_eval, val_bytes_per_token
 
-    return write_report(study, state, trains, overwrite=overwrite, reproduce=reproduce)
+    state = read_state(work)
+    t_data = time.perf_counter()
+    tokens_dir = _prepare_tokens(study, work)
+    ref = seeded(trains[study.reference_route.name], 0)
+    ref["data"]["dir"] = str(tokens_dir)
+    base = _train_config(ref)
+    setup = prepare_eval(study, tokens_dir, work, base)
+    state["data"] = {**data_facts(tokens_dir, base, tokens_budget(ref, study.nproc)),
+                     "val_bytes_per_token": val_bytes_per_token(setup)}
+    state["data_seconds"] = round(time.perf_counter() - t_data, 1)
+    runs = plan_runs(study, trains, names, work, tokens_dir)
+    todo = [run for run in runs if rerun or not _finished(state, run.key, run.cfg)]
+    write_json_atomic(work / STATE, state, indent=1)
+    print(f"study: {len(runs)} runs ({len(names)} route(s) x {len(study.seeds)} seed(s)), {len(todo)} to run; "
+          f"{state['data']['tokens_per_run']:,} tokens per run = {state['data']['epochs']:.2f} epochs of the "
+          f"training split; {_eta(state, [run.key for run in todo])}", flush=True)
+    _run_pending(study, trains, runs, todo, state, work, tokens_dir, setup)

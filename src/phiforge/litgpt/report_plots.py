@@ -1,0 +1,66 @@
+"""The study report's PNG plots, from report.summarize()'s routes: validation bpb against tokens with a band for
+the spread over seeds, and bars (mean ± sd over seeds) for throughput, gutenberg-cloze accuracy and peak memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _bpb_bands(ax, routes: dict, colors: dict) -> None:
+    for n, r in routes.items():
+        pts = r["band"]
+        if not pts:
+            continue
+        x = [p["tokens"] for p in pts]
+        mean = [p["mean"] for p in pts]
+        ax.plot(x, mean, marker="o", ms=3, color=colors[n], label=f"{r['label']} (n={len(r['seeds'])})")
+        ax.fill_between(x, [m - p["sd"] for m, p in zip(mean, pts)], [m + p["sd"] for m, p in zip(mean, pts)],
+                        color=colors[n], alpha=0.2, linewidth=0)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation bits per byte")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no validation bpb measured", ha="center", va="center", transform=ax.transAxes)
+
+
+def _bars(ax, routes: dict, colors: dict, key: str, ylabel: str, spec: str) -> None:
+    """Mean ± sd bars of one metric ("not measured" on the axes when no route has it)."""
+    names = [n for n in routes if routes[n]["aggregates"].get(key)]
+    ax.set_ylabel(ylabel)
+    if not names:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        return
+    aggs = [routes[n]["aggregates"][key] for n in names]
+    bars = ax.bar([routes[n]["label"] for n in names], [a["mean"] for a in aggs],
+                  yerr=[a["sd"] or 0.0 for a in aggs], capsize=4, color=[colors[n] for n in names])
+    ax.bar_label(bars, labels=[format(a["mean"], spec) for a in aggs], fontsize=8, label_type="center")
+    ax.tick_params(axis="x", labelrotation=20)
+
+
+def write_plots(routes: dict, out: Path) -> None:
+    """Write val_bpb_vs_tokens.png, tokens_per_s.png, cloze_acc.png and peak_memory.png into out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {n: f"C{i}" for i, n in enumerate(routes)}
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    _bpb_bands(ax, routes, colors)
+    save(fig, "val_bpb_vs_tokens.png")
+    for key, ylabel, spec, name in (("steady_tokens_per_s", "steady tokens/s", ",.0f", "tokens_per_s.png"),
+                                    ("cloze_acc", "gutenberg-cloze accuracy", ".3f", "cloze_acc.png"),
+                                    ("peak_mem_gib", "peak memory (GiB)", ".2f", "peak_memory.png")):
+        fig, ax = plt.subplots(figsize=(6.8, 4.0))
+        _bars(ax, routes, colors, key, ylabel, spec)
+        ax.set_title("mean ± sd over seeds", fontsize=9)
+        save(fig, name)
