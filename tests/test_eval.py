@@ -221,6 +221,13 @@ def test_eval_tasks_during_training(capsys, gutenberg_dir, tmp_path):
         assert 0 <= e["task/mc/acc"] <= 1 and 0 <= e["task/mc/acc_norm"] <= 1 and e["text/book/bpb"] > 0
     assert evals[-1]["text/book/bpb"] < evals[0]["text/book/bpb"]  # it learns English
     assert list((tmp_path / "run" / "tensorboard").iterdir())
+    # eval_tasks_interval=3: the tasks only at validations on a multiple of 3 (step 0) and the last one
+    code, out, err = run_cli(capsys, "train", *small, "--set", "max_steps=5", "--set", "eval_tasks_interval=3",
+                             "--set", f"out_dir={tmp_path / 'every3'}", "--set", f"eval_tasks={tasks}")
+    assert code == 0, err
+    evals = [json.loads(line) for line in (tmp_path / "every3" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "eval"]
+    assert [(e["step"], "task/mc/acc" in e) for e in evals] == [(0, True), (2, False), (4, False), (5, True)]
     bad = json.dumps([f"mc={tmp_path / 'missing.jsonl'}"])
     code, out, err = run_cli(capsys, "train", *small, "--set", f"out_dir={tmp_path / 'run2'}",
                              "--set", f"eval_tasks={bad}")

@@ -4,13 +4,13 @@
     metrics = evaluate_route(run_or_checkpoint_dir, setup)             # after each run
 
 Every route's final weights are a phiforge checkpoint (LitGPT's are converted by `phiforge litgpt pretrain`),
-so one function scores them all. Today it computes, on the validation windows every route validated on while
-training: val_loss (nats per token) and val_bpb (bits per UTF-8 byte, separators left out as `phiforge eval`
-does), the numbers `phiforge train` logs at its last validation.
-
-ISSUE 12 HOOK: the two places marked "EVAL HOOK" below are where `phiforge eval` plugs in (bpb of the whole
-held-out split with score_dataset, gutenberg-cloze accuracy with evaluate_task). The report reads the keys
-val_bpb and cloze_acc of the returned dict: a key that is absent shows as "-".
+so one function scores them all, with `phiforge eval`'s library (phiforge.evaluation):
+  val_bpb          bits per UTF-8 byte of the whole held-out split (score_dataset: every document scored whole,
+                   sliding windows, separators left out)
+  cloze_acc        gutenberg-cloze accuracy (make_cloze once per study, evaluate_task per run)
+  val_loss         nats per token on the validation windows every route validated on while training (the number
+                   `phiforge train` logs at its last validation; val_bpb_windows is its bpb)
+The report reads val_bpb and cloze_acc; a key that is absent shows as "-".
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from phiforge.evaluation import evaluate_task, load_task, make_cloze, score_dataset
+
+CLOZE_ITEMS = 500  # at most: the bundled books' held-out Persuasion gives about 330 that pass the filter
 
 
 @dataclass
@@ -35,11 +39,10 @@ def prepare_eval(study, dataset: Path, work: Path, train) -> EvalSetup:
     """The evaluation every run of the study gets; train: the reference route's TrainConfig."""
     setup = EvalSetup(Path(dataset), train.data.seq_len, train.micro_batch_size, train.eval_batches,
                       train.data.mixture, train.device)
-    # EVAL HOOK 1 (issue 12): the gutenberg-cloze task, made once per study from its held-out documents:
-    #     from phiforge.evaluation import make_cloze
-    #     setup.cloze_task = work / "data" / "gutenberg-cloze.jsonl"
-    #     if not setup.cloze_task.is_file():
-    #         make_cloze(dataset, setup.cloze_task, n_items=500, seed=0)
+    # gutenberg-cloze (phiforge eval make-cloze): made once per study from its held-out documents
+    setup.cloze_task = work / "data" / "gutenberg-cloze.jsonl"
+    if not setup.cloze_task.is_file():
+        make_cloze(dataset, setup.cloze_task, n_items=CLOZE_ITEMS, seed=0)
     return setup
 
 
@@ -62,12 +65,14 @@ def evaluate_route(run_dir: Path, setup: EvalSetup) -> dict:
     val = evaluate(model, batches, device, contextlib.nullcontext,
                    token_bytes=torch.tensor(token_byte_lengths(tok), dtype=torch.float64), eot=eot_id(tok))
     out = {"val_loss": val["val_loss"], "val_bpb": val.get("val_bpb"), "val_bpb_on": "validation windows"}
-    # EVAL HOOK 2 (issue 12): bpb of the whole held-out split and gutenberg-cloze accuracy:
-    #     from phiforge.evaluation import evaluate_task, load_task, score_dataset
-    #     score = score_dataset(model, setup.dataset, "val")
-    #     out.update(val_bpb=score.bpb, val_bpb_on="whole validation split")
-    #     task = load_task("gutenberg-cloze", setup.cloze_task, format="cloze")
-    #     out["cloze_acc"] = evaluate_task(model, tok, task)["acc"]
+    # `phiforge eval`: bits per byte of the whole held-out split (every document scored whole, sliding windows)
+    # and gutenberg-cloze accuracy
+    score = score_dataset(model, setup.dataset, "val")
+    out.update(val_bpb=score.bpb, val_bpb_on="whole validation split (phiforge eval)",
+               val_bpb_windows=val.get("val_bpb"))
+    if setup.cloze_task is not None:
+        cloze = evaluate_task(model, tok, load_task("gutenberg-cloze", setup.cloze_task, format="cloze"))
+        out.update(cloze_acc=cloze["acc"], cloze_ll=cloze.get("ll"))
     return out
 
 

@@ -189,6 +189,7 @@ class TrainConfig:
     # local tasks and text files scored at every validation (docs/evaluation.md): 'NAME[:FORMAT]=PATH' strings or
     # {name, path, format, limit, num_fewshot}; metrics task/NAME/acc, text/NAME/bpb, ... in metrics.jsonl
     eval_tasks: list[str | EvalTaskConfig] = field(default_factory=list)
+    eval_tasks_interval: int = 0  # >0: eval_tasks only at validations whose step is a multiple of it (and the last)
 
     def __post_init__(self):
         if self.optim.schedule not in ("cosine", "linear", "wsd", "constant"):
@@ -203,6 +204,7 @@ class TrainConfig:
         check_range("threads", self.threads, 0, note=" (0 keeps torch's default)")
         check_range("mfu_peak_tflops", self.mfu_peak_tflops, 0.0, note=" (0 looks the GPU up)")
         check_range("loss_chunk_rows", self.loss_chunk_rows, 0, note=" (0: the plain head)")
+        check_range("eval_tasks_interval", self.eval_tasks_interval, 0, note=" (0: at every validation)")
         if not self.resume:
             raise ConfigError("resume must be none, auto or a checkpoint path")
         self.model = checked_model_spec(self.model)

@@ -100,10 +100,14 @@ class TextJob(Job):
                        self.eot)
         out = {"val_loss": val["val_loss"], "val_ppl": math.exp(min(val["val_loss"], 50)),
                **({"val_bpb": val["val_bpb"]} if "val_bpb" in val else {})}
-        if self.suite is not None:  # eval_tasks: the same forwards on every rank (the plain model, or the FSDP root)
+        if self._tasks_due():  # eval_tasks: the same forwards on every rank (the plain model, or the FSDP root)
             with self.autocast():
                 out.update(self.suite(self.model))
         return out
+
+    def _tasks_due(self) -> bool:
+        every, step = self.cfg.eval_tasks_interval, self.loop.step if self.loop is not None else 0
+        return self.suite is not None and (not every or step % every == 0 or step == self.cfg.max_steps)
 
     def train_state(self, step: int) -> dict:
         cfg, world = self.cfg, self.env.world_size
