@@ -76,7 +76,7 @@ NUMBERS = {"dense": [(2.10, 0.20, 1000.0), (2.14, 0.22, 1010.0), (2.06, 0.21, 99
            "wide": [(2.15, 0.19, 700.0), (2.00, 0.25, 720.0), (2.09, 0.20, 710.0)]}
 
 
-def _fake_run(run: Path, bpb: float, tps: float) -> None:
+def _fake_run(run: Path, bpb: float, tps: float, acc: float = 0.0) -> None:
     torch.manual_seed(0)
     save_checkpoint(Phi2(Phi2Config.from_preset("tiny", vocab_size=50304)), run / "checkpoints" / "step-00000020")
     (run / "latest").write_text("step-00000020\n")
@@ -84,7 +84,7 @@ def _fake_run(run: Path, bpb: float, tps: float) -> None:
     events += [{"event": "train", "step": s, "tokens": 64 * s, "loss": 5.0, "elapsed_s": s * 64 / tps,
                 "tokens_per_s": tps} for s in (5, 10, 15, 20)]
     events += [{"event": "eval", "step": 20, "tokens": 1280, "val_loss": bpb * 2.5, "val_bpb": bpb,
-                "elapsed_s": 20 * 64 / tps}]
+                "task/gutenberg-cloze/acc": acc, "elapsed_s": 20 * 64 / tps}]  # eval_tasks' curve point
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
 
 
@@ -95,7 +95,7 @@ def fake_study(tmp_path: Path, cloze: bool = True) -> Path:
                                                 "tokens_per_run": 1280, "epochs": 0.1}}
     for route, rows in NUMBERS.items():
         for seed, (bpb, acc, tps) in zip(SEEDS, rows):
-            _fake_run(work / "runs" / route / f"seed-{seed}", bpb, tps)
+            _fake_run(work / "runs" / route / f"seed-{seed}", bpb, tps, acc)
             state["runs"][f"{route}/seed-{seed}"] = {
                 "wall_s": 30.0 + seed, "eval_s": 2.0, "peak_rss_gib": 1.0, "loadavg_1min": [1.0, 1.5], "seed": seed,
                 "init": f"dense init, seed {seed}",
@@ -143,6 +143,11 @@ def test_report_aggregates_significance_and_readme(tmp_path, capsys):
             assert agg[key]["sd"] == pytest.approx(statistics.stdev(vals))
         assert [res["routes"][route]["seeds"][str(s)]["val_bpb"] for s in SEEDS] == [r[0] for r in rows]
         assert set(res["routes"][route]["seeds"]) == {"0", "1", "2"}
+        # the curve over tokens: cloze accuracy at the one step every seed scored it (eval_tasks while training)
+        [point] = res["routes"][route]["cloze_band"]
+        accs = [r[1] for r in rows]
+        assert point["step"] == 20 and point["mean"] == pytest.approx(statistics.mean(accs))
+        assert point["sd"] == pytest.approx(statistics.stdev(accs))
     sig = {(r["route"], r["metric"]): r for r in res["significance"]}
     for route in ("moe", "wide"):
         diffs = [o[0] - d[0] for o, d in zip(NUMBERS[route], NUMBERS["dense"])]
@@ -154,7 +159,8 @@ def test_report_aggregates_significance_and_readme(tmp_path, capsys):
     assert ("moe", "cloze_acc") in sig
     md = (tmp_path / "report" / "report.md").read_text()
     assert "moe route: val bpb 0.0200 lower than dense route" in md and "more than two standard errors" in md
-    for png in ("val_bpb_vs_tokens.png", "tokens_per_s.png", "cloze_acc.png", "peak_memory.png"):
+    for png in ("val_bpb_vs_tokens.png", "cloze_acc_vs_tokens.png", "tokens_per_s.png", "cloze_acc.png",
+                "peak_memory.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000 and f"({png})" in md
     text = readme.read_text()
     assert text.startswith("# x\n\n## Results\n\n") and text.endswith(f"{README_END}\n\nrest stays\n")
@@ -234,3 +240,21 @@ def test_committed_studies_compare_moe_placements_at_equal_active_parameters(con
         total, active = counts[r.name]
         assert abs(active - active_ref) <= 0.01 * active_ref and total > 1.05 * total_ref, r.name
     assert positions == {"after_mlp", "parallel", "replace_mlp"} and len(study.seeds) >= 3
+
+
+def test_cloze_every_gives_phiforge_routes_the_cloze_curve(tmp_path, gutenberg_dir):
+    """cloze_every: each phiforge route scores the study's gutenberg-cloze items while training (eval_tasks at the
+    validations on a multiple of cloze_every); a LitGPT route cannot and gets no such key."""
+    from phiforge.config import from_dict
+    from phiforge.litgpt.study import StudyConfig, cloze_path, plan_runs, route_train_dict
+
+    study = from_dict(StudyConfig, {
+        "name": "c", "seeds": [0], "cloze_every": 50, "cloze_limit": 40, "same_init": False,
+        "train": {"model": {"preset": "tiny"}, "data": {"seq_len": 32}, "max_steps": 100},
+        "routes": [{"name": "dense"}, {"name": "lit", "trainer": "litgpt"}]})
+    trains = {r.name: route_train_dict(study, r) for r in study.routes}
+    runs = {run.route.name: run for run in plan_runs(study, trains, ["dense", "lit"], tmp_path, gutenberg_dir)}
+    assert runs["dense"].cfg["eval_tasks"] == [{"name": "gutenberg-cloze", "path": str(cloze_path(tmp_path)),
+                                                "format": "cloze", "limit": 40}]
+    assert runs["dense"].cfg["eval_tasks_interval"] == 50
+    assert "eval_tasks" not in json.dumps(runs["lit"].cfg)

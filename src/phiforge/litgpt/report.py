@@ -18,7 +18,7 @@ from phiforge.checkpoint import read_config, resolve_checkpoint
 from phiforge.config import to_dict
 from phiforge.litgpt.report_plots import write_plots
 from phiforge.litgpt.stats import compare, describe
-from phiforge.litgpt.study import _train_config, run_key, seeded, tokens_budget
+from phiforge.litgpt.study import CLOZE_TASK, _train_config, run_key, seeded, tokens_budget
 
 
 def read_events(path: Path) -> list[dict]:
@@ -186,19 +186,19 @@ def summarize_run(run: Path, rec: dict, trainer: str, bytes_per_token: float | N
         "peak_gpu_mem_gib": max(gpu_mem) if gpu_mem else None,
         "peak_mem_gib": max(gpu_mem) if gpu_mem else rss,
         "curve": [{"step": e["step"], "tokens": e["tokens"], "val_loss": e["val_loss"], "val_bpb": bpb(e),
-                   "elapsed_s": e.get("elapsed_s")} for e in evals],
+                   "cloze_acc": e.get(f"task/{CLOZE_TASK}/acc"), "elapsed_s": e.get("elapsed_s")} for e in evals],
         "checkpoint": str(resolve_checkpoint(run)), "command": rec.get("command"), "init": rec.get("init"),
         "loadavg_1min": rec.get("loadavg_1min"), "finished": rec.get("finished"),
     }
 
 
-def band(curves: list[list[dict]]) -> list[dict]:
-    """Mean and sd over seeds of val bpb at each step every seed validated at."""
-    steps = set.intersection(*({p["step"] for p in c if p["val_bpb"] is not None} for c in curves))
+def band(curves: list[list[dict]], key: str = "val_bpb") -> list[dict]:
+    """Mean and sd over seeds of a curve's metric (val_bpb, cloze_acc) at each step every seed measured it at."""
+    steps = set.intersection(*({p["step"] for p in c if p.get(key) is not None} for c in curves))
     out = []
     for step in sorted(steps):
         pts = [next(p for p in c if p["step"] == step) for c in curves]
-        d = describe(p["val_bpb"] for p in pts)
+        d = describe(p[key] for p in pts)
         out.append({"step": step, "tokens": pts[0]["tokens"], "mean": d["mean"], "sd": d["sd"] or 0.0, "n": d["n"]})
     return out
 
@@ -223,7 +223,8 @@ def summarize(study, state: dict) -> dict:
                           "active_params": active, "init": next(iter(seeds.values()))["init"],
                           "tokens": next(iter(seeds.values()))["tokens"], "seeds": seeds,
                           "aggregates": {m[0]: describe(s[m[0]] for s in seeds.values()) for m in METRICS},
-                          "band": band([s["curve"] for s in seeds.values()])}
+                          "band": band([s["curve"] for s in seeds.values()]),
+                          "cloze_band": band([s["curve"] for s in seeds.values()], "cloze_acc")}
     return routes
 
 
@@ -413,7 +414,8 @@ def _per_seed(routes: dict) -> list[str]:
 
 
 PLOT_TITLES = {"val_bpb_vs_tokens.png": "Validation bpb vs tokens (mean ± sd over seeds)",
-               "tokens_per_s.png": "Throughput", "cloze_acc.png": "gutenberg-cloze accuracy",
+               "cloze_acc_vs_tokens.png": "gutenberg-cloze accuracy vs tokens (first items, while training)",
+               "tokens_per_s.png": "Throughput", "cloze_acc.png": "gutenberg-cloze accuracy (final checkpoints)",
                "peak_memory.png": "Peak memory"}
 
 

@@ -1,14 +1,16 @@
-"""The study report's PNG plots, from report.summarize()'s routes: validation bpb against tokens with a band for
-the spread over seeds, and bars (mean ± sd over seeds) for throughput, gutenberg-cloze accuracy and peak memory."""
+"""The study report's PNG plots, from report.summarize()'s routes: validation bpb and gutenberg-cloze accuracy
+against tokens with a band for the spread over seeds, and bars (mean ± sd over seeds) for throughput, final
+gutenberg-cloze accuracy and peak memory."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def _bpb_bands(ax, routes: dict, colors: dict) -> None:
+def _bands(ax, routes: dict, colors: dict, key: str, ylabel: str) -> None:
+    """Each route's curve r[key] (mean over seeds at each step) with a band of ± sd."""
     for n, r in routes.items():
-        pts = r["band"]
+        pts = r.get(key)
         if not pts:
             continue
         x = [p["tokens"] for p in pts]
@@ -17,12 +19,12 @@ def _bpb_bands(ax, routes: dict, colors: dict) -> None:
         ax.fill_between(x, [m - p["sd"] for m, p in zip(mean, pts)], [m + p["sd"] for m, p in zip(mean, pts)],
                         color=colors[n], alpha=0.2, linewidth=0)
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation bits per byte")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     else:
-        ax.text(0.5, 0.5, "no validation bpb measured", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
 
 
 def _bars(ax, routes: dict, colors: dict, key: str, ylabel: str, spec: str) -> None:
@@ -41,7 +43,8 @@ def _bars(ax, routes: dict, colors: dict, key: str, ylabel: str, spec: str) -> N
 
 
 def write_plots(routes: dict, out: Path) -> None:
-    """Write val_bpb_vs_tokens.png, tokens_per_s.png, cloze_acc.png and peak_memory.png into out."""
+    """Write val_bpb_vs_tokens.png, cloze_acc_vs_tokens.png, tokens_per_s.png, cloze_acc.png and peak_memory.png
+    into out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,9 +57,11 @@ def write_plots(routes: dict, out: Path) -> None:
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.8, 4.4))
-    _bpb_bands(ax, routes, colors)
-    save(fig, "val_bpb_vs_tokens.png")
+    for key, ylabel, name in (("band", "validation bits per byte", "val_bpb_vs_tokens.png"),
+                              ("cloze_band", "gutenberg-cloze accuracy", "cloze_acc_vs_tokens.png")):
+        fig, ax = plt.subplots(figsize=(6.8, 4.4))
+        _bands(ax, routes, colors, key, ylabel)
+        save(fig, name)
     for key, ylabel, spec, name in (("steady_tokens_per_s", "steady tokens/s", ",.0f", "tokens_per_s.png"),
                                     ("cloze_acc", "gutenberg-cloze accuracy", ".3f", "cloze_acc.png"),
                                     ("peak_mem_gib", "peak memory (GiB)", ".2f", "peak_memory.png")):

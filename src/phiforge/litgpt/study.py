@@ -47,10 +47,16 @@ from pathlib import Path
 
 import yaml
 
-from phiforge.config import apply_overrides, from_dict, read_yaml
+from phiforge.config import apply_overrides, check_range, from_dict, read_yaml
 from phiforge.errors import ConfigError, PhiforgeError
 
 TRAINERS = ("phiforge", "litgpt")
+CLOZE_TASK = "gutenberg-cloze"  # made once per study from its held-out books (phiforge eval make-cloze)
+
+
+def cloze_path(work: Path) -> Path:
+    return work / "data" / f"{CLOZE_TASK}.jsonl"
+
 STATE = "study-state.json"
 STATE_VERSION = 2
 
@@ -97,6 +103,10 @@ class StudyConfig:
     max_val_gap: float = 0.02  # the check: |phiforge dense - LitGPT| / phiforge dense final val loss
     reference: str = ""  # the route the others are compared with (default: the first phiforge route)
     larger_study: str = ""  # a study config of the same comparison at scale; the README section links it
+    # > 0: phiforge routes also score the first cloze_limit gutenberg-cloze items while training (eval_tasks), at
+    # the validations on a multiple of cloze_every steps: the accuracy-over-tokens plot
+    cloze_every: int = 0
+    cloze_limit: int = 100
 
     def __post_init__(self):
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -113,6 +123,8 @@ class StudyConfig:
             raise ConfigError(f"reference '{self.reference}' is not a route ({', '.join(names)})")
         if self.nproc < 1:
             raise ConfigError("nproc must be at least 1")
+        check_range("cloze_every", self.cloze_every, 0, note=" (0: no cloze curve while training)")
+        check_range("cloze_limit", self.cloze_limit, 1)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
             raise ConfigError(f"seeds must be a non-empty list of distinct integers >= 0, got {self.seeds}")
         for key, section in (("train.seed", self.train), ("train.data.seed", self.train.get("data") or {})):
@@ -431,6 +443,10 @@ def plan_runs(study: StudyConfig, trains: dict, names: list[str], work: Path, to
             t["out_dir"] = str(work / "runs" / r.name / f"seed-{seed}")
             if study.same_init:
                 t["init_from"] = str(inits[r.name][1])
+            if study.cloze_every and r.trainer == "phiforge":
+                t["eval_tasks"] = [{"name": CLOZE_TASK, "path": str(cloze_path(work)), "format": "cloze",
+                                    "limit": study.cloze_limit}]
+                t["eval_tasks_interval"] = study.cloze_every
             cfg, path = _config_file(study, r, t, work, work / "data" / "litdata" / f"seed-{seed}")
             runs.append(_Run(r, seed, cfg, path))
     return runs

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phiforge.evaluation import evaluate_task, load_task, make_cloze, score_dataset
+from phiforge.litgpt.study import CLOZE_TASK, cloze_path
 
 CLOZE_ITEMS = 500  # at most: the bundled books' held-out Persuasion gives about 330 that pass the filter
 
@@ -40,7 +41,7 @@ def prepare_eval(study, dataset: Path, work: Path, train) -> EvalSetup:
     setup = EvalSetup(Path(dataset), train.data.seq_len, train.micro_batch_size, train.eval_batches,
                       train.data.mixture, train.device)
     # gutenberg-cloze (phiforge eval make-cloze): made once per study from its held-out documents
-    setup.cloze_task = work / "data" / "gutenberg-cloze.jsonl"
+    setup.cloze_task = cloze_path(work)
     if not setup.cloze_task.is_file():
         make_cloze(dataset, setup.cloze_task, n_items=CLOZE_ITEMS, seed=0)
     return setup
@@ -71,7 +72,7 @@ def evaluate_route(run_dir: Path, setup: EvalSetup) -> dict:
     out.update(val_bpb=score.bpb, val_bpb_on="whole validation split (phiforge eval)",
                val_bpb_windows=val.get("val_bpb"))
     if setup.cloze_task is not None:
-        cloze = evaluate_task(model, tok, load_task("gutenberg-cloze", setup.cloze_task, format="cloze"))
+        cloze = evaluate_task(model, tok, load_task(CLOZE_TASK, setup.cloze_task, format="cloze"))
         out.update(cloze_acc=cloze["acc"], cloze_ll=cloze.get("ll"))
     return out
 
