@@ -145,6 +145,10 @@ def _old_dataset(d: Path) -> bool:
     return _json(d / INDEX).get("format") == FORMAT
 
 
+def _never(d: Path) -> bool:  # kinds that always had the marker
+    return False
+
+
 # kind -> (what it is, in words; recogniser of an unmarked earlier output)
 OUTPUT_KINDS = {
     "model": ("a phiforge checkpoint", _old_model),
@@ -154,6 +158,7 @@ OUTPUT_KINDS = {
     "study-work": ("a study's work directory", _old_study_work),
     "study-report": ("a study report", _old_study_report),
     "dataset": ("a phiforge dataset", _old_dataset),
+    "tokenizer": ("a trained tokenizer (`tokenizer train`)", _never),
 }
 
 

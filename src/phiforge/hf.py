@@ -27,7 +27,7 @@ from phiforge.errors import CheckpointError, ConfigError
 from phiforge.fileio import claim_output_dir, output_dir, write_json_atomic
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
-from phiforge.tokenizer import EOT_ID, save_tokenizer_files
+from phiforge.tokenizer import EOT, EOT_ID, load_tokenizer, save_tokenizer_files
 
 HF_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -114,14 +114,14 @@ def hf_unrepresentable(model_config: dict, cls: type = Phi2Config) -> list[str]:
                   if k not in _TO_HF and k not in _NO_HF_KEY and v is not None and v != defaults.get(k, None))
 
 
-def config_to_hf(cfg: Phi2Config, torch_dtype: str = "float32") -> dict:
-    """config.json contents for transformers' PhiForCausalLM."""
+def config_to_hf(cfg: Phi2Config, torch_dtype: str = "float32", eot: int | None = EOT_ID) -> dict:
+    """config.json contents for transformers' PhiForCausalLM; eot: the tokenizer's <|endoftext|> id."""
     bad = hf_unrepresentable(cfg.to_dict(), type(cfg))
     if bad:
         raise CheckpointError(f"model config field(s) {', '.join(bad)} cannot be represented in a Hugging Face "
                               "PhiConfig; this model cannot be exported with `convert to-hf`")
     d = cfg.to_dict()
-    eot = EOT_ID if cfg.vocab_size > EOT_ID else None  # small test vocabularies have no <|endoftext|> row
+    eot = eot if eot is not None and eot < cfg.vocab_size else None  # small test vocabularies lack the row
     return {
         "architectures": ["PhiForCausalLM"],
         "model_type": "phi",
@@ -246,7 +246,7 @@ def convert_to_hf(src_dir: Path, out_dir: Path, dtype: str | None = None,
     if dtype is not None:
         state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
     torch_dtype = str(state["lm_head.weight"].dtype).removeprefix("torch.")
-    hf_config = config_to_hf(cfg, torch_dtype=torch_dtype)
+    hf_config = config_to_hf(cfg, torch_dtype=torch_dtype, eot=load_tokenizer(src_dir).token_to_id(EOT))
     warnings = []
     if cfg.rope_theta != 10000:
         warnings.append(f"rope_theta is {cfg.rope_theta:g}: llama.cpp's Phi-2 GGUF converter ignores rope_theta "

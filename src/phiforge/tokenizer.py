@@ -2,7 +2,7 @@
 
 The built-in tokenizer is made from the bundled `assets/gpt2/encoder.json` and `vocab.bpe`
 (OpenAI, MIT; see assets/gpt2/README.md). A checkpoint's own tokenizer.json, e.g. from a downloaded
-microsoft/phi-2, takes precedence over it.
+microsoft/phi-2 or from `phiforge tokenizer train` (`train_byte_level_bpe`), takes precedence over it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
 
 from phiforge.errors import CheckpointError
@@ -22,16 +22,36 @@ EOT = "<|endoftext|>"
 EOT_ID = 50256
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json")
+MIN_BPE_VOCAB = 257  # the 256 byte tokens and <|endoftext|>
+
+
+def _byte_level(bpe: BPE) -> Tokenizer:
+    """GPT-2's arrangement: its regex split into pre-tokens, each byte written as one printable character."""
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
 
 
 @lru_cache(maxsize=1)
 def _builtin_json() -> str:
-    bpe = BPE.from_file(str(ASSETS / "encoder.json"), str(ASSETS / "vocab.bpe"))
-    tok = Tokenizer(bpe)
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok = _byte_level(BPE.from_file(str(ASSETS / "encoder.json"), str(ASSETS / "vocab.bpe")))
     tok.add_special_tokens([EOT])
     return tok.to_str()
+
+
+def train_byte_level_bpe(texts, vocab_size: int, min_frequency: int = 2, progress: bool = False) -> Tokenizer:
+    """A byte-level BPE like GPT-2's learnt from `texts` (an iterable of strings): <|endoftext|> is id 0, the
+    256 bytes follow, then the merges, up to `vocab_size` tokens in all (fewer when the texts hold fewer pairs
+    seen `min_frequency` times). Every byte sequence round-trips. The same texts give the same tokenizer.json
+    byte for byte, whatever their order and the number of threads (merge ties are broken by token ids)."""
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ValueError(f"vocab_size {vocab_size} < {MIN_BPE_VOCAB}")
+    tok = _byte_level(BPE())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
+    tok.train_from_iterator(texts, trainer)
+    return tok
 
 
 def builtin_tokenizer() -> Tokenizer:

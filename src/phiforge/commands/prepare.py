@@ -47,7 +47,6 @@ def register(sub) -> None:
     import argparse
 
     from phiforge.commands import add_config_args
-    from phiforge.data.corpora import GUTENBERG_SOURCES
     from phiforge.data.redpajama import SOURCES as RP_SOURCES
 
     p = sub.add_parser("prepare", help="turn a corpus into packed token shards for training")
@@ -56,34 +55,10 @@ def register(sub) -> None:
     # every flag is the config key of the same name; only the flags given are set (over --config)
     g = corpora.add_parser("gutenberg", argument_default=argparse.SUPPRESS,
                            help="Project Gutenberg books: clean, dedup, tokenize, hold out whole books")
-    sources = "; ".join(f"{name}: {cls.help}" for name, cls in GUTENBERG_SOURCES.items())
-    g.add_argument("--source", metavar="NAME", help=f"where the books come from (default bundled; {sources})")
+    add_book_selection(g)
     _common(g)
-    val = g.add_mutually_exclusive_group()
-    val.add_argument("--val-books", metavar="N",
-                     help="hold out N whole books for validation, chosen deterministically among the books that "
-                          "can be read (default: Persuasion for bundled, else 0.5%% of the books, at least 1)")
-    val.add_argument("--val-ids", metavar="ID,...", help="hold out these ebook numbers for validation, e.g. 105,121")
     g.add_argument("--dedup", metavar="MODES",
                    help="exact, near, exact,near (default) or none: drop repeated books and other editions")
-    m = g.add_argument_group("mirror / download selection")
-    m.add_argument("--mirror", metavar="DIR", help="--source mirror: the rsync tree")
-    m.add_argument("--catalog", metavar="CSV", help="pg_catalog.csv (Text#, Type, Issued, Title, Language, ...)")
-    m.add_argument("--language", metavar="CODES", help="keep books in these catalog languages, e.g. en or en,fr")
-    m.add_argument("--type", metavar="TYPES", help="keep these catalog types (default Text)")
-    m.add_argument("--ids", metavar="RANGES", help="book ids, e.g. 1-1000,2701 (mirror: a filter; download: what "
-                   "to fetch)")
-    m.add_argument("--parquet", nargs="+", metavar="PATH", help="--source parquet: files or folders of .parquet")
-    m.add_argument("--download", metavar="IDS", help="shorthand for --source download --ids IDS")
-    m.add_argument("--catalog-filter", action="store_true",
-                   help="--source download: fetch the catalog's books that pass --language/--type/--ids")
-    m.add_argument("--mirror-url", metavar="URL",
-                   help="--source download: the mirror to fetch from (default https://www.gutenberg.org)")
-    m.add_argument("--url-template", metavar="T",
-                   help="book URL, with {mirror} and {id} (default {mirror}/cache/epub/{id}/pg{id}.txt)")
-    m.add_argument("--cache", metavar="DIR", help="download cache (default ~/.cache/phiforge/gutenberg)")
-    m.add_argument("--rate-limit", metavar="R", help="at most R requests per second (default 0.5)")
-    m.add_argument("--retries", metavar="N", help="retries per file (default 5)")
     add_config_args(g, "GutenbergPrepareConfig: the flags above, with _ for -", "val_books=2")
     g.set_defaults(func=run_prepare)
 
@@ -105,6 +80,38 @@ def register(sub) -> None:
                    "RedPajama is deduplicated upstream)")
     add_config_args(r, "RedPajamaPrepareConfig: the flags above, with _ for -", "val_fraction=0.01")
     r.set_defaults(func=run_prepare)
+
+
+def add_book_selection(g) -> None:
+    """The `prepare gutenberg` flags that choose the books and the validation books (each the config key of
+    the same name), shared with `tokenizer train`."""
+    from phiforge.data.corpora import GUTENBERG_SOURCES
+
+    sources = "; ".join(f"{name}: {cls.help}" for name, cls in GUTENBERG_SOURCES.items())
+    g.add_argument("--source", metavar="NAME", help=f"where the books come from (default bundled; {sources})")
+    val = g.add_mutually_exclusive_group()
+    val.add_argument("--val-books", metavar="N",
+                     help="hold out N whole books for validation, chosen deterministically among the books that "
+                          "can be read (default: Persuasion for bundled, else 0.5%% of the books, at least 1)")
+    val.add_argument("--val-ids", metavar="ID,...", help="hold out these ebook numbers for validation, e.g. 105,121")
+    m = g.add_argument_group("mirror / download selection")
+    m.add_argument("--mirror", metavar="DIR", help="--source mirror: the rsync tree")
+    m.add_argument("--catalog", metavar="CSV", help="pg_catalog.csv (Text#, Type, Issued, Title, Language, ...)")
+    m.add_argument("--language", metavar="CODES", help="keep books in these catalog languages, e.g. en or en,fr")
+    m.add_argument("--type", metavar="TYPES", help="keep these catalog types (default Text)")
+    m.add_argument("--ids", metavar="RANGES", help="book ids, e.g. 1-1000,2701 (mirror: a filter; download: what "
+                   "to fetch)")
+    m.add_argument("--parquet", nargs="+", metavar="PATH", help="--source parquet: files or folders of .parquet")
+    m.add_argument("--download", metavar="IDS", help="shorthand for --source download --ids IDS")
+    m.add_argument("--catalog-filter", action="store_true",
+                   help="--source download: fetch the catalog's books that pass --language/--type/--ids")
+    m.add_argument("--mirror-url", metavar="URL",
+                   help="--source download: the mirror to fetch from (default https://www.gutenberg.org)")
+    m.add_argument("--url-template", metavar="T",
+                   help="book URL, with {mirror} and {id} (default {mirror}/cache/epub/{id}/pg{id}.txt)")
+    m.add_argument("--cache", metavar="DIR", help="download cache (default ~/.cache/phiforge/gutenberg)")
+    m.add_argument("--rate-limit", metavar="R", help="at most R requests per second (default 0.5)")
+    m.add_argument("--retries", metavar="N", help="retries per file (default 5)")
 
 
 def run_prepare(args) -> int:

@@ -165,6 +165,10 @@ class RedPajamaPrepareConfig(PrepareConfig):
         return {"val_fraction": self.val_fraction, "mixture": self.weights}
 
 
+# the keys of `prepare gutenberg` that choose the books (and the validation books), not how they are prepared
+SELECTION_KEYS = tuple(f.name for f in dataclasses.fields(GutenbergPrepareConfig)
+                       if f.name not in {g.name for g in dataclasses.fields(PrepareConfig)})
+
 CORPORA: dict[str, type[PrepareConfig]] = {"gutenberg": GutenbergPrepareConfig, "redpajama": RedPajamaPrepareConfig}
 
 
@@ -235,15 +239,29 @@ def load_prepare_config(corpus: str, path: str | Path | None = None, flags: dict
     """The config of `phiforge prepare CORPUS`: defaults, then the YAML file, then flags ({key: value or its
     text}), then `key=value` overrides."""
     cls = config_class(corpus)
-    keys = _keys(cls)
     data = read_yaml(path) if path else {}
-    for key, value in (flags or {}).items():
-        if key not in keys:
-            raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(sorted(keys))}")
+    for key, value in flag_values(cls, flags or {}).items():
         data.pop(cls.exclusive.get(key), None)  # --val-ids on the command line replaces the file's val_books
-        data[key] = _flag_value(keys[key], value)
+        data[key] = value
     apply_overrides(data, sets or [])
     return from_dict(cls, data)
+
+
+def flag_values(cls: type, flags: dict, keys=None, prefix: str = "") -> dict:
+    """Flags ({key: value or its text}) as config values of dataclass cls; a key not in `keys` (default: all of
+    cls's) is a ConfigError (naming it with `prefix`)."""
+    types = _keys(cls)
+    keys = types if keys is None else keys
+    for key in flags:
+        if key not in keys:
+            raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(sorted(keys))}")
+    return {key: _flag_value(types[key], value) for key, value in flags.items()}
+
+
+def gutenberg_selection(keys: dict) -> GutenbergPrepareConfig:
+    """The GutenbergPrepareConfig of the keys that choose books (SELECTION_KEYS: `tokenizer train`'s gutenberg)."""
+    values = flag_values(GutenbergPrepareConfig, keys, SELECTION_KEYS, prefix="gutenberg.")
+    return from_dict(GutenbergPrepareConfig, values, prefix="gutenberg.")
 
 
 def config_yaml(cfg: PrepareConfig) -> str:
