@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 RESULTS = ROOT / "bench" / "results" / "demo-sweep.json"
-DEMO = ROOT / "configs" / "demo-cpu.yaml"
+DEMO = ROOT / "configs" / "demo-cpu-gpt2.yaml"  # the demo before issue 13: the baseline
 QUIET = ["eval_batches=1", "save_interval=0", "progress_bar=false", "tensorboard=false", "log_interval=10"]
 THREADS = ["threads=1"]  # --threads: every run of a sweep uses the same (see the docstring)
 CPU_CLOCK = ("import sys, time; time.perf_counter = time.process_time; from phiforge.cli import main; "

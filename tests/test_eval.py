@@ -116,7 +116,7 @@ BAD_TASKS = [
     ("one.jsonl", [{"context": "a", "choices": ["b"], "label": 0}], "row 1: 'choices' has 1 choice(s)", "one.jsonl"),
     ("label.jsonl", [{"context": "a", "choices": ["b", "c"], "label": 5}], "row 1: 'label' 5 is out of range",
      "label.jsonl"),
-    ("json.jsonl", '{"context": "a", "choices": ["b", "c"], "label": 0}\n{oops\n', "line 2: not valid JSON",
+    ("json.jsonl", '{"context": "a", "choices": ["b", "c"], "label": 0}\n{oops\n', "line 2: malformed json line",
      "json.jsonl"),
     ("long.jsonl", [{"context": "a", "choices": ["b " * 80, "c"], "label": 0}],
      "row 1: choice 0 is 81 tokens, longer than the model's context (64)", "long.jsonl"),
@@ -252,3 +252,29 @@ def test_eval_tasks_under_fsdp_match_one_rank(tmp_path):
     for a, b in zip(one, two):
         assert a["task/mc/acc_norm"] == b["task/mc/acc_norm"]
         assert a["text/t/bpb"] == pytest.approx(b["text/t/bpb"], rel=1e-4)
+
+
+def test_context_defaults_to_the_trained_sequence_length(capsys, ckpt, tmp_path):
+    """A model trained on 32-token windows is scored in 32-token windows (it never learnt the positions beyond):
+    the context comes from the checkpoint's train_state.json; --context overrides it; a model file without a
+    training state uses its max_seq_len."""
+    import shutil
+
+    trained = tmp_path / "trained"
+    shutil.copytree(ckpt, trained)
+    (trained / "train_state.json").write_text(json.dumps({"seq_len": 32}))
+    (tmp_path / "t.txt").write_text(TEXT * 3, encoding="utf-8")
+    results = {}
+    for name, path, extra in (("trained", trained, []), ("plain", ckpt, []), ("plain-32", ckpt, ["--context", 32]),
+                              ("trained-64", trained, ["--context", 64])):
+        code, out, err = run_cli(capsys, "eval", "--checkpoint", path, "--text", tmp_path / "t.txt", *extra, "--out",
+                                 tmp_path / f"{name}.json")
+        assert code == 0, err
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert [results[n]["context"] for n in ("trained", "plain", "plain-32", "trained-64")] == [32, 64, 32, 64]
+    assert results["trained"]["stride"] == 16
+    assert results["trained"]["nats"] == pytest.approx(results["plain-32"]["nats"], rel=1e-12)
+    assert results["plain"]["nats"] == pytest.approx(results["trained-64"]["nats"], rel=1e-12)
+    assert results["plain"]["nats"] != pytest.approx(results["trained"]["nats"], rel=1e-6)  # the window matters
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--text", tmp_path / "t.txt", "--context", 65)
+    assert_one_line_error(code, err, "--context must be between 2 and the model's max_seq_len (64), got 65")

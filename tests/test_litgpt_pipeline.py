@@ -211,15 +211,23 @@ def test_study_seeds_on_redpajama_fixture(capsys, tmp_path, redpajama_dir):
     for s, vals in starts.items():  # one init per seed: step 0 is the same function (zero-output experts)
         assert max(vals) - min(vals) < 1e-3, (s, vals)
     assert abs(starts["3"][0] - starts["5"][0]) > 1e-4  # and the seeds differ
-    for name in ("dense", "moe"):  # evaluate_route scores the final checkpoint as the trainer's last validation
-        for s, rec in routes[name]["seeds"].items():
+    from phiforge.checkpoint import load_checkpoint, resolve_checkpoint
+    from phiforge.evaluation import score_dataset
+
+    for name in ("dense", "moe"):  # evaluate_route: the trainer's last validation on the same windows, and
+        for s, rec in routes[name]["seeds"].items():  # phiforge eval's bpb of the whole validation split
             last = rec["curve"][-1]
-            assert rec["tokens"] == 8 * MB * T and rec["val_bpb"] == pytest.approx(last["val_bpb"], rel=1e-5)
+            assert rec["tokens"] == 8 * MB * T and rec["eval"]["val_bpb_windows"] == pytest.approx(last["val_bpb"], rel=1e-5)
+            model = load_checkpoint(resolve_checkpoint(tmp_path / "work" / "runs" / name / f"seed-{s}"))
+            model.eval_context = T
+            assert rec["val_bpb"] == pytest.approx(score_dataset(model, redpajama_dir, "val").bpb, rel=1e-6)
+            assert 0.0 <= rec["cloze_acc"] <= 1.0
     for name, r in routes.items():
         vals = [r["seeds"][s]["val_bpb"] for s in ("3", "5")]
         assert r["aggregates"]["val_bpb"]["mean"] == pytest.approx(statistics.mean(vals))
         assert r["aggregates"]["val_bpb"]["sd"] == pytest.approx(statistics.stdev(vals))
-        assert r["aggregates"]["cloze_acc"] is None  # until phiforge eval is plugged into study_eval.py
+        accs = [r["seeds"][s]["cloze_acc"] for s in ("3", "5")]
+        assert r["aggregates"]["cloze_acc"]["mean"] == pytest.approx(statistics.mean(accs))
     row = next(x for x in res["significance"] if x["route"] == "moe" and x["metric"] == "val_bpb")
     diffs = [routes["moe"]["seeds"][s]["val_bpb"] - routes["dense"]["seeds"][s]["val_bpb"] for s in ("3", "5")]
     assert row["mean_diff"] == pytest.approx(statistics.mean(diffs))

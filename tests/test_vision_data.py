@@ -84,7 +84,7 @@ def test_malformed_json_names_the_line(tmp_path):
         read_records(path)
     lines = tmp_path / "bad.jsonl"
     lines.write_text(json.dumps(record(0, "x.png")) + "\n{oops\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"bad.jsonl: malformed JSON on line 2"):
+    with pytest.raises(DataError, match=r"bad.jsonl line 2: malformed json line"):
         read_records(lines)
 
 

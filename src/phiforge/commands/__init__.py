@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+def add_flags(p, rows) -> None:
+    """Flags from (name, metavar, help) rows; a row whose metavar is None is a switch (store_true)."""
+    for name, metavar, help_text in rows:
+        if metavar is None:
+            p.add_argument(name, action="store_true", help=help_text)
+        else:
+            p.add_argument(name, metavar=metavar, help=help_text)
+
+
 def add_config_args(p, config_class: str, set_example: str, resume: bool = False) -> None:
     """--config, --set, --print-config (and --resume) for a command driven by one config dataclass."""
     p.add_argument("--config", help=f"YAML config file (keys of {config_class})")

@@ -24,6 +24,9 @@ def register(sub) -> None:
     src.add_argument("--text", nargs="+", metavar="FILE", help=".txt (one document) or .jsonl (a `text` per line)")
     src.add_argument("--data", metavar="DIR", help="a `phiforge prepare` dataset: each document of --split scored whole")
     p.add_argument("--split", default="val", help="--data: the split to score (default val)")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens of context per window and question (default: the sequence length the checkpoint "
+                        "was trained with, from its train_state.json; else the model's max_seq_len)")
     p.add_argument("--stride", type=int, default=None,
                    help="new tokens per sliding window on documents longer than the context (default: half of it)")
     p.add_argument("--tasks", metavar="NAME[:FORMAT]=PATH,...",
@@ -113,7 +116,7 @@ def _load(args):
 
     from phiforge.evaluation import load_for_eval
 
-    return load_for_eval(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+    return load_for_eval(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype), context=args.context)
 
 
 def _run_builtin(args) -> dict:
@@ -123,7 +126,7 @@ def _run_builtin(args) -> dict:
     tasks = [load_task(name, path, format=fmt) for name, fmt, path in specs]  # bad files fail before the model loads
     texts = _read_texts(args.text) if args.text else None
     model, tokenizer = _load(args)
-    result = {"checkpoint": str(args.checkpoint), "context": model.cfg.max_seq_len}
+    result = {"checkpoint": str(args.checkpoint), "context": model.eval_context}
     if texts is not None or args.data:
         result.update(_score_text(args, model, tokenizer, texts))
     if tasks:
@@ -152,7 +155,7 @@ def _score_text(args, model, tokenizer, texts) -> dict:
             rows.append(TextScore.total(path, part.documents) if len(docs) > 1 else part.documents[0])
         total = TextScore.total("total", rows)
     _print_text_table(rows, total)
-    stride = args.stride if args.stride is not None else model.cfg.max_seq_len // 2
+    stride = args.stride if args.stride is not None else model.eval_context // 2
     return {**total.to_dict(), "stride": stride}
 
 

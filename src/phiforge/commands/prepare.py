@@ -26,27 +26,40 @@ def positive_int(text: str) -> int:
     return v
 
 
-def _common(p) -> None:
-    p.add_argument("--out", metavar="DIR", help="output dataset directory (an existing dataset there is replaced at "
-                   "the end; any other non-empty directory is refused)")
-    p.add_argument("--tokenizer-dir", metavar="DIR",
-                   help="directory with a tokenizer.json (default: built-in GPT-2 BPE)")
-    p.add_argument("--shard-tokens", metavar="N", help="tokens per shard file (default 100,000,000)")
-    p.add_argument("--workers", metavar="N",
-                   help="worker processes for cleaning and tokenizing (default: all cores; 0: in this process)")
-    p.add_argument("--near-dup-threshold", metavar="J",
-                   help="estimated Jaccard similarity above which a document is a near duplicate (default 0.8)")
-    p.add_argument("--checkpoint-seconds", metavar="S",
-                   help="journal progress for resume at most every S seconds (default 60; 0: after every unit)")
-    p.add_argument("--restart", action="store_true",
-                   help="discard an interrupted run of this --out instead of resuming it")
-    p.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+# (flag, metavar or None for a switch, help): each flag is the config key of the same name
+COMMON_FLAGS = (
+    ("--out", "DIR", "output dataset directory (an existing dataset there is replaced at the end; any other "
+     "non-empty directory is refused)"),
+    ("--tokenizer-dir", "DIR", "directory with a tokenizer.json (default: built-in GPT-2 BPE)"),
+    ("--shard-tokens", "N", "tokens per shard file (default 100,000,000)"),
+    ("--workers", "N", "worker processes for cleaning and tokenizing (default: all cores; 0: in this process)"),
+    ("--near-dup-threshold", "J", "estimated Jaccard similarity above which a document is a near duplicate "
+     "(default 0.8)"),
+    ("--checkpoint-seconds", "S", "journal progress for resume at most every S seconds (default 60; 0: after "
+     "every unit)"),
+    ("--restart", None, "discard an interrupted run of this --out instead of resuming it"),
+    ("--progress", None, "show the progress bar even when not on a terminal"),
+)
+BOOK_SELECTION_FLAGS = (
+    ("--mirror", "DIR", "--source mirror: the rsync tree"),
+    ("--catalog", "CSV", "pg_catalog.csv (Text#, Type, Issued, Title, Language, ...)"),
+    ("--language", "CODES", "keep books in these catalog languages, e.g. en or en,fr"),
+    ("--type", "TYPES", "keep these catalog types (default Text)"),
+    ("--ids", "RANGES", "book ids, e.g. 1-1000,2701 (mirror: a filter; download: what to fetch)"),
+    ("--download", "IDS", "shorthand for --source download --ids IDS"),
+    ("--catalog-filter", None, "--source download: fetch the catalog's books that pass --language/--type/--ids"),
+    ("--mirror-url", "URL", "--source download: the mirror to fetch from (default https://www.gutenberg.org)"),
+    ("--url-template", "T", "book URL, with {mirror} and {id} (default {mirror}/cache/epub/{id}/pg{id}.txt)"),
+    ("--cache", "DIR", "download cache (default ~/.cache/phiforge/gutenberg)"),
+    ("--rate-limit", "R", "at most R requests per second (default 0.5)"),
+    ("--retries", "N", "retries per file (default 5)"),
+)
 
 
 def register(sub) -> None:
     import argparse
 
-    from phiforge.commands import add_config_args
+    from phiforge.commands import add_config_args, add_flags
     from phiforge.data.redpajama import SOURCES as RP_SOURCES
 
     p = sub.add_parser("prepare", help="turn a corpus into packed token shards for training")
@@ -56,7 +69,7 @@ def register(sub) -> None:
     g = corpora.add_parser("gutenberg", argument_default=argparse.SUPPRESS,
                            help="Project Gutenberg books: clean, dedup, tokenize, hold out whole books")
     add_book_selection(g)
-    _common(g)
+    add_flags(g, COMMON_FLAGS)
     g.add_argument("--dedup", metavar="MODES",
                    help="exact, near, exact,near (default) or none: drop repeated books and other editions")
     add_config_args(g, "GutenbergPrepareConfig: the flags above, with _ for -", "val_books=2")
@@ -67,7 +80,7 @@ def register(sub) -> None:
                                 "weights are applied by the loader when sampling")
     r.add_argument("--input", metavar="DIR", help="the download: per-source folders "
                    f"({', '.join(RP_SOURCES)}), 1T-Sample *_sample.jsonl files, or V2 documents/")
-    _common(r)
+    add_flags(r, COMMON_FLAGS)
     r.add_argument("--sources", metavar="NAMES", help="only these sources, e.g. book,github")
     r.add_argument("--weights", metavar="SPEC", help="mixture weights recorded for the loader, over the sources "
                    "the dataset holds, renormalised (default lit-gpt's: common_crawl=67,c4=15,github=4.5,"
@@ -85,6 +98,7 @@ def register(sub) -> None:
 def add_book_selection(g) -> None:
     """The `prepare gutenberg` flags that choose the books and the validation books (each the config key of
     the same name), shared with `tokenizer train`."""
+    from phiforge.commands import add_flags
     from phiforge.data.corpora import GUTENBERG_SOURCES
 
     sources = "; ".join(f"{name}: {cls.help}" for name, cls in GUTENBERG_SOURCES.items())
@@ -95,23 +109,8 @@ def add_book_selection(g) -> None:
                           "can be read (default: Persuasion for bundled, else 0.5%% of the books, at least 1)")
     val.add_argument("--val-ids", metavar="ID,...", help="hold out these ebook numbers for validation, e.g. 105,121")
     m = g.add_argument_group("mirror / download selection")
-    m.add_argument("--mirror", metavar="DIR", help="--source mirror: the rsync tree")
-    m.add_argument("--catalog", metavar="CSV", help="pg_catalog.csv (Text#, Type, Issued, Title, Language, ...)")
-    m.add_argument("--language", metavar="CODES", help="keep books in these catalog languages, e.g. en or en,fr")
-    m.add_argument("--type", metavar="TYPES", help="keep these catalog types (default Text)")
-    m.add_argument("--ids", metavar="RANGES", help="book ids, e.g. 1-1000,2701 (mirror: a filter; download: what "
-                   "to fetch)")
+    add_flags(m, BOOK_SELECTION_FLAGS)
     m.add_argument("--parquet", nargs="+", metavar="PATH", help="--source parquet: files or folders of .parquet")
-    m.add_argument("--download", metavar="IDS", help="shorthand for --source download --ids IDS")
-    m.add_argument("--catalog-filter", action="store_true",
-                   help="--source download: fetch the catalog's books that pass --language/--type/--ids")
-    m.add_argument("--mirror-url", metavar="URL",
-                   help="--source download: the mirror to fetch from (default https://www.gutenberg.org)")
-    m.add_argument("--url-template", metavar="T",
-                   help="book URL, with {mirror} and {id} (default {mirror}/cache/epub/{id}/pg{id}.txt)")
-    m.add_argument("--cache", metavar="DIR", help="download cache (default ~/.cache/phiforge/gutenberg)")
-    m.add_argument("--rate-limit", metavar="R", help="at most R requests per second (default 0.5)")
-    m.add_argument("--retries", metavar="N", help="retries per file (default 5)")
 
 
 def run_prepare(args) -> int:

@@ -114,7 +114,12 @@ def open_binary(path: str | Path) -> io.BufferedReader:
 class BadRecord:
     line: int  # 1-based
     reason: str  # "malformed json line", "invalid utf-8", ...
-    detail: str
+    detail: str  # "NAME:LINE: what is wrong", as a report's example
+
+    def error(self, path: str | Path) -> str:
+        """One line for a reader that stops at the first bad line."""
+        what = self.detail.split(": ", 1)[-1]
+        return f"{path} line {self.line}: {self.reason} ({what})"
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict] | BadRecord]:

@@ -32,9 +32,11 @@ __all__ = ["TextScore", "Task", "core_score", "evaluate_task", "load_for_eval", 
            "score_dataset", "score_documents"]
 
 
-def load_for_eval(checkpoint: str | Path, device: str = "auto", dtype=None):
+def load_for_eval(checkpoint: str | Path, device: str = "auto", dtype=None, context: int | None = None):
     """(model in eval mode, its tokenizer) from a checkpoint directory or a run directory (its latest checkpoint);
-    device auto|cpu|cuda|cuda:N, dtype a torch dtype (None: as saved)."""
+    device auto|cpu|cuda|cuda:N, dtype a torch dtype (None: as saved). The model's `eval_context` (the window every
+    evaluation uses, scoring.eval_context) is `context`, else the sequence length the checkpoint was trained with
+    (its train_state.json), else its max_seq_len."""
     from phiforge.checkpoint import load_checkpoint, read_config, resolve_checkpoint
     from phiforge.errors import CheckpointError
     from phiforge.tokenizer import load_tokenizer
@@ -45,4 +47,24 @@ def load_for_eval(checkpoint: str | Path, device: str = "auto", dtype=None):
     if tokenizer.get_vocab_size() > vocab:
         raise CheckpointError(f"the tokenizer of {ckpt} has {tokenizer.get_vocab_size()} tokens but the model's "
                               f"vocabulary only {vocab}: give the model its own tokenizer.json")
-    return load_checkpoint(ckpt, device=resolve_device(device), dtype=dtype), tokenizer
+    model = load_checkpoint(ckpt, device=resolve_device(device), dtype=dtype)
+    model.eval_context = checked_context(context or trained_context(ckpt), model.cfg.max_seq_len)
+    return model, tokenizer
+
+
+def trained_context(ckpt: Path) -> int | None:
+    """The sequence length a training checkpoint's run trained with (None for other checkpoints)."""
+    import json
+
+    try:
+        return int(json.loads((Path(ckpt) / "train_state.json").read_text(encoding="utf-8"))["seq_len"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def checked_context(context: int | None, max_seq_len: int) -> int:
+    from phiforge.errors import ConfigError
+
+    if context is not None and not 1 < context <= max_seq_len:
+        raise ConfigError(f"--context must be between 2 and the model's max_seq_len ({max_seq_len}), got {context}")
+    return context or max_seq_len

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from phiforge.errors import DataError
@@ -44,17 +43,15 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
 
 
 def _jsonl_rows(path: Path) -> list[tuple[int, dict]]:
+    from phiforge.data.readers import BadRecord, iter_jsonl
+
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a file")
     rows = []
-    for n, line in enumerate(utf8(read_bytes(path), path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {n}: not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
-        rows.append((n, row))
+    for row in iter_jsonl(path):
+        if isinstance(row, BadRecord):  # a task is small and exact: one bad line is an error, not a skip
+            raise DataError(row.error(path))
+        rows.append(row)
     return rows
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from phiforge.errors import DataError, PhiforgeError
-from phiforge.evaluation.scoring import eval_mode, score_streams, window_plan
+from phiforge.evaluation.scoring import eval_context, eval_mode, score_streams, window_plan
 
 
 @dataclass
@@ -68,7 +68,7 @@ def score_tokenized(model, streams: Sequence[Sequence[int]], names: Sequence[str
                     stride: int | None = None, batch_size: int = 8, progress: bool = False,
                     desc: str = "scoring") -> TextScore:
     """Score token streams ([EOT] + a document's tokens each) whose texts have `byte_counts` UTF-8 bytes."""
-    max_len = model.cfg.max_seq_len
+    max_len = eval_context(model)
     stride = _stride(max_len, stride)
     total = sum(len(window_plan(len(s), max_len, stride)) for s in streams)
     with tqdm(total=total, desc=desc, unit="window", disable=not progress, leave=False) as bar, eval_mode(model):

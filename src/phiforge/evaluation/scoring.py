@@ -28,6 +28,13 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def eval_context(model: torch.nn.Module) -> int:
+    """The tokens of context an evaluation gives the model: `model.eval_context` when set (load_for_eval sets the
+    context the checkpoint was trained with, the trainer its data.seq_len: a model trained on 128-token windows
+    has not learnt the positions beyond), else the model's max_seq_len."""
+    return getattr(model, "eval_context", None) or model.cfg.max_seq_len
+
+
 @contextmanager
 def eval_mode(model: torch.nn.Module):
     """model.eval() and no autograd inside; the previous train/eval mode after."""

@@ -346,9 +346,9 @@ def encode_task(task: Task, tokenizer, max_len: int, *, num_fewshot: int = 0, se
 def score_task(model, requests: list[Request], progress: bool = False) -> list[list[tuple[float, bool | None]]]:
     """(log-likelihood, greedy) of each choice of each request; each question's choices in one batched forward.
     greedy (every token the argmax) is computed for cloze only (None otherwise): it costs a pass over the vocabulary."""
-    from phiforge.evaluation.scoring import eval_mode, score_continuations, score_sequences
+    from phiforge.evaluation.scoring import eval_context, eval_mode, score_continuations, score_sequences
 
-    max_len, out = model.cfg.max_seq_len, []
+    max_len, out = eval_context(model), []
     greedy = bool(requests) and requests[0].example.kind == "cloze"
     with eval_mode(model):
         for r in tqdm(requests, desc="scoring", unit="question", disable=not progress, leave=False):
@@ -387,7 +387,9 @@ def evaluate_task(model, tokenizer, task: Task, *, num_fewshot: int = 0, seed: i
                   limit: int | None = None, progress: bool = False) -> dict:
     """Metrics of `model` on `task` (see the module docstring): acc, acc_norm, acc_bytes for multiple choice;
     acc, ll, ppl for cloze; with n and random_baseline."""
-    requests = encode_task(task, tokenizer, model.cfg.max_seq_len, num_fewshot=num_fewshot, seed=seed, limit=limit)
+    from phiforge.evaluation.scoring import eval_context
+
+    requests = encode_task(task, tokenizer, eval_context(model), num_fewshot=num_fewshot, seed=seed, limit=limit)
     return task_metrics(requests, score_task(model, requests, progress=progress))
 
 

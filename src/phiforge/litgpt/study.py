@@ -66,6 +66,14 @@ class StudyData:
     corpus: str = "gutenberg"  # `phiforge prepare CORPUS` (gutenberg, redpajama, ...)
     prepare_args: list[str] = field(default_factory=list)  # e.g. [--source, bundled] or [--tokenizer-dir, DIR]
     dataset: str | None = None  # a prepared phiforge dataset to use instead of running `phiforge prepare`
+    # `phiforge tokenizer train` keys (e.g. {vocab_size: 4096}): train a byte-level BPE on the same books first and
+    # prepare with it; {} keeps GPT-2's BPE. Gutenberg only; set train.model.vocab_size to match.
+    tokenizer: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.tokenizer and self.corpus != "gutenberg":
+            raise ConfigError(f"data.tokenizer trains on Gutenberg books; corpus {self.corpus} needs a tokenizer "
+                              "made beforehand (prepare_args: [--tokenizer-dir, DIR])")
 
 
 @dataclass
@@ -232,16 +240,30 @@ def _prepare_tokens(study: StudyConfig, work: Path) -> Path:
         return Path(study.data.dataset)
     out = work / "data" / "phiforge"
     stamp = work / "data" / "phiforge-prepare.json"
-    want = {"corpus": study.data.corpus, "args": study.data.prepare_args}
+    want = {"corpus": study.data.corpus, "args": study.data.prepare_args, "tokenizer": study.data.tokenizer}
     if (out / "index.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         print(f"study: reusing {out}", flush=True)
         return out
     flags = {**parse_flags(study.data.corpus, study.data.prepare_args), "out": str(out)}
+    if study.data.tokenizer:
+        flags["tokenizer_dir"] = str(_train_tokenizer(study, work, flags))
     cfg = load_prepare_config(study.data.corpus, flags=flags)
     print(f"study: phiforge prepare {study.data.corpus} {shlex.join(study.data.prepare_args)} --out {out}",
           flush=True)
     prepare_corpus(cfg, echo=print)
     stamp.write_text(json.dumps(want))
+    return out
+
+
+def _train_tokenizer(study: StudyConfig, work: Path, prepare_flags: dict) -> Path:
+    """data.tokenizer: a BPE trained on the books `prepare` will read (its validation books left out)."""
+    from phiforge.data.tokenizer_train import load_tokenizer_config, train_tokenizer
+
+    out = work / "data" / "tokenizer"
+    keys = {**prepare_flags, **study.data.tokenizer, "out": str(out), "overwrite": True}  # the study owns work/
+    cfg = load_tokenizer_config(flags=keys)
+    print(f"study: phiforge tokenizer train ({cfg.vocab_size:,} tokens) --out {out}", flush=True)
+    train_tokenizer(cfg, echo=print)
     return out
 
 

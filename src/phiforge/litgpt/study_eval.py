@@ -61,6 +61,7 @@ def evaluate_route(run_dir: Path, setup: EvalSetup) -> dict:
     ckpt = resolve_checkpoint(Path(run_dir))
     device = resolve_device(setup.device)
     model, tok = load_checkpoint(ckpt, device=device), load_tokenizer(ckpt)
+    model.eval_context = setup.seq_len  # every route is scored in the context it trained with
     batches = eval_batches(setup.dataset, "val", setup.seq_len, setup.micro_batch_size, setup.eval_batches,
                            mixture=setup.mixture)
     val = evaluate(model, batches, device, contextlib.nullcontext,

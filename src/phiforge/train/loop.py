@@ -159,11 +159,13 @@ def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest, overwrite: bool) -
     mcfg = train_model_config(cfg)  # first, so a bad preset or model key is reported before any data problem
     dataset = check_data(cfg, mcfg)
     tokenizer_dir = Path(cfg.init_from) if cfg.init_from else Path(cfg.data.dir)
-    suite = EvalSuite.load(cfg.eval_tasks, load_tokenizer(tokenizer_dir), mcfg.max_seq_len, mcfg.vocab_size) \
+    # eval_tasks in the context the run trains with (the positions beyond it are not learnt)
+    suite = EvalSuite.load(cfg.eval_tasks, load_tokenizer(tokenizer_dir), cfg.data.seq_len, mcfg.vocab_size) \
         if cfg.eval_tasks else None
     run = RunDir(cfg.out_dir, env, "train", cfg.resume, overwrite)  # refuses a run dir it must not touch
     faults = Faults.from_env(env.rank)
     model, train_model = build_train_model(cfg, mcfg, env, build_mesh(cfg, env))
+    model.eval_context = cfg.data.seq_len  # what eval_tasks score with (evaluation.scoring.eval_context)
     autocast = autocast_for(resolve_precision(cfg, env.device), strategy, env.device)
     # fused AdamW: one kernel per step; on CPU only for plain (non-DTensor) parameters, where it is ~2x foreach's
     # speed. optim.name=muon: Muon for the weight matrices, this AdamW for the rest (train/optim.py)

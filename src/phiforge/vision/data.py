@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from phiforge.data.readers import BadRecord, iter_jsonl
 from phiforge.errors import DataError
 from phiforge.fileio import read_user_text
 from phiforge.tokenizer import eot_id
@@ -42,12 +43,10 @@ def read_records(path: str | Path) -> list[dict]:
     text = read_user_text(path, DataError, "data file")
     if path.suffix == ".jsonl":
         records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: malformed JSON on line {lineno}: {e.msg} (column {e.colno})") from None
+        for rec in iter_jsonl(path):
+            if isinstance(rec, BadRecord):
+                raise DataError(rec.error(path))
+            records.append(rec[1])
     else:
         try:
             records = json.loads(text)
