@@ -32,7 +32,7 @@ PROPOSED = ROOT / "configs" / "demo-cpu.yaml"
 # name -> (tokenizer vocabulary or None for GPT-2's, config, --set overrides)
 RUNS = {
     "baseline": (None, ROOT / "configs" / "demo-cpu-gpt2.yaml", []),
-    "v4k-adamw": (4096, PROPOSED, ["optim.name=adamw", "optim.lr=3e-3"]),
+    "v4k-adamw": (4096, PROPOSED, ["optim.name=adamw", "optim.lr=3e-3", "save_interval=0"]),
     "v4k-muon-lr3e-3": (4096, PROPOSED, ["optim.name=muon", "optim.lr=3e-3", "optim.muon.lr=3e-3"]),
     "v4k-muon-lr1e-2": (4096, PROPOSED, ["optim.name=muon", "optim.lr=3e-3", "optim.muon.lr=1e-2"]),
     "v4k-muon-lr2e-2": (4096, PROPOSED, ["optim.name=muon", "optim.lr=3e-3", "optim.muon.lr=2e-2"]),
@@ -50,6 +50,8 @@ RUNS = {
                                           "optim.warmup_steps=90", "save_interval=0"]),
     "v4k-muon-b16-900-lr4.5e-3": (4096, PROPOSED, ["optim.name=muon", "optim.lr=4.5e-3", "micro_batch_size=16",
                                                    "max_steps=900", "optim.warmup_steps=90", "save_interval=0"]),
+    "v4k-muon-b16-900-lr6e-3": (4096, PROPOSED, ["optim.name=muon", "optim.lr=6e-3", "micro_batch_size=16",
+                                                 "max_steps=900", "optim.warmup_steps=90", "save_interval=0"]),
 }
 
 

@@ -111,7 +111,7 @@ def test_to_litgpt_gives_litgpt_the_same_logits(overrides, layout):
 
 @pytest.mark.parametrize("overrides", list(CASES.values()), ids=list(CASES))
 def test_from_litgpt_gives_phiforge_the_same_logits(tmp_path, capsys, overrides):
-    litgpt = pytest.importorskip("litgpt")
+    pytest.importorskip("litgpt")
     from litgpt.utils import save_config
 
     cfg = our_model(**overrides).cfg

@@ -104,7 +104,7 @@ def test_malformed_record_names_the_record(tmp_path, bad, message):
 def test_synth_is_deterministic_and_held_out(tmp_path):
     a = synthesize(tmp_path / "a", n=20, seed=3)
     b = synthesize(tmp_path / "b", n=20, seed=3)
-    c = synthesize(tmp_path / "c", n=20, seed=4)
+    synthesize(tmp_path / "c", n=20, seed=4)
     assert a == b and a["train"] == 18 and a["heldout"] == 2
     for name in ("train.json", "heldout.json", "images/000007.png", "images/000019.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

@@ -42,18 +42,18 @@ START_MARKERS = [
     rf"BEGINNING\s+OF\s+(THE|THIS)\s+{_PG}",
     r"END\s*\*?\s*THE\s+SMALL\s+PRINT",  # *END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*
     r"END\s+OF\s+THE\s+SMALL\s+PRINT",
-    rf"ANFANG\s+DIESES\s+PROJEKT\s+GUTENBERG",
+    r"ANFANG\s+DIESES\s+PROJEKT\s+GUTENBERG",
 ]
 END_MARKERS = [
     rf"END\s+OF\s+(THE\s+|THIS\s+)?{_PG}",  # *** END OF THE ... / End of the Project Gutenberg EBook of X
-    rf"END\s+OF\s+(THE\s+|THIS\s+)?PROJEKT\s+GUTENBERG",
+    r"END\s+OF\s+(THE\s+|THIS\s+)?PROJEKT\s+GUTENBERG",
     rf"END\s+OF\s+THE\s+COPYRIGHTED\s+{_PG}",
     r"END\s+OF\s+THIS\s+IS\s+COPYRIGHTED",
     rf"THIS\s+IS\s+A\s+COPYRIGHTED\s+{_PG}\s+ETEXT,\s+DETAILS\s+ABOVE",
     r"START:?\s+FULL\s+LICEN[CS]E",  # *** START: FULL LICENSE ***
-    rf"ENDE\s+(DIESES|DIESE)\s+(PROJECT|PROJEKT)\s+GUTENBERG",
+    r"ENDE\s+(DIESES|DIESE)\s+(PROJECT|PROJEKT)\s+GUTENBERG",
     r"ENDE\s+DIESES\s+ETEXTES",
-    rf"FIN\s+(DE\s+|DU\s+)?(L'|LE\s+)?(PROJECT|PROJET)\s+GUTENBERG",
+    r"FIN\s+(DE\s+|DU\s+)?(L'|LE\s+)?(PROJECT|PROJET)\s+GUTENBERG",
     r"CE\s+DOCUMENT\s+FUT\s+PR[EÉ]SENT[EÉ]\s+EN\s+LECTURE",
 ]
 # A credits paragraph right after the start marker is Gutenberg's, not the book's.
