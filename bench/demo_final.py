@@ -2,9 +2,10 @@
 and bits per byte of the held-out book by `phiforge eval` (issue 13, item 3).
 
 bench/demo_sweep.py chose the tokenizer, shape, batch and schedule on a shared machine (one thread, CPU time).
-This runs the finalists the way `make demo` does, one after another on the same machine: the current demo
-(GPT-2's 51,200-token BPE, configs/demo-cpu.yaml) as the baseline, then each candidate (a 4,096-token BPE trained
-on the bundled books; AdamW or Muon), and scores each final checkpoint with
+This runs the finalists the way `make demo` does, one after another on the same machine: the demo before this
+work (GPT-2's 51,200-token BPE, AdamW; configs/demo-cpu-gpt2.yaml) as the baseline, then each candidate (a
+4,096-token BPE trained on the bundled books; AdamW or Muon) as overrides of configs/demo-cpu.yaml, and scores
+each final checkpoint with
 
     phiforge eval --checkpoint RUN --data DATA --split val     (Persuasion, every token once, sliding windows)
 
@@ -30,28 +31,35 @@ RESULTS = ROOT / "bench" / "results" / "demo-final.json"
 PROPOSED = ROOT / "configs" / "demo-cpu.yaml"
 
 # name -> (tokenizer vocabulary or None for GPT-2's, config, --set overrides)
+# configs/demo-cpu.yaml before Muon was chosen (batch 8, 1,900 steps, checkpoints every 500): stated here so each
+# run means the same thing now that the config holds the chosen recipe
+B8 = ["micro_batch_size=8", "max_steps=1900", "optim.warmup_steps=190", "save_interval=500"]
+B16 = ["micro_batch_size=16", "max_steps=900", "optim.warmup_steps=90", "save_interval=0"]
+
+# name -> (tokenizer vocabulary or None for GPT-2's, config, --set overrides)
 RUNS = {
     "baseline": (None, ROOT / "configs" / "demo-cpu-gpt2.yaml", []),
-    "v4k-adamw": (4096, PROPOSED, ["optim.name=adamw", "optim.lr=3e-3", "save_interval=0"]),
-    "v4k-muon-lr3e-3": (4096, PROPOSED, ["optim.name=muon", "optim.lr=3e-3", "optim.muon.lr=3e-3"]),
-    "v4k-muon-lr1e-2": (4096, PROPOSED, ["optim.name=muon", "optim.lr=3e-3", "optim.muon.lr=1e-2"]),
-    "v4k-muon-lr2e-2": (4096, PROPOSED, ["optim.name=muon", "optim.lr=3e-3", "optim.muon.lr=2e-2"]),
-    # the lr bracket on this model (1,900 steps; checkpoints only at the end, which changes no number but the time)
-    "v4k-muon-lr1.5e-3": (4096, PROPOSED, ["optim.name=muon", "optim.lr=1.5e-3", "save_interval=0"]),
-    "v4k-adamw-lr1.5e-3": (4096, PROPOSED, ["optim.name=adamw", "optim.lr=1.5e-3", "save_interval=0"]),
-    "v4k-adamw-lr6e-3": (4096, PROPOSED, ["optim.name=adamw", "optim.lr=6e-3", "save_interval=0"]),
-    # Muon at its best lr in the steps that fit the baseline's training time (a Muon step costs ~1.2 AdamW steps;
+    # the lr bracket on this model (1,900 steps; save_interval=0: checkpoints only at the end, which changes no
+    # number but the time)
+    "v4k-adamw": (4096, PROPOSED, [*B8, "optim.name=adamw", "optim.lr=3e-3", "save_interval=0"]),
+    "v4k-adamw-lr1.5e-3": (4096, PROPOSED, [*B8, "optim.name=adamw", "optim.lr=1.5e-3", "save_interval=0"]),
+    "v4k-adamw-lr6e-3": (4096, PROPOSED, [*B8, "optim.name=adamw", "optim.lr=6e-3", "save_interval=0"]),
+    "v4k-muon-lr1.5e-3": (4096, PROPOSED, [*B8, "optim.name=muon", "optim.lr=1.5e-3", "save_interval=0"]),
+    "v4k-muon-lr3e-3": (4096, PROPOSED, [*B8, "optim.name=muon", "optim.lr=3e-3", "optim.muon.lr=3e-3"]),
+    "v4k-muon-lr1e-2": (4096, PROPOSED, [*B8, "optim.name=muon", "optim.lr=3e-3", "optim.muon.lr=1e-2"]),
+    "v4k-muon-lr2e-2": (4096, PROPOSED, [*B8, "optim.name=muon", "optim.lr=3e-3", "optim.muon.lr=2e-2"]),
+    # Muon at its best lr in the steps that fit the baseline's training time (a Muon step costs ~1.3 AdamW steps;
     # with mid-run checkpoints, which slow every later CPU step by ~30% (docs/performance.md), 1,300 steps)
-    "v4k-muon-1300": (4096, PROPOSED, ["optim.name=muon", "optim.lr=3e-3", "max_steps=1300", "optim.warmup_steps=130"]),
-    "v4k-muon-1600": (4096, PROPOSED, ["optim.name=muon", "optim.lr=3e-3", "max_steps=1600", "optim.warmup_steps=160",
-                                       "save_interval=0"]),
+    "v4k-muon-1200": (4096, PROPOSED, [*B8, "optim.name=muon", "optim.lr=3e-3", "max_steps=1200",
+                                       "optim.warmup_steps=120"]),
+    "v4k-muon-1300": (4096, PROPOSED, [*B8, "optim.name=muon", "optim.lr=3e-3", "max_steps=1300",
+                                       "optim.warmup_steps=130"]),
+    "v4k-muon-1600": (4096, PROPOSED, [*B8, "optim.name=muon", "optim.lr=3e-3", "max_steps=1600",
+                                       "optim.warmup_steps=160", "save_interval=0"]),
     # batch 16: half the steps for the same tokens, so half of Muon's per-step Newton-Schulz cost
-    "v4k-muon-b16-900": (4096, PROPOSED, ["optim.name=muon", "optim.lr=3e-3", "micro_batch_size=16", "max_steps=900",
-                                          "optim.warmup_steps=90", "save_interval=0"]),
-    "v4k-muon-b16-900-lr4.5e-3": (4096, PROPOSED, ["optim.name=muon", "optim.lr=4.5e-3", "micro_batch_size=16",
-                                                   "max_steps=900", "optim.warmup_steps=90", "save_interval=0"]),
-    "v4k-muon-b16-900-lr6e-3": (4096, PROPOSED, ["optim.name=muon", "optim.lr=6e-3", "micro_batch_size=16",
-                                                 "max_steps=900", "optim.warmup_steps=90", "save_interval=0"]),
+    "v4k-muon-b16-900": (4096, PROPOSED, [*B16, "optim.name=muon", "optim.lr=3e-3"]),
+    "v4k-muon-b16-900-lr4.5e-3": (4096, PROPOSED, [*B16, "optim.name=muon", "optim.lr=4.5e-3"]),
+    "v4k-muon-b16-900-lr6e-3": (4096, PROPOSED, [*B16, "optim.name=muon", "optim.lr=6e-3"]),  # = configs/demo-cpu.yaml
 }
 
 

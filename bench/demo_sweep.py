@@ -10,8 +10,8 @@ descheduled second thread (20x slower than on an idle machine, against 4x for th
 So every run uses one torch thread, and its clock (`time.perf_counter`, which the engine's `elapsed_s` reads) is
 the process's CPU time: a run's training seconds are the CPU seconds from the end of the step-0 validation to
 the last step (validations and checkpoint saves inside the run are switched off for every run, the baseline
-included). The baseline is the current configs/demo-cpu.yaml (300 steps) in the same sweep. A candidate gets the
-steps that cost `fraction` x the baseline's CPU seconds, from a 30-step probe of each (CPU seconds per step
+included). The baseline is the demo of the time, now configs/demo-cpu-gpt2.yaml (300 steps), in the same sweep.
+A candidate gets the steps that cost `fraction` x the baseline's CPU seconds, from a 30-step probe of each (CPU seconds per step
 after the first logged step). On an idle 2-core machine both use 2 threads; `--check NAME` measures that wall
 time ratio with alternating 2-thread probes, in whatever load there is.
 
@@ -52,7 +52,7 @@ def shape(d: int, layers: int, heads: int | None = None) -> list[str]:
             f"model.intermediate_size={4 * d}"]
 
 
-# name -> (tokenizer, fraction of the baseline's seconds or a fixed step count, --set overrides over demo-cpu.yaml)
+# name -> (tokenizer, fraction of the baseline's seconds or a fixed step count, --set overrides over DEMO)
 RUNS: dict[str, tuple[str, float | int, list[str]]] = {
     "baseline": ("gpt2", 300, []),
     # the tokenizer alone: the same model and steps (bits per byte, not loss per token, compares them)
