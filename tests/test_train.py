@@ -22,7 +22,7 @@ def read_metrics(run):
 
 def test_train_learns_saves_and_generates(capsys, gutenberg_dir, tmp_path):
     run = tmp_path / "run"
-    code, out, err = run_cli(capsys, "train", "--config", "configs/demo-cpu.yaml", *SMALL,
+    code, out, err = run_cli(capsys, "train", "--config", "configs/demo-cpu-gpt2.yaml", *SMALL,
                              "--set", f"data.dir={gutenberg_dir}", "--set", f"out_dir={run}",
                              "--set", "max_steps=40", "--set", "eval_interval=20", "--set", "save_interval=20",
                              "--set", "log_interval=5")

@@ -143,7 +143,7 @@ def test_table_covers_items_6_to_8():
 
 def test_model_section_is_printed_in_its_own_shape(capsys):
     """--print-config keeps `model:` as preset + overrides, with the overrides' values of the right type."""
-    code, out, err = run_cli(capsys, "train", "--config", ROOT / "configs/demo-cpu.yaml", "--set", "model.n_layer=6.0",
+    code, out, err = run_cli(capsys, "train", "--config", ROOT / "configs/demo-cpu-gpt2.yaml", "--set", "model.n_layer=6.0",
                              "--set", "model.moe={num_experts: 4, top_k: 2.0}", "--print-config")
     assert code == 0, err
     assert yaml.safe_load(out)["model"] == {"preset": "small", "n_layer": 6, "moe": {"num_experts": 4, "top_k": 2}}
