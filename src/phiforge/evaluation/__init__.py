@@ -54,12 +54,11 @@ def load_for_eval(checkpoint: str | Path, device: str = "auto", dtype=None, cont
 
 def trained_context(ckpt: Path) -> int | None:
     """The sequence length a training checkpoint's run trained with (None for other checkpoints)."""
-    from phiforge.errors import CheckpointError
-    from phiforge.train.checkpointing import read_train_state
+    import json
 
     try:
-        return int(read_train_state(ckpt)["seq_len"])
-    except (CheckpointError, KeyError, TypeError, ValueError):
+        return int(json.loads((Path(ckpt) / "train_state.json").read_text(encoding="utf-8"))["seq_len"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
