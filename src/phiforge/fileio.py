@@ -288,3 +288,70 @@ def open_output_dir(out: Path, kind: str, inputs=(), overwrite: bool = False) ->
     if output_kind(real) != kind:
         write_marker(real, kind)
     return real
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per output: an exclusive lock beside the directory a command writes
+
+
+def _lock_holder(lock_file: Path) -> str:
+    try:
+        pid = lock_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return "another process"
+    return f"another phiforge process (pid {pid})" if pid.isdigit() else "another process"
+
+
+class DirectoryLock:
+    """An exclusive flock on `.NAME.lock` beside `target` (which need not exist yet), holding the holder's pid.
+
+    A second process is refused at once: `acquire()` raises `error` naming the holder's pid. The lock file sits
+    beside the directory, not in it, so a refused or failed start leaves the directory byte-identical; a killed
+    holder's lock is released by the kernel and its stale file is reused by the next run."""
+
+    def __init__(self, target: Path, what: str, error: type[Exception] | None = None):
+        from phiforge.errors import PhiforgeError
+
+        target = Path(target).expanduser().resolve()
+        self.target, self.what, self.error = target, what, error or PhiforgeError
+        self.path = target.parent / f".{target.name}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "DirectoryLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self.error(f"{self.what} {self.target} is in use by {_lock_holder(self.path)}; wait for it to "
+                                 "finish or choose another path") from None
+            try:  # the previous holder may have removed the file between our open and our lock: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still holding it, so a waiter re-checks the inode
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "DirectoryLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
