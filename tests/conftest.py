@@ -1,3 +1,9 @@
+import ctypes
+import hashlib
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
 
 from phiforge.cli import main
@@ -35,6 +41,12 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+def snapshot(d) -> dict:
+    """Every path under d with the sha256 of each file: equal snapshots mean byte-identical trees."""
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(Path(d).rglob("*"))}
+
+
 def assert_one_line_error(code, err, *needles):
     assert code != 0
     lines = [l for l in err.strip().splitlines() if l.strip()]
@@ -43,3 +55,44 @@ def assert_one_line_error(code, err, *needles):
     assert "Traceback" not in err
     for n in needles:
         assert n in lines[0], (n, lines[0])
+
+
+@contextmanager
+def read_only(folder):
+    """`folder` read-only for this test, also when the tests run as root: root writes anywhere through
+    CAP_DAC_OVERRIDE, so it is dropped from this thread's effective capabilities for the duration (and put back)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o555)
+    caps = _capabilities() if os.geteuid() == 0 else None
+    if caps is not None:
+        header, data = caps
+        effective = data[0].effective
+        data[0].effective &= ~(1 << 1)  # CAP_DAC_OVERRIDE
+        assert _libc().capset(ctypes.byref(header), data) == 0, "cannot drop CAP_DAC_OVERRIDE"
+    try:
+        yield folder
+    finally:
+        if caps is not None:
+            data[0].effective = effective
+            assert _libc().capset(ctypes.byref(header), data) == 0
+        os.chmod(folder, 0o755)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _capabilities():
+    """(header, data) of this thread's capabilities (Linux capget, version 3)."""
+    header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()
+    assert _libc().capget(ctypes.byref(header), data) == 0
+    return header, data

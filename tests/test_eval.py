@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, read_only, run_cli, snapshot
 from eval_helpers import cloze_rows, gpt2_checkpoint, mc_rows, write_jsonl
 from phiforge.evaluation import load_for_eval, score_dataset, score_documents
 from phiforge.evaluation import scoring
@@ -278,3 +278,39 @@ def test_context_defaults_to_the_trained_sequence_length(capsys, ckpt, tmp_path)
     assert results["plain"]["nats"] != pytest.approx(results["trained"]["nats"], rel=1e-6)  # the window matters
     code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--text", tmp_path / "t.txt", "--context", 65)
     assert_one_line_error(code, err, "--context must be between 2 and the model's max_seq_len (64), got 65")
+
+
+def test_out_is_never_an_input_or_inside_one(capsys, ckpt, tmp_path, gutenberg_dir):
+    """Issue 21 item 7: `--out CKPT/config.json --overwrite` replaced the checkpoint's own config.json."""
+    write_jsonl(tmp_path / "mc.jsonl", mc_rows(3))
+    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
+    inputs = {"ckpt": snapshot(ckpt), "data": snapshot(gutenberg_dir), "mc": (tmp_path / "mc.jsonl").read_bytes(),
+              "t": (tmp_path / "t.txt").read_bytes()}
+    for args, out, rel, inp in (
+        (["--text", tmp_path / "t.txt"], ckpt / "config.json", "is inside", ckpt),
+        (["--text", tmp_path / "t.txt"], ckpt, "is", ckpt),
+        (["--data", gutenberg_dir], gutenberg_dir / "index.json", "is inside", gutenberg_dir),
+        (["--tasks", f"mc={tmp_path / 'mc.jsonl'}"], tmp_path / "mc.jsonl", "is", tmp_path / "mc.jsonl"),
+        (["--text", tmp_path / "t.txt"], tmp_path / "t.txt", "is", tmp_path / "t.txt"),
+    ):
+        code, stdout, err = run_cli(capsys, "eval", "--checkpoint", ckpt, *args, "--out", out, "--overwrite")
+        assert_one_line_error(code, err, f"--out {out} {rel} the input {inp}", "refused even with --overwrite")
+        assert stdout == ""  # refused before anything was evaluated
+    assert inputs == {"ckpt": snapshot(ckpt), "data": snapshot(gutenberg_dir),
+                      "mc": (tmp_path / "mc.jsonl").read_bytes(), "t": (tmp_path / "t.txt").read_bytes()}
+    code, _, err = run_cli(capsys, "eval", "make-cloze", "--data", gutenberg_dir, "--out",
+                           gutenberg_dir / "index.json", "--overwrite")
+    assert_one_line_error(code, err, f"--out {gutenberg_dir / 'index.json'} is inside the input {gutenberg_dir}")
+    assert snapshot(gutenberg_dir) == inputs["data"]
+
+
+def test_read_only_out_is_refused_before_the_evaluation(capsys, ckpt, tmp_path):
+    """Issue 21 item 14: eval found a read-only --out only after the whole evaluation."""
+    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
+    with read_only(tmp_path / "results") as folder:
+        for out in (folder / "r.json", folder / "new" / "r.json"):
+            code, stdout, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--text", tmp_path / "t.txt",
+                                        "--out", out)
+            assert_one_line_error(code, err, f"cannot write --out {out}: {folder} is not a writable folder")
+            assert stdout == ""  # no table: nothing was evaluated
+        assert list(folder.iterdir()) == []

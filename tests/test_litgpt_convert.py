@@ -207,7 +207,9 @@ def test_pickled_code_is_refused(tmp_path, capsys, monkeypatch):
     torch.save({"model": {"lm_head.weight": torch.zeros(2, 2)}, "hook": _Boom()}, src / "lit_model.pth")
     (src / "model_config.yaml").write_text(yaml.safe_dump(config_to_litgpt(our_model().cfg)))
     code, _, err = run_cli(capsys, "convert", "from-litgpt", src, tmp_path / "out")
-    assert_one_line_error(code, err, "weights_only")
+    assert_one_line_error(code, err, f"refusing LitGPT weights {src / 'lit_model.pth'}", "system",
+                          "phiforge never runs code a file carries")
+    assert "weights_only" not in err  # issue 21 item 12: never torch's advice to load it with weights_only=False
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
     assert not (tmp_path / "out").exists()
 

@@ -7,16 +7,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, read_only, run_cli, snapshot
 from engine_helpers import make_synthetic, metrics, run_train
 from phiforge.checkpoint import load_checkpoint, save_checkpoint
 from phiforge.errors import PhiforgeError
@@ -24,12 +27,6 @@ from phiforge.fileio import MARKER, claim_output_dir, open_output_dir, output_ki
 from phiforge.model import Phi2, Phi2Config
 
 RUN_SETS = ["max_steps=4", "save_interval=2", "eval_interval=2", "keep_checkpoints=0"]
-
-
-def snapshot(d: Path) -> dict:
-    """Every path under d with the sha256 of each file: equal snapshots mean byte-identical trees."""
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(Path(d).rglob("*"))}
 
 
 def foreign(root: Path, name: str = "mine") -> Path:
@@ -90,10 +87,17 @@ def test_foreign_dir_is_refused_untouched_then_overwrite_replaces(capsys, tmp_pa
     assert output_kind(out) == kinds.get(name, "model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
-    (out / "stale.txt").write_text("from the earlier output")  # an earlier output of the same kind: replaced
+    written = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MARKER)
+    written[0].unlink()  # an earlier output of the same kind, less a file the user removed: replaced
     code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
-    assert not (out / "stale.txt").exists() and output_kind(out) is not None
+    assert written[0].exists() and output_kind(out) is not None
+    (out / "stale.txt").write_text("the user's")  # with a file phiforge did not write: refused (issue 21, item 3)
+    before = snapshot(out)
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, str(out), "also holds files phiforge did not write there: stale.txt",
+                          "--overwrite")
+    assert snapshot(out) == before
 
 
 def test_output_of_another_kind_is_refused(capsys, tmp_path, srcs):
@@ -250,3 +254,125 @@ def test_report_names_the_config_it_was_made_from_and_overwrite_takes_a_foreign_
     (report / "my-analysis.md").write_text("mine")  # a report is rewritten in place: files beside it stay
     assert run_cli(capsys, "study", "--config", config, "--report-only")[0] == 0
     assert (report / "my-analysis.md").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 21: items 3, 8 (stale temporaries) and 14 (a read-only output)
+
+
+def test_an_output_with_the_users_files_added_is_not_replaced(capsys, tmp_path, srcs):
+    """Item 3: NOTES.md and evals/ in a consolidated model directory survived only with --overwrite."""
+    out = tmp_path / "model"
+    assert run_cli(capsys, "checkpoint", "consolidate", srcs["run"], out)[0] == 0
+    (out / "NOTES.md").write_text("what I found")
+    (out / "evals").mkdir()
+    (out / "evals" / "hellaswag.json").write_text('{"acc": 0.31}')
+    before = snapshot(out)
+    code, _, err = run_cli(capsys, "convert", "from-hf", srcs["hf"], out)
+    assert_one_line_error(code, err, f"{out} is a phiforge checkpoint but also holds files phiforge did not write "
+                                     "there: NOTES.md, evals/;", "pass --overwrite")
+    assert snapshot(out) == before
+
+    shutil.rmtree(out / "evals")
+    (out / "NOTES.md").unlink()
+    config = json.loads((out / "config.json").read_text())
+    config["note"] = "edited by hand"
+    (out / "config.json").write_text(json.dumps(config))  # a file phiforge wrote, changed since
+    before = snapshot(out)
+    code, _, err = run_cli(capsys, "convert", "from-hf", srcs["hf"], out)
+    assert_one_line_error(code, err, "did not write there: config.json (changed)")
+    assert snapshot(out) == before
+
+    code, _, err = run_cli(capsys, "convert", "from-hf", srcs["hf"], out, "--overwrite")
+    assert code == 0, err
+    assert "note" not in json.loads((out / "config.json").read_text())
+
+
+def test_a_marker_without_a_file_list_falls_back_to_the_file_names(capsys, tmp_path, srcs):
+    """Outputs of an earlier phiforge carry a marker without the file list: recognised by their names alone."""
+    old = tmp_path / "old"
+    shutil.copytree(srcs["ckpt"], old)
+    marker = json.loads((old / MARKER).read_text())
+    (old / MARKER).write_text(json.dumps({k: marker[k] for k in ("format", "kind", "phiforge_version")}))
+    assert run_cli(capsys, "convert", "from-hf", srcs["hf"], old)[0] == 0
+    assert "files" in json.loads((old / MARKER).read_text())
+    (old / MARKER).write_text(json.dumps({k: marker[k] for k in ("format", "kind", "phiforge_version")}))
+    (old / "NOTES.md").write_text("mine")
+    before = snapshot(old)
+    code, _, err = run_cli(capsys, "convert", "from-hf", srcs["hf"], old)
+    assert_one_line_error(code, err, "is not empty and is not a phiforge checkpoint", "--overwrite")
+    assert snapshot(old) == before
+
+
+WRITER = textwrap.dedent("""
+    import os, sys, time
+    from phiforge.fileio import output_dir
+    with output_dir(sys.argv[1], "hf") as tmp:
+        (tmp / "model.safetensors").write_bytes(os.urandom(1 << 20))
+        print("writing", flush=True)
+        time.sleep(120)
+""")
+
+
+def start_writer(out: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write_and_nothing_else(capsys, tmp_path, srcs):
+    """Item 8: a killed `convert` left a full hidden .OUT.tmp-* copy beside OUT that nothing removed."""
+    out = tmp_path / "hf"
+    writer = start_writer(out)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".hf.tmp-")]
+    assert len(stale) == 1 and (stale[0] / "model.safetensors").stat().st_size == 1 << 20
+    # beside it, things that are not phiforge's temporaries of this output: all kept
+    (tmp_path / ".hf.tmp-notmine").mkdir()
+    (tmp_path / ".hf.tmp-abcdefgh").write_text("a file, not a folder")
+    (tmp_path / ".other.tmp-abcdefgh").mkdir()
+    (tmp_path / "hf2").mkdir()
+    keep = {p.name for p in tmp_path.iterdir()} - {stale[0].name, ".hf.lock"}  # the killed writer's lock file
+    before = {name: snapshot(tmp_path / name) if (tmp_path / name).is_dir() else (tmp_path / name).read_text()
+              for name in keep}
+
+    code, _, err = run_cli(capsys, "convert", "to-hf", srcs["ckpt"], out)
+    assert code == 0, err
+    assert not stale[0].exists() and output_kind(out) == "hf"
+    assert {p.name for p in tmp_path.iterdir()} == keep | {"hf"}
+    assert before == {name: snapshot(tmp_path / name) if (tmp_path / name).is_dir() else
+                      (tmp_path / name).read_text() for name in keep}
+
+    old = tmp_path / ".hf.old-abc_1234"  # a replaced output a killed writer was still deleting after the swap
+    (old / "x").mkdir(parents=True)
+    assert run_cli(capsys, "convert", "to-hf", srcs["ckpt"], out)[0] == 0
+    assert not old.exists() and {p.name for p in tmp_path.iterdir()} == keep | {"hf"}
+
+    live = start_writer(out)  # a writer that is still running: refused, its temporary left alone
+    try:
+        theirs = [p for p in tmp_path.iterdir() if p.name.startswith(".hf.tmp-") and p.name != ".hf.tmp-notmine"
+                  and p.is_dir()]
+        code, _, err = run_cli(capsys, "convert", "to-hf", srcs["ckpt"], out)
+        assert_one_line_error(code, err, f"output {out} is in use by another phiforge process (pid {live.pid})")
+        assert len(theirs) == 1 and (theirs[0] / "model.safetensors").is_file()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_read_only_output_for_consolidate_is_one_line_before_any_work(capsys, tmp_path, srcs, monkeypatch):
+    """Item 14: consolidating into a read-only directory (or into one inside a read-only folder)."""
+    import phiforge.train.checkpointing as checkpointing
+
+    loaded = []
+    monkeypatch.setattr(checkpointing, "export_model_files", lambda *a: loaded.append(a))
+    out = tmp_path / "ro-out"
+    with read_only(out):
+        code, _, err = run_cli(capsys, "checkpoint", "consolidate", srcs["run"], out)
+        assert_one_line_error(code, err, f"output {out} is read-only")
+    with read_only(tmp_path / "ro-parent") as parent:
+        code, _, err = run_cli(capsys, "checkpoint", "consolidate", srcs["run"], parent / "model")
+        assert_one_line_error(code, err, f"cannot write output {parent / 'model'}: {parent} is not a writable folder")
+        assert list(parent.iterdir()) == []
+    assert loaded == [] and list(out.iterdir()) == []

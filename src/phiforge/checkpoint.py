@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from phiforge.errors import CheckpointError, ConfigError
-from phiforge.fileio import output_dir, write_json_atomic
+from phiforge.fileio import output_dir, plain_name, write_json_atomic
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
 
@@ -30,14 +30,43 @@ DEFAULT_SHARD_BYTES = 4 * 2**30
 
 
 
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
+               type(None): "null"}
+
+
 def _read_json(path: Path, what: str) -> dict:
+    """The JSON object in `path`; anything else (missing, unreadable, not JSON, not an object) a CheckpointError."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{what} is not valid JSON: {path} ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} {path}: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} must hold a JSON object ({{...}}), not {_JSON_TYPES[type(data)]}")
+    return data
+
+
+def load_torch_file(source, what: str, **kwargs):
+    """torch.load(source, weights_only=True) on the CPU: tensors and plain containers only, never code. A file that
+    holds anything else, or is not a torch file, is a CheckpointError naming `what` and why, without torch's advice
+    to load it with weights_only=False (which would run whatever code it carries)."""
+    import pickle
+
+    name = f"{what} {source}" if isinstance(source, (str, Path)) else what
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        why = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line.split(":")[0]]
+        raise CheckpointError(f"refusing {name}: it holds more than tensors and plain containers"
+                              f"{': ' + why[0][:200] if why else ''} (phiforge never runs code a file carries)") \
+            from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read {name}: {first}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +109,10 @@ def weight_files(src_dir: Path) -> list[Path]:
         weight_map = _read_json(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"safetensors index has no weight_map: {index}")
+        outside = [n for n in weight_map.values() if not plain_name(n)]
+        if outside:
+            raise CheckpointError(f"safetensors index {index} names a weight file outside its folder: "
+                                  f"{outside[0]!r:.100} (entries must be plain file names)")
         names = sorted(set(weight_map.values()))
     elif (src_dir / SINGLE_NAME).exists():
         names = [SINGLE_NAME]
@@ -178,9 +211,12 @@ def read_config(ckpt_dir: Path) -> Phi2Config:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt_dir / 'config.json'} is not a phiforge checkpoint config "
                               "(for a Hugging Face checkpoint run `phiforge convert from-hf` first)")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint format version {meta.get('format_version')} is newer than this "
-                              f"phiforge supports ({FORMAT_VERSION}); upgrade phiforge")
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{ckpt_dir / 'config.json'}: 'format_version' must be an integer, got {version!r:.40}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format version {version} is newer than this phiforge supports "
+                              f"({FORMAT_VERSION}); upgrade phiforge")
     try:
         return Phi2Config.from_dict(meta.get("model", {}))
     except (ConfigError, TypeError) as e:
@@ -241,9 +277,8 @@ def resolve_checkpoint(path: Path) -> Path:
     if (path / "train_state.json").exists():
         raise CheckpointError(f"{path} is a sharded training checkpoint; run `phiforge checkpoint consolidate "
                               f"{path} OUT` and use OUT")
-    latest = path / "latest"
-    if latest.exists():
-        ckpt = path / "checkpoints" / latest.read_text(encoding="utf-8").strip()
+    ckpt = read_latest(path)
+    if ckpt is not None:
         if not (ckpt / "config.json").exists() and (ckpt / "train_state.json").exists():
             raise CheckpointError(f"{ckpt} is a sharded training checkpoint (the run stopped before its final save); "
                                   f"run `phiforge checkpoint consolidate {ckpt} OUT` and use OUT")
@@ -251,3 +286,25 @@ def resolve_checkpoint(path: Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     raise CheckpointError(f"{path} holds no config.json: not a phiforge checkpoint or run directory")
+
+
+def read_latest(run_dir: Path) -> Path | None:
+    """RUN/checkpoints/NAME for the NAME a run's `latest` file holds; None when RUN has no `latest`. A `latest`
+    that is not a UTF-8 file holding one plain name (so never a path out of RUN/checkpoints) is a CheckpointError."""
+    pointer = Path(run_dir) / "latest"
+    if not pointer.exists() and not pointer.is_symlink():
+        return None
+    if pointer.is_symlink() or not pointer.is_file():
+        raise CheckpointError(f"{pointer} is {'a link' if pointer.is_symlink() else 'not a file'}: it must be the "
+                              "file phiforge writes, naming the run's newest checkpoint (such as step-00000100)")
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{pointer} is not UTF-8 text: it must name the run's newest checkpoint (such as "
+                              "step-00000100)") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {pointer}: {e.strerror}") from None
+    if not plain_name(name):
+        raise CheckpointError(f"{pointer} holds {name!r:.80}, not the name of a checkpoint in "
+                              f"{Path(run_dir) / 'checkpoints'} (such as step-00000100)")
+    return Path(run_dir) / "checkpoints" / name

@@ -7,8 +7,10 @@ Output directories: claim_output_dir / output_dir / open_output_dir below (one r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -42,6 +44,23 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, obj, indent: int = 2) -> None:
     write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def plain_name(name, subfolders: bool = False) -> bool:
+    """`name`, read from a file that names another file, stays in that file's folder: a plain file name (with
+    `subfolders`, a relative path such as rng/rank-00000.pt), never absolute, empty, `.`, `..` or through `..`."""
+    if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
+        return False
+    parts = name.split("/")
+    return (subfolders or len(parts) == 1) and all(p not in ("", ".", "..") for p in parts)
 
 
 def read_user_text(path: str | Path, error: type[Exception], what: str, missing: str | None = None) -> str:
@@ -78,16 +97,22 @@ def read_user_mapping(path: str | Path, error: type[Exception], what: str, missi
 # ---------------------------------------------------------------------------------------------
 # Output directories: the one rule for every command that writes a directory
 #
-#   - OUT must be new, empty, or an earlier phiforge output of the same kind (its marker file says so, or it is
-#     recognisably one from before the marker existed), which is then replaced;
+#   - OUT must be new, empty, or an earlier phiforge output of the same kind, which is then replaced. Its marker
+#     file says so and lists every file written with its size (and the sha256 of small files): OUT is replaceable
+#     only while it holds exactly those files, unchanged (files removed since are fine). An output from before
+#     the marker (or its file list) existed is recognised by its file names;
 #   - anything else needs --overwrite;
-#   - an OUT that is, contains or sits inside an input (or the working directory, or home) is always refused.
-# Refusal happens before any work and touches nothing.
+#   - an OUT that is, contains or sits inside an input (or the working directory, or home) is always refused;
+#   - OUT (when it exists) and the folder it is written in must be writable.
+# Refusal happens before any work and touches nothing. Outputs written in place over several steps (a study's work
+# and report directories, IN_PLACE_KINDS) are never replaced, only added to: files beside them are kept.
 
 MARKER = ".phiforge-output.json"
 MARKER_FORMAT = "phiforge-output"
 _TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                     "merges.txt", "added_tokens.json"}
+IN_PLACE_KINDS = {"study-work", "study-report"}
+HASHED_BYTES = 4 * 2**20  # files up to this size are recorded with their sha256 as well as their size
 
 
 def _json(path: Path) -> dict:
@@ -104,7 +129,7 @@ def _names_in(d: Path, names=(), suffixes=(), tokenizer: bool = False, weights: 
         return n in names or n.endswith(tuple(suffixes)) or (tokenizer and n in _TOKENIZER_FILES) or \
             (weights and (n.endswith(".safetensors") or n == "model.safetensors.index.json"))
 
-    return all(ok(p.name) for p in d.iterdir())
+    return all(ok(p.name) for p in d.iterdir() if p.name != MARKER)
 
 
 # Outputs written before the marker existed, recognised by their files so earlier users are not locked out.
@@ -145,8 +170,8 @@ def _old_dataset(d: Path) -> bool:
     return _json(d / INDEX).get("format") == FORMAT
 
 
-def _never(d: Path) -> bool:  # kinds that always had the marker
-    return False
+def _old_tokenizer(d: Path) -> bool:  # written with a marker from the start, but not yet with its file list
+    return output_kind(d) == "tokenizer" and _names_in(d, ["tokenizer-train.json"], tokenizer=True)
 
 
 # kind -> (what it is, in words; recogniser of an unmarked earlier output)
@@ -158,7 +183,7 @@ OUTPUT_KINDS = {
     "study-work": ("a study's work directory", _old_study_work),
     "study-report": ("a study report", _old_study_report),
     "dataset": ("a phiforge dataset", _old_dataset),
-    "tokenizer": ("a trained tokenizer (`tokenizer train`)", _never),
+    "tokenizer": ("a trained tokenizer (`tokenizer train`)", _old_tokenizer),
 }
 
 
@@ -168,10 +193,78 @@ def output_kind(d: Path) -> str | None:
     return meta.get("kind") if meta.get("format") == MARKER_FORMAT else None
 
 
-def is_output_of(d: Path, kind: str) -> bool:
-    """d (an existing directory) is an earlier output of `kind`: its marker says so, or its files do."""
+def _record(entry: os.DirEntry) -> dict:
+    """A file's size, and the sha256 of a small one (a link: its own size, not followed)."""
+    size = entry.stat(follow_symlinks=False).st_size
+    if size > HASHED_BYTES or not entry.is_file(follow_symlinks=False):
+        return {"size": size}
+    return {"size": size, "sha256": sha256_file(Path(entry.path))}
+
+
+def _listing(d: Path, sub: str = "") -> tuple[dict[str, dict], list[str]]:
+    """(relative path -> _record for every file, every folder's relative path) under d, the marker left out."""
+    files, folders = {}, []
+    for entry in sorted(os.scandir(d / sub), key=lambda e: e.name):
+        rel = f"{sub}{entry.name}"
+        if rel == MARKER:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            folders.append(rel)
+            more_files, more_folders = _listing(d, rel + "/")
+            files.update(more_files)
+            folders += more_folders
+        else:
+            files[rel] = _record(entry)
+    return files, folders
+
+
+def _unlisted(d: Path, files: dict, folders: set, sub: str = "") -> list[str]:
+    """What under d is not in the marker's lists (a folder once, as NAME/) or differs from its record."""
+    found = []
+    for entry in sorted(os.scandir(d / sub), key=lambda e: e.name):
+        rel = f"{sub}{entry.name}"
+        if rel == MARKER:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            found += _unlisted(d, files, folders, rel + "/") if rel in folders else [rel + "/"]
+        elif rel not in files:
+            found.append(rel)
+        elif _record(entry) != files[rel]:
+            found.append(f"{rel} (changed)")
+    return found
+
+
+def _marker_lists(d: Path, kind: str) -> tuple[dict, set] | None:
+    """The file and folder lists of d's marker when it marks an output of `kind` and has them, else None."""
+    meta = _json(d / MARKER)
+    files, folders = meta.get("files"), meta.get("folders")
+    if output_kind(d) != kind or not isinstance(files, dict) or not isinstance(folders, list):
+        return None
+    return files, set(folders)
+
+
+def _not_replaceable(d: Path, kind: str) -> str | None:
+    """Why existing, non-empty directory d is not an earlier output of `kind` that may be replaced (None: it is)."""
+    what = OUTPUT_KINDS[kind][0]
     found = output_kind(d)
-    return found == kind if found is not None else OUTPUT_KINDS[kind][1](d)
+    if found is not None and found != kind:
+        return f"holds {OUTPUT_KINDS[found][0]}, not {what}" if found in OUTPUT_KINDS else f"is not {what}"
+    lists = _marker_lists(d, kind)
+    if lists is not None:
+        extra = _unlisted(d, *lists)
+        if extra:
+            shown = ", ".join(extra[:5]) + (f" (+{len(extra) - 5} more)" if len(extra) > 5 else "")
+            return f"is {what} but also holds files phiforge did not write there: {shown}"
+        return None
+    if found == kind and kind in IN_PLACE_KINDS:
+        return None
+    return None if OUTPUT_KINDS[kind][1](d) else f"is not empty and is not {what}"
+
+
+def is_output_of(d: Path, kind: str) -> bool:
+    """d (an existing directory) is an earlier output of `kind`: marked as one (and, where the marker lists its
+    files, holding exactly those), or recognisably one from before the marker."""
+    return _not_replaceable(Path(d), kind) is None
 
 
 def _relation(a: Path, b: Path) -> str | None:
@@ -191,6 +284,39 @@ def _home() -> Path | None:
         return None
 
 
+def check_not_input(out: Path, inputs, error: type[Exception] | None = None, flag: str = "output") -> Path:
+    """`out` resolved; raises `error` when it is, contains or sits inside one of `inputs` (paths a command reads,
+    None ignored): then writing it could destroy what the command reads, so --overwrite does not allow it."""
+    from phiforge.errors import PhiforgeError
+
+    real = Path(out).expanduser().resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        rel = _relation(real, Path(inp).expanduser().resolve())
+        if rel:
+            raise (error or PhiforgeError)(f"{flag} {out} {rel} the input {inp}; choose an output outside it "
+                                           "(refused even with --overwrite)")
+    return real
+
+
+def check_writable(path: Path, error: type[Exception] | None = None, what: str = "output") -> None:
+    """Raise `error` naming `path` unless it can be written: an existing `path` must be writable, and so must the
+    nearest existing folder above it (where it, or the temporary it is written as, is created)."""
+    from phiforge.errors import PhiforgeError
+
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise (error or PhiforgeError)(f"{what} {path} is read-only; make it writable or choose another path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK,
+                                            effective_ids=os.access in os.supports_effective_ids):
+        raise (error or PhiforgeError)(f"cannot write {what} {path}: {parent} is not a writable folder; make it "
+                                       "writable or choose another path")
+
+
 def claim_output_dir(out: Path, kind: str, inputs=(), overwrite: bool = False,
                      overwrite_hint: str = "pass --overwrite to replace it (deleting what it holds) or choose "
                                            "another path") -> Path:
@@ -201,35 +327,30 @@ def claim_output_dir(out: Path, kind: str, inputs=(), overwrite: bool = False,
 
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
-    real = Path(out).expanduser().resolve()
-    for inp in inputs:
-        if inp is None:
-            continue
-        rel = _relation(real, Path(inp).expanduser().resolve())
-        if rel:
-            raise PhiforgeError(f"output {out} {rel} the input {inp}; choose an output outside it (refused even "
-                                "with --overwrite)")
+    real = check_not_input(out, inputs)
     for name, protected in (("the working directory", Path.cwd().resolve()), ("your home directory", _home())):
         if protected is not None and protected.is_relative_to(real):
             raise PhiforgeError(f"output {out} {'is' if protected == real else 'contains'} {name}; choose a "
                                 "directory of its own (refused even with --overwrite)")
-    if not real.exists():
-        return real
-    if not real.is_dir():
+    if real.exists() and not real.is_dir():
         raise PhiforgeError(f"output {out} is a file, not a directory; remove it or choose another path")
-    what = OUTPUT_KINDS[kind][0]
-    if overwrite or not any(real.iterdir()) or is_output_of(real, kind):
+    check_writable(real)
+    if not real.exists() or overwrite or not any(real.iterdir()):
         return real
-    found = output_kind(real)
-    if found is not None and found in OUTPUT_KINDS:
-        raise PhiforgeError(f"{out} holds {OUTPUT_KINDS[found][0]}, not {what}; {overwrite_hint}")
-    raise PhiforgeError(f"{out} is not empty and is not {what}; {overwrite_hint}")
+    problem = _not_replaceable(real, kind)
+    if problem:
+        raise PhiforgeError(f"{out} {problem}; {overwrite_hint}")
+    return real
 
 
 def write_marker(d: Path, kind: str) -> None:
+    """Mark d as an output of `kind`; the marker of an output written whole lists its files (see the rule)."""
     from phiforge import __version__
 
-    write_json_atomic(Path(d) / MARKER, {"format": MARKER_FORMAT, "kind": kind, "phiforge_version": __version__})
+    meta = {"format": MARKER_FORMAT, "kind": kind, "phiforge_version": __version__}
+    if kind not in IN_PLACE_KINDS:
+        meta["files"], meta["folders"] = _listing(Path(d))
+    write_json_atomic(Path(d) / MARKER, meta)
 
 
 def make_readable(d: Path) -> None:
@@ -260,27 +381,50 @@ def swap_in_dir(tmp: Path, out: Path) -> None:
     fsync_dir(out.parent)
 
 
+def _temporaries(out: Path) -> list[Path]:
+    """The folders output_dir and swap_in_dir make beside `out` (`.OUT.tmp-XXXXXXXX`, `.OUT.old-XXXXXXXX`, as
+    tempfile.mkdtemp names them); an `.old-` one only once OUT exists again, so the swap it belonged to finished."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-[a-z0-9_]{{8}}")
+    found = []
+    for p in out.parent.iterdir() if out.parent.is_dir() else []:
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and (m[1] == "tmp" or out.is_dir()):
+            found.append(p)
+    return found
+
+
 @contextmanager
 def output_dir(out: Path, kind: str, inputs=(), overwrite: bool = False):
-    """Claim `out` (claim_output_dir), yield a fresh hidden sibling directory to write into, then mark it, make it
-    readable and swap it in for `out`. A crash or an error leaves `out` as it was (and no stale files in the new
-    one)."""
+    """Claim `out` (claim_output_dir) and lock it (DirectoryLock: one writer at a time), remove what earlier writers
+    of `out` that were killed left beside it, yield a fresh hidden sibling directory to write into, then mark it,
+    make it readable and swap it in for `out`. A crash or an error leaves `out` as it was (and no stale files in
+    the new one); the next write of `out` removes a killed writer's temporary."""
+    from phiforge.errors import PhiforgeError
+
     real = claim_output_dir(out, kind, inputs, overwrite)
-    real.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent))
-    try:
-        yield tmp
-        write_marker(tmp, kind)
-        make_readable(tmp)
-        swap_in_dir(tmp, real)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with DirectoryLock(real, "output"):
+        for stale in _temporaries(real):  # the lock is ours, so whoever wrote these is gone
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent))
+        except OSError as e:
+            raise PhiforgeError(f"cannot write output {out}: {e.strerror} in {real.parent}") from None
+        try:
+            yield tmp
+            write_marker(tmp, kind)
+            make_readable(tmp)
+            swap_in_dir(tmp, real)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def open_output_dir(out: Path, kind: str, inputs=(), overwrite: bool = False) -> Path:
     """For outputs written in place over several steps (a study's work and report directories): claim `out`,
-    empty it when --overwrite takes over someone else's directory, create it and mark it. Returns its path."""
+    empty it when --overwrite takes over someone else's directory, create it and mark it. Returns its path.
+    Files beside such an output are kept (it is added to, never replaced), so its marker lists no files."""
+    if kind not in IN_PLACE_KINDS:
+        raise ValueError(f"{kind!r} outputs are written whole (output_dir), not in place")
     real = claim_output_dir(out, kind, inputs, overwrite)
     if real.is_dir() and any(real.iterdir()) and not is_output_of(real, kind):  # only reachable with overwrite
         shutil.rmtree(real)

@@ -192,8 +192,6 @@ def read_hf_config(src_dir: Path) -> dict:
     if not src_dir.is_dir():
         raise CheckpointError(f"Hugging Face checkpoint directory not found: {src_dir}")
     hf = _read_json(src_dir / "config.json", "Hugging Face config")
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{src_dir / 'config.json'} is not a JSON object")
     if hf.get("model_type") != "phi":
         hint = ""
         if hf.get("format") == "phiforge":
@@ -234,7 +232,7 @@ def convert_to_hf(src_dir: Path, out_dir: Path, dtype: str | None = None,
         raise ConfigError(f"unknown dtype '{dtype}' (choose from: {', '.join(DTYPES)})")
     # Check the raw dict before read_config, which would reject keys it does not know with a less useful message.
     meta = _read_json(src_dir / "config.json", "checkpoint config")
-    raw = meta.get("model") if isinstance(meta, dict) else None
+    raw = meta.get("model")
     bad = hf_unrepresentable(raw) if isinstance(raw, dict) else []
     if bad:
         raise CheckpointError(f"model config field(s) {', '.join(bad)} in {src_dir} cannot be represented in a "

@@ -78,9 +78,22 @@ def _check_args(args) -> None:
         if value is not None and value < low:
             raise PhiforgeError(f"{flag} must be at least {low}, got {value}")
     if args.out:
-        out = Path(args.out)
-        if out.is_dir() or (out.exists() and not args.overwrite):
-            raise PhiforgeError(f"--out {out} exists; pass --overwrite to replace it or choose another path")
+        _check_out(args)
+
+
+def _check_out(args) -> None:
+    """--out is never one of eval's inputs or inside one (not even with --overwrite), and can be written: both
+    checked before anything is evaluated."""
+    from phiforge.evaluation.tasks import parse_task_spec
+    from phiforge.fileio import check_not_input, check_writable
+
+    out = Path(args.out)
+    tasks = [parse_task_spec(s)[2] for s in args.tasks.split(",") if s.strip()] \
+        if args.tasks and args.harness == "builtin" else []
+    check_not_input(out, [args.checkpoint, args.data, args.include_path, *(args.text or []), *tasks], flag="--out")
+    if out.is_dir() or (out.exists() and not args.overwrite):
+        raise PhiforgeError(f"--out {out} exists; pass --overwrite to replace it or choose another path")
+    check_writable(out, what="--out")
 
 
 def run(args) -> int:

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from phiforge.errors import DataError
-from phiforge.fileio import fsync_dir, write_json_atomic
+from phiforge.fileio import fsync_dir, plain_name, sha256_file, write_json_atomic
 
 FORMAT = "phiforge-tokens"
 VERSION = 2
@@ -71,14 +71,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def dtype_name(dtype: np.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[np.dtype(dtype).newbyteorder("<")]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ShardWriter:
@@ -346,7 +338,7 @@ def _check_index(index, idx_path: Path) -> None:
             if not (isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("tokens"), int)
                     and s["tokens"] >= 0 and isinstance(s.get("sha256"), str)):
                 bad(f"split {name!r} has a shard entry without file/tokens/sha256: {s!r:.120}")
-            if Path(s["file"]).name != s["file"] or s["file"] in ("", ".", ".."):
+            if not plain_name(s["file"]):
                 bad(f"shard file names must be plain names in the dataset directory: {s['file']!r}")
             total += s["tokens"]
         if info.get("tokens", total) != total:
@@ -355,8 +347,7 @@ def _check_index(index, idx_path: Path) -> None:
     if version < 2:
         if not isinstance(docs, list):
             bad("'documents' must be a list")
-    elif not (isinstance(docs, dict) and isinstance(docs.get("file"), str) and isinstance(docs.get("count"), int)
-              and Path(docs["file"]).name == docs["file"]):
+    elif not (isinstance(docs, dict) and plain_name(docs.get("file")) and isinstance(docs.get("count"), int)):
         bad("'documents' must be {\"file\": NAME, \"count\": N, ...}")
 
 

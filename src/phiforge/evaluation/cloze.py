@@ -84,14 +84,16 @@ def make_cloze(data_dir: str | Path, out_path: str | Path, *, n_items: int = 500
     """Write up to n_items cloze items (LAMBADA's JSONL format, see the module docstring) made from the split's
     documents to out_path; returns it. An existing out_path needs `overwrite`; the file appears complete or not
     at all."""
-    from phiforge.fileio import write_text_atomic
+    from phiforge.fileio import check_not_input, check_writable, write_text_atomic
 
     out = Path(out_path)
     if n_items < 1 or not 1 <= min_sentences <= max_sentences:
         raise PhiforgeError(f"need n_items >= 1 and 1 <= min_sentences <= max_sentences, got {n_items}, "
                             f"{min_sentences}, {max_sentences}")
+    check_not_input(out, [data_dir], flag="--out")
     if out.exists() and not overwrite:
         raise PhiforgeError(f"{out} exists; pass --overwrite to replace it or choose another path")
+    check_writable(out, what="--out")
     docs = [(name, sentences(text)) for name, text in document_texts(Path(data_dir), split)]
     rng = random.Random(seed)
     found = _candidates(docs, rng, min_sentences, max_sentences)

@@ -29,7 +29,6 @@ Nothing here imports litgpt.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ import yaml
 
 from phiforge.checkpoint import (
     check_state_dict,
+    load_torch_file,
     load_state_dict,
     read_config,
     resolve_checkpoint,
@@ -273,14 +273,7 @@ def load_lit_weights(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"LitGPT weights not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "refused"
-        raise CheckpointError(f"{path} cannot be loaded with weights_only=True (it holds more than tensors and "
-                              f"plain containers; phiforge never unpickles code): {first}") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {str(e).strip().splitlines()[0] if str(e).strip() else e}") from None
+    obj = load_torch_file(path, "LitGPT weights", mmap=True)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

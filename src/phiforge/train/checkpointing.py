@@ -42,13 +42,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 
-from phiforge.checkpoint import write_model_files
+from phiforge.checkpoint import load_torch_file, read_latest, write_model_files
 from phiforge.errors import CheckpointError
-from phiforge.fileio import fsync_dir, write_text_atomic
+from phiforge.fileio import fsync_dir, plain_name, write_text_atomic
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
+from phiforge.train.dcp_reader import load_dcp, read_dcp_metadata
 
 TRAIN_STATE = "train_state.json"
 STATE_FORMAT = "phiforge-train-state"
@@ -71,12 +71,9 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint `RUN/latest` names if it is complete, else the newest complete one, else None."""
-    run_dir = Path(run_dir)
-    pointer = run_dir / "latest"
-    if pointer.is_file():
-        ckpt = run_dir / "checkpoints" / pointer.read_text(encoding="utf-8").strip()
-        if is_complete(ckpt):
-            return ckpt
+    ckpt = read_latest(run_dir)
+    if ckpt is not None and is_complete(ckpt):
+        return ckpt
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
 
@@ -96,6 +93,11 @@ def verify_checkpoint(ckpt: Path) -> str | None:
         sizes = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{MANIFEST} is unreadable"
+    if not isinstance(sizes, dict):
+        return f"{MANIFEST} is unreadable"
+    outside = [rel for rel in sizes if not plain_name(rel, subfolders=True)]
+    if outside:
+        return f"{MANIFEST} names a file outside the checkpoint: {outside[0]!r:.100}"
     for rel, size in sorted(sizes.items()):
         f = ckpt / rel
         if not f.is_file():
@@ -317,14 +319,11 @@ class Checkpointer:
         if problem:
             raise CheckpointError(f"checkpoint {ckpt} is damaged: {problem}")
         sd = _state_dicts(model, optimizer)
-        try:
-            dcp.load(sd, checkpoint_id=str(ckpt))
-        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-            raise CheckpointError(f"cannot load {ckpt}: {_first_line(e)}") from e
+        load_dcp(sd, ckpt)
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         rng_file = ckpt / "rng" / f"rank-{self.env.rank:05d}.pt"
         if int(state.get("world_size", 0)) == self.env.world_size and rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=True), self.env.device)
+            set_rng_state(load_torch_file(rng_file, "RNG state"), self.env.device)
         else:  # another world size: per-rank streams cannot carry over; derive fresh ones from the step
             seed = int(state.get("seed", 0)) + 1_000_003 * int(state["step"]) + self.env.rank
             torch.manual_seed(seed)
@@ -338,31 +337,24 @@ class Checkpointer:
 # Consolidation to the single-directory model format
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [line for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
-    return lines[0][:300]
-
-
 def _model_from_dcp(ckpt: Path) -> tuple[Phi2, dict]:
-    from torch.distributed.checkpoint import FileSystemReader
-
     state = read_train_state(ckpt)
     cfg = Phi2Config.from_dict(state["model"])
-    meta = FileSystemReader(str(ckpt)).read_metadata()
+    meta = read_dcp_metadata(ckpt)
     with on_meta():
         model = Phi2(cfg)
     sd = {}
-    for k in model.state_dict():
+    for k, want in model.state_dict().items():
         md = meta.state_dict_metadata.get(f"model.{k}")
         if md is None or not hasattr(md, "size"):
             raise CheckpointError(f"{ckpt} has no tensor for model weight {k}")
+        if tuple(md.size) != tuple(want.shape):
+            raise CheckpointError(f"{ckpt} holds model weight {k} of shape {tuple(md.size)}, but the model its "
+                                  f"{TRAIN_STATE} describes has {tuple(want.shape)}")
         sd[k] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process.*")
-        try:
-            dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)
-        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-            raise CheckpointError(f"cannot load {ckpt}: {_first_line(e)}") from e
+        load_dcp({"model": sd}, ckpt, no_dist=True)
     model.load_state_dict(sd, strict=True, assign=True)
     model.reset_rope()
     return model.eval(), state
