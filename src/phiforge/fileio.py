@@ -145,6 +145,21 @@ def _old_dataset(d: Path) -> bool:
     return _json(d / INDEX).get("format") == FORMAT
 
 
+def _old_run(d: Path) -> bool:  # "phiforge-train-state": train.checkpointing.STATE_FORMAT (not imported: torch)
+    """A training run from before the marker: a checkpoint's train_state.json, or metrics.jsonl opening with a
+    run's "start" event. A run may hold the user's own files too: --overwrite deletes only the run's
+    (train.rundir.run_files)."""
+    states = (d / "checkpoints").glob("step-*/train_state.json") if (d / "checkpoints").is_dir() else ()
+    if any(_json(p).get("format") == "phiforge-train-state" for p in states):
+        return True
+    try:
+        with open(d / "metrics.jsonl", encoding="utf-8") as f:
+            first = json.loads(f.readline(1 << 16))
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and first.get("event") == "start"
+
+
 def _never(d: Path) -> bool:  # kinds that always had the marker
     return False
 
@@ -159,6 +174,7 @@ OUTPUT_KINDS = {
     "study-report": ("a study report", _old_study_report),
     "dataset": ("a phiforge dataset", _old_dataset),
     "tokenizer": ("a trained tokenizer (`tokenizer train`)", _never),
+    "run": ("a training run (`phiforge train`, `vision finetune`)", _old_run),
 }
 
 
@@ -191,6 +207,28 @@ def _home() -> Path | None:
         return None
 
 
+def check_output_location(out: Path, inputs=(), what: str = "output", error: type[Exception] | None = None) -> Path:
+    """The resolved `out`, or `error` (PhiforgeError) when it is, contains or sits inside one of `inputs`, or is or
+    contains the working directory or the home directory: refused even with --overwrite. `what`: its name in
+    the message (e.g. "out_dir")."""
+    from phiforge.errors import PhiforgeError
+
+    error = error or PhiforgeError
+    real = Path(out).expanduser().resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        rel = _relation(real, Path(inp).expanduser().resolve())
+        if rel:
+            raise error(f"{what} {out} {rel} the input {inp}; choose an output outside it (refused even with "
+                        "--overwrite)")
+    for name, protected in (("the working directory", Path.cwd().resolve()), ("your home directory", _home())):
+        if protected is not None and protected.is_relative_to(real):
+            raise error(f"{what} {out} {'is' if protected == real else 'contains'} {name}; choose a directory of "
+                        "its own (refused even with --overwrite)")
+    return real
+
+
 def claim_output_dir(out: Path, kind: str, inputs=(), overwrite: bool = False,
                      overwrite_hint: str = "pass --overwrite to replace it (deleting what it holds) or choose "
                                            "another path") -> Path:
@@ -201,18 +239,7 @@ def claim_output_dir(out: Path, kind: str, inputs=(), overwrite: bool = False,
 
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
-    real = Path(out).expanduser().resolve()
-    for inp in inputs:
-        if inp is None:
-            continue
-        rel = _relation(real, Path(inp).expanduser().resolve())
-        if rel:
-            raise PhiforgeError(f"output {out} {rel} the input {inp}; choose an output outside it (refused even "
-                                "with --overwrite)")
-    for name, protected in (("the working directory", Path.cwd().resolve()), ("your home directory", _home())):
-        if protected is not None and protected.is_relative_to(real):
-            raise PhiforgeError(f"output {out} {'is' if protected == real else 'contains'} {name}; choose a "
-                                "directory of its own (refused even with --overwrite)")
+    real = check_output_location(out, inputs)
     if not real.exists():
         return real
     if not real.is_dir():

@@ -71,10 +71,8 @@ def document_texts(data_dir: Path, split: str) -> list[tuple[str, str]]:
     from phiforge.tokenizer import load_tokenizer
 
     dataset = open_token_dataset(data_dir)
-    tok = load_tokenizer(data_dir)  # the dataset's tokenizer.json, else the built-in GPT-2 BPE
-    if tok.get_vocab_size() < dataset.vocab_size:
-        raise DataError(f"{data_dir} has no tokenizer.json for its {dataset.vocab_size}-token vocabulary: its tokens "
-                        "cannot be decoded back to text")
+    dataset.tokenizer_sha256()  # its own tokenizer.json, the one that made the tokens: never another in its place
+    tok = load_tokenizer(data_dir)
     return [(str(doc.get("title") or doc.get("id")), tok.decode(tokens.tolist()))
             for doc, tokens in dataset.iter_document_tokens(split)]
 
