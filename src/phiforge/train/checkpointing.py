@@ -143,15 +143,16 @@ def newest_intact_checkpoint(run_dir: Path, warn=None) -> Path | None:
     for ckpt in reversed(checkpoint_dirs(run_dir)):
         problem = verify_checkpoint(ckpt)
         if problem is None:
-            for older, why in damaged if warn is not None else ():
-                warn(f"skipping damaged checkpoint {older}: {why}")
+            for older, why in damaged:
+                if warn is not None:
+                    warn(f"skipping damaged checkpoint {older}: {why}")
             return ckpt
         damaged.append((ckpt, problem))
     if damaged:
         listed = "; ".join(f"{c.name}: {why}" for c, why in reversed(damaged))
-        raise CheckpointError(f"{Path(run_dir) / 'checkpoints'} holds no intact checkpoint to resume from ({listed}); "
-                              "restore them, resume from another checkpoint with --resume PATH, or start over with "
-                              "--overwrite (deletes them)")
+        raise CheckpointError(f"{Path(run_dir) / 'checkpoints'} holds no intact checkpoint to resume from "
+                              f"({listed}); restore them, resume from another checkpoint with --resume PATH, or start "
+                              "over with --overwrite (deletes them)")
     return None
 
 

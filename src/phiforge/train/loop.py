@@ -7,9 +7,10 @@ Start-up checks everything before writing anything: the model config, the data a
 tokenizer as init_from's and as the checkpoint's to resume from, by identity), the run directory (locked by
 rank 0 for the whole run; a run that holds checkpoints needs --resume auto or --overwrite), the checkpoint to
 resume from. Then: the model is built on the meta device, laid out by parallelize() (AC, compile, FSDP2/DDP)
-and materialised shard by shard (build.py), the optimizer (AdamW, or Muon + AdamW: optim.py), the resume load (DCP, checkpointing.py), and
-the shared step and cadence of engine.py run the steps. The resolved config is written to RUN/config.yaml
-when training starts; metrics go to RUN/metrics.jsonl (+ TensorBoard / W&B) on rank 0.
+and materialised shard by shard (build.py), the optimizer (AdamW, or Muon + AdamW: optim.py), the resume load
+(DCP, checkpointing.py), and the shared step and cadence of engine.py run the steps. The resolved config is
+written to RUN/config.yaml when training starts; metrics go to RUN/metrics.jsonl (+ TensorBoard / W&B) on
+rank 0.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from phiforge.checkpoint import resolve_checkpoint
 from phiforge.config import to_dict
 from phiforge.data.loader import PackedLoader, eval_batches
 from phiforge.data.shards import open_token_dataset
-from phiforge.checkpoint import resolve_checkpoint
 from phiforge.errors import ConfigError
 from phiforge.evaluation.suite import EvalSuite
 from phiforge.model.moe import moe_metrics
