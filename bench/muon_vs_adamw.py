@@ -119,15 +119,26 @@ def compact_vocab(src: Path, out: Path) -> int:
     embedding and head would otherwise be most of the model and of its compute, and Muon touches neither."""
     import numpy as np
 
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
     from phiforge.data.shards import DatasetWriter, open_token_dataset
+    from phiforge.tokenizer import EOT, load_tokenizer, tokenizer_sha256
 
     ds = open_token_dataset(src)
     docs = {split: [tokens for _, tokens in ds.iter_document_tokens(split)] for split in ("train", "val")}
     used = np.unique(np.concatenate([d for split in docs.values() for d in split]))
     new_id = np.zeros(ds.vocab_size, dtype=np.int64)
     new_id[used] = np.arange(len(used))
+    # its own tokenizer.json (training refuses a dataset without one): GPT-2's pieces under the new ids, so
+    # decoding and bits per byte stay right
+    gpt2 = load_tokenizer(src)
+    tok = Tokenizer(models.WordLevel({gpt2.id_to_token(int(i)): n for n, i in enumerate(used)}, unk_token=EOT))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.add_special_tokens([EOT])
     w = DatasetWriter(out, {"name": f"gpt2-bpe restricted to the {len(used)} ids of the bundled books",
-                            "vocab_size": len(used), "eot_id": int(new_id[ds.eot_id])})
+                            "vocab_size": len(used), "eot_id": int(new_id[ds.eot_id]),
+                            "sha256": tokenizer_sha256(tok), "file": "tokenizer.json"})
+    (out / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
     for split, split_docs in docs.items():
         for i, tokens in enumerate(split_docs):
             w.add(split, new_id[tokens], id=f"{split}{i}")
@@ -209,7 +220,7 @@ def main(argv=None) -> int:
     if not (books / "index.json").exists():
         subprocess.run([sys.executable, "-m", "phiforge", "prepare", "gutenberg", "--source", "bundled", "--out",
                         str(books)], cwd=ROOT, check=True)
-    if not (data / "index.json").exists():
+    if not (data / "tokenizer.json").exists():
         compact_vocab(books, data)
     base = base_config(args, data)
     print("lr sweep", flush=True)

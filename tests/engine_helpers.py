@@ -18,13 +18,32 @@ CONFIG = ROOT / "configs" / "cpu-fsdp-test.yaml"
 TIMEOUT = 240
 
 
+def synthetic_tokenizer(vocab: int = 512, prefix: str = "t"):
+    """A word-level tokenizer of `vocab` tokens: PREFIX0 ... and <|endoftext|> last (another prefix: another
+    tokenizer of the same size)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from phiforge.tokenizer import EOT
+
+    tok = Tokenizer(models.WordLevel({**{f"{prefix}{i}": i for i in range(vocab - 1)}, EOT: vocab - 1}, unk_token=EOT))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens([EOT])
+    return tok
+
+
 def make_synthetic(out: Path, vocab: int = 512, train_docs: int = 40, val_docs: int = 4, doc_len: int = 500) -> Path:
-    """A learnable token stream: a random sparse Markov chain (each token has 4 possible successors)."""
+    """A learnable token stream: a random sparse Markov chain (each token has 4 possible successors), with its
+    tokenizer.json (synthetic_tokenizer) recorded in the index as `prepare` records one."""
     from phiforge.data.shards import DatasetWriter
+    from phiforge.tokenizer import tokenizer_sha256
 
     rng = np.random.default_rng(0)
     nxt = rng.integers(0, vocab - 1, size=(vocab, 4))
-    w = DatasetWriter(out, {"name": "synthetic", "vocab_size": vocab, "eot_id": vocab - 1})
+    tok = synthetic_tokenizer(vocab)
+    w = DatasetWriter(out, {"name": "synthetic", "vocab_size": vocab, "eot_id": vocab - 1,
+                            "sha256": tokenizer_sha256(tok), "file": "tokenizer.json"})
+    (Path(out) / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
     for split, n in (("train", train_docs), ("val", val_docs)):
         for d in range(n):
             t = [int(rng.integers(0, vocab - 1))]

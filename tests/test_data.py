@@ -472,3 +472,54 @@ def test_prepare_replaces_an_existing_dataset(capsys, tmp_path, monkeypatch):
     (out / "my-notes.txt").write_text("x")
     code, _, err = run_cli(capsys, "prepare", "gutenberg", "--out", out)
     assert_one_line_error(code, err, "also holds other files", "my-notes.txt")
+
+
+# ---------------------------------------------------------------------------------------------- issue 21
+
+
+def checksums(root):
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_verify_checks_the_tokenizer_against_the_index(capsys, gutenberg_dir, tmp_path):
+    """Issue 21, item 6: `data inspect --verify` compares tokenizer.json with the sha256 the index recorded, and a
+    dataset without tokenizer.json is never decoded with GPT-2's in its place."""
+    from phiforge.tokenizer import train_byte_level_bpe
+
+    ds = tmp_path / "ds"
+    shutil.copytree(gutenberg_dir, ds)
+    other = train_byte_level_bpe(["a small corpus of words, words and more words"] * 20, vocab_size=300)
+    (ds / "tokenizer.json").write_text(other.to_str())
+    before = checksums(ds)
+    code, _, err = run_cli(capsys, "data", "inspect", ds, "--verify")
+    assert_one_line_error(code, err, f"{ds / 'tokenizer.json'} is not the tokenizer that made the tokens of {ds}",
+                          "index.json records")
+    (ds / "tokenizer.json").unlink()
+    code, _, err = run_cli(capsys, "data", "inspect", ds, "--verify")
+    assert_one_line_error(code, err, f"dataset {ds} has no tokenizer.json")
+    code, out, err = run_cli(capsys, "data", "inspect", ds)  # without --verify: no sample decoded with GPT-2's
+    assert code == 0, err
+    assert "sample: skipped" in out and "EMMA" not in out
+    assert {k: v for k, v in checksums(ds).items()} == {k: v for k, v in before.items() if k != "tokenizer.json"}
+
+
+def test_verify_finds_token_ids_beyond_the_vocabulary(capsys, tmp_path):
+    """Issue 21, item 8: a shard with ids >= the index's vocabulary (checksums intact) fails --verify naming it."""
+    ds = tmp_path / "ds"
+    w = DatasetWriter(ds, {"name": "synthetic", "vocab_size": 1000, "eot_id": 999}, shard_tokens=100)
+    for i in range(3):
+        w.add("train", np.append(np.arange(150) + 900 * (i == 2), 999), id=str(i))  # doc 2: ids 900..1049
+    w.add("val", np.array([1, 2, 999]), id="v")
+    w.finish()
+    shards = [s["file"] for s in json.loads((ds / "index.json").read_text())["splits"]["train"]["shards"]]
+    hits = [(f, np.flatnonzero(np.fromfile(ds / f, dtype="<u2") >= 1000)) for f in shards]
+    name, at = next((f, h) for f, h in hits if len(h))  # the first out-of-range id, found independently
+    before = checksums(ds)
+    code, _, err = run_cli(capsys, "data", "inspect", ds, "--verify")
+    assert_one_line_error(code, err, f"shard {ds / name} holds token id 1000 (token {at[0]} of the shard)",
+                          "at or above the vocabulary of 1000")
+    assert checksums(ds) == before
+    assert open_token_dataset(ds).split_tokens("train") == 3 * 151  # the index itself is consistent

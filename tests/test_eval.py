@@ -16,7 +16,7 @@ from phiforge.evaluation import load_for_eval, score_dataset, score_documents
 from phiforge.evaluation import scoring
 from phiforge.evaluation.cloze import STOPWORDS, cloze_item
 from phiforge.evaluation.scoring import window_plan
-from phiforge.tokenizer import EOT_ID, builtin_tokenizer
+from phiforge.tokenizer import EOT_ID, builtin_tokenizer, save_tokenizer_files, train_byte_level_bpe
 
 TEXT = "It is a truth universally acknowledged, that a single man — ünïcödé 日本 — must be in want of a wife."
 
@@ -99,6 +99,7 @@ def test_dataset_documents_are_scored_whole(capsys, ckpt, tmp_path):
     for i, t in enumerate(texts):
         writer.add("val", [*tok.encode(t).ids, EOT_ID], id=str(i), title=f"doc {i}", bytes=len(t.encode("utf-8")))
     writer.finish()
+    save_tokenizer_files(tmp_path / "data", source_dir=ckpt)  # the tokenizer that made its tokens, as prepare does
     from_data = score_dataset(model, tmp_path / "data", "val")
     from_text = score_documents(model, tok, texts)
     assert [d.name for d in from_data.documents] == ["doc 0", "doc 1"]
@@ -106,6 +107,30 @@ def test_dataset_documents_are_scored_whole(capsys, ckpt, tmp_path):
     assert (from_data.tokens, from_data.bytes) == (from_text.tokens, from_text.bytes)
     code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", tmp_path / "data", "--split", "test")
     assert_one_line_error(code, err, "has no 'test' split")
+
+
+def test_eval_data_made_by_another_tokenizer_is_refused(capsys, ckpt, tmp_path):
+    """Issue 21, item 6: eval --data compares the tokenizer identities of the checkpoint and the dataset (not only
+    the vocabulary size); --allow-tokenizer-mismatch scores it anyway, with a warning."""
+    import hashlib
+
+    from phiforge.data.shards import DatasetWriter
+
+    data = tmp_path / "data"
+    other = train_byte_level_bpe([TEXT] * 30, vocab_size=300)
+    writer = DatasetWriter(data, {"name": "other", "vocab_size": other.get_vocab_size(), "eot_id": 0})
+    writer.add("val", [*other.encode(TEXT).ids, 0], id="0", title="doc", bytes=len(TEXT.encode("utf-8")))
+    writer.finish()
+    (data / "tokenizer.json").write_text(other.to_str())
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in data.iterdir()}
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", data)
+    assert_one_line_error(code, err, f"dataset {data} was made by another tokenizer than checkpoint {ckpt}",
+                          "--allow-tokenizer-mismatch")
+    assert out == ""
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", data, "--allow-tokenizer-mismatch")
+    assert code == 0, err
+    assert "phiforge: warning:" in err and "tokenizer mismatch allowed" in err and "doc" in out
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in data.iterdir()} == before
 
 
 BAD_TASKS = [

@@ -111,7 +111,7 @@ MARKER = ".phiforge-output.json"
 MARKER_FORMAT = "phiforge-output"
 _TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                     "merges.txt", "added_tokens.json"}
-IN_PLACE_KINDS = {"study-work", "study-report"}
+IN_PLACE_KINDS = {"study-work", "study-report", "run"}
 HASHED_BYTES = 4 * 2**20  # files up to this size are recorded with their sha256 as well as their size
 
 
@@ -174,6 +174,21 @@ def _old_tokenizer(d: Path) -> bool:  # written with a marker from the start, bu
     return output_kind(d) == "tokenizer" and _names_in(d, ["tokenizer-train.json"], tokenizer=True)
 
 
+def _old_run(d: Path) -> bool:  # "phiforge-train-state": train.checkpointing.STATE_FORMAT (not imported: torch)
+    """A training run from before the marker: a checkpoint's train_state.json, or metrics.jsonl opening with a
+    run's "start" event. A run may hold the user's own files too: --overwrite deletes only the run's
+    (train.rundir.run_files)."""
+    states = (d / "checkpoints").glob("step-*/train_state.json") if (d / "checkpoints").is_dir() else ()
+    if any(_json(p).get("format") == "phiforge-train-state" for p in states):
+        return True
+    try:
+        with open(d / "metrics.jsonl", encoding="utf-8") as f:
+            first = json.loads(f.readline(1 << 16))
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and first.get("event") == "start"
+
+
 # kind -> (what it is, in words; recogniser of an unmarked earlier output)
 OUTPUT_KINDS = {
     "model": ("a phiforge checkpoint", _old_model),
@@ -184,6 +199,7 @@ OUTPUT_KINDS = {
     "study-report": ("a study report", _old_study_report),
     "dataset": ("a phiforge dataset", _old_dataset),
     "tokenizer": ("a trained tokenizer (`tokenizer train`)", _old_tokenizer),
+    "run": ("a training run (`phiforge train`, `vision finetune`)", _old_run),
 }
 
 
@@ -284,19 +300,25 @@ def _home() -> Path | None:
         return None
 
 
-def check_not_input(out: Path, inputs, error: type[Exception] | None = None, flag: str = "output") -> Path:
-    """`out` resolved; raises `error` when it is, contains or sits inside one of `inputs` (paths a command reads,
-    None ignored): then writing it could destroy what the command reads, so --overwrite does not allow it."""
+def check_output_location(out: Path, inputs=(), what: str = "output", error: type[Exception] | None = None) -> Path:
+    """The resolved `out`, or `error` (PhiforgeError) when it is, contains or sits inside one of `inputs`, or is or
+    contains the working directory or the home directory: refused even with --overwrite. `what`: its name in
+    the message (e.g. "out_dir")."""
     from phiforge.errors import PhiforgeError
 
+    error = error or PhiforgeError
     real = Path(out).expanduser().resolve()
     for inp in inputs:
         if inp is None:
             continue
         rel = _relation(real, Path(inp).expanduser().resolve())
         if rel:
-            raise (error or PhiforgeError)(f"{flag} {out} {rel} the input {inp}; choose an output outside it "
-                                           "(refused even with --overwrite)")
+            raise error(f"{what} {out} {rel} the input {inp}; choose an output outside it (refused even with "
+                        "--overwrite)")
+    for name, protected in (("the working directory", Path.cwd().resolve()), ("your home directory", _home())):
+        if protected is not None and protected.is_relative_to(real):
+            raise error(f"{what} {out} {'is' if protected == real else 'contains'} {name}; choose a directory of "
+                        "its own (refused even with --overwrite)")
     return real
 
 
@@ -327,11 +349,7 @@ def claim_output_dir(out: Path, kind: str, inputs=(), overwrite: bool = False,
 
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
-    real = check_not_input(out, inputs)
-    for name, protected in (("the working directory", Path.cwd().resolve()), ("your home directory", _home())):
-        if protected is not None and protected.is_relative_to(real):
-            raise PhiforgeError(f"output {out} {'is' if protected == real else 'contains'} {name}; choose a "
-                                "directory of its own (refused even with --overwrite)")
+    real = check_output_location(out, inputs)
     if real.exists() and not real.is_dir():
         raise PhiforgeError(f"output {out} is a file, not a directory; remove it or choose another path")
     check_writable(real)

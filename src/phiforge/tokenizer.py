@@ -7,6 +7,7 @@ microsoft/phi-2 or from `phiforge tokenizer train` (`train_byte_level_bpe`), tak
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
 
-from phiforge.errors import CheckpointError
+from phiforge.errors import CheckpointError, DataError
 
 ASSETS = Path(__file__).parent / "assets" / "gpt2"
 EOT = "<|endoftext|>"
@@ -153,6 +154,52 @@ class CheckedTokenizer:
 
     def decode_batch(self, *args, **kwargs):
         return self._guarded(self.tokenizer.decode_batch, *args, **kwargs)
+
+
+def tokenizer_sha256(tok: Tokenizer) -> str:
+    """A tokenizer's identity: the sha256 of its canonical serialisation (`to_str()`), so the same tokenizer saved
+    pretty-printed or compact has one identity. A dataset's index.json records it as tokenizer.sha256."""
+    return hashlib.sha256(tok.to_str().encode()).hexdigest()
+
+
+def tokenizer_identity(d: Path) -> str | None:
+    """The identity (tokenizer_sha256) of the tokenizer.json in directory d: a dataset, a checkpoint or a model
+    directory; None when d has none (nothing is assumed in its place)."""
+    path = Path(d) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return _identity_of_file(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _identity_of_file(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is re-read
+    return tokenizer_sha256(load_tokenizer(Path(path).parent))
+
+
+def refuse_tokenizer_mismatch(problem: str, fix: str, allow: bool = False) -> None:
+    """A tokenizer identity problem: DataError("problem; fix"), or with `allow` (allow_tokenizer_mismatch,
+    --allow-tokenizer-mismatch) a one-line warning, and the command goes on."""
+    if allow:
+        print(f"phiforge: warning: {problem}; going on (tokenizer mismatch allowed)", file=sys.stderr)
+        return
+    raise DataError(f"{problem}; {fix}")
+
+
+def check_same_tokenizer(model_sha: str | None, model_what: str, data_sha: str | None, data_what: str,
+                         allow: bool = False) -> None:
+    """Refuse a model and token data made by different tokenizers (identities as tokenizer_identity; model_sha
+    None: the model has no tokenizer.json, data_sha None: unknown and already allowed), unless `allow`."""
+    if data_sha is None or model_sha == data_sha:
+        return
+    fix = "use data prepared with the model's tokenizer, or pass --allow-tokenizer-mismatch if this is intended"
+    if model_sha is None:
+        refuse_tokenizer_mismatch(f"{model_what} has no tokenizer.json, so it cannot be checked against the "
+                                  f"tokenizer of {data_what}", fix, allow)
+    else:
+        refuse_tokenizer_mismatch(f"{data_what} was made by another tokenizer than {model_what} (tokenizer sha256 "
+                                  f"{data_sha[:12]} vs {model_sha[:12]}): the same token ids stand for other text",
+                                  fix, allow)
 
 
 def eot_id(tok: Tokenizer) -> int:

@@ -11,7 +11,8 @@ def register(sub) -> None:
     cmds.required = True
     i = cmds.add_parser("inspect", help="documents, tokens per split, per-source shares and a decoded sample")
     i.add_argument("dir", metavar="DIR")
-    i.add_argument("--verify", action="store_true", help="also check every shard's sha256 (reads all shards)")
+    i.add_argument("--verify", action="store_true",
+                   help="also check every shard's sha256 and token ids, and tokenizer.json (reads all shards)")
     i.add_argument("--sample-tokens", type=int, default=60, metavar="N", help="tokens to decode (default 60)")
     i.add_argument("--split", help="split to sample from (default: train)")
     i.set_defaults(func=run_inspect)
@@ -74,12 +75,12 @@ def run_inspect(args) -> int:
     if stream is None:
         raise DataError(f"dataset {ds.dir} has no '{split}' split (it has: {', '.join(ds.splits())})")
     n = max(0, min(args.sample_tokens, stream.total))
-    tokenizer = load_tokenizer(ds.dir)
-    if tokenizer.get_vocab_size() != ds.vocab_size:
+    tokenizer = load_tokenizer(ds.dir)  # decoded only with the dataset's own tokenizer.json, never another
+    if not (ds.dir / "tokenizer.json").is_file() or tokenizer.get_vocab_size() != ds.vocab_size:
         print(f"sample: skipped ({ds.dir / 'tokenizer.json'} is missing or does not match the dataset's vocab)")
     else:
         text = tokenizer.decode(stream.read(0, n).tolist(), skip_special_tokens=False)
         print(f"sample ({split}, first {n} tokens): {text!r}")
     if args.verify:
-        print("checksums: ok")
+        print("checksums: ok (token ids within the vocabulary, tokenizer.json as recorded)")
     return 0

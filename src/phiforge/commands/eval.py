@@ -24,6 +24,8 @@ def register(sub) -> None:
     src.add_argument("--text", nargs="+", metavar="FILE", help=".txt (one document) or .jsonl (a `text` per line)")
     src.add_argument("--data", metavar="DIR", help="a `phiforge prepare` dataset: each document of --split scored whole")
     p.add_argument("--split", default="val", help="--data: the split to score (default val)")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="--data: score a dataset made by another tokenizer than the checkpoint's (with a warning)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens of context per window and question (default: the sequence length the checkpoint "
                         "was trained with, from its train_state.json; else the model's max_seq_len)")
@@ -85,12 +87,13 @@ def _check_out(args) -> None:
     """--out is never one of eval's inputs or inside one (not even with --overwrite), and can be written: both
     checked before anything is evaluated."""
     from phiforge.evaluation.tasks import parse_task_spec
-    from phiforge.fileio import check_not_input, check_writable
+    from phiforge.fileio import check_output_location, check_writable
 
     out = Path(args.out)
     tasks = [parse_task_spec(s)[2] for s in args.tasks.split(",") if s.strip()] \
         if args.tasks and args.harness == "builtin" else []
-    check_not_input(out, [args.checkpoint, args.data, args.include_path, *(args.text or []), *tasks], flag="--out")
+    inputs = [args.checkpoint, args.data, args.include_path, *(args.text or []), *tasks]
+    check_output_location(out, inputs, what="--out")
     if out.is_dir() or (out.exists() and not args.overwrite):
         raise PhiforgeError(f"--out {out} exists; pass --overwrite to replace it or choose another path")
     check_writable(out, what="--out")
@@ -133,11 +136,14 @@ def _load(args):
 
 
 def _run_builtin(args) -> dict:
+    from phiforge.evaluation.perplexity import check_dataset_tokenizer
     from phiforge.evaluation.tasks import load_task, parse_task_spec
 
     specs = [parse_task_spec(s) for s in args.tasks.split(",") if s.strip()] if args.tasks else []
     tasks = [load_task(name, path, format=fmt) for name, fmt, path in specs]  # bad files fail before the model loads
     texts = _read_texts(args.text) if args.text else None
+    if args.data:  # the dataset's tokens must be the checkpoint tokenizer's: checked before the model loads
+        check_dataset_tokenizer(args.checkpoint, args.data, allow=args.allow_tokenizer_mismatch)
     model, tokenizer = _load(args)
     result = {"checkpoint": str(args.checkpoint), "context": model.eval_context}
     if texts is not None or args.data:

@@ -1,4 +1,5 @@
-"""`phiforge train --config FILE [--set key=value ...] [--resume auto|none|PATH | --overwrite] [--print-config]`.
+"""`phiforge train --config FILE [--set key=value ...] [--resume auto|none|PATH | --overwrite]
+[--allow-tokenizer-mismatch] [--print-config]`.
 
 Also under torchrun: `torchrun --nproc-per-node N -m phiforge train ...` (docs/training.md)."""
 
@@ -9,7 +10,7 @@ from phiforge.commands import add_config_args, load_command_config
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a model (see configs/ and docs/training.md)")
-    add_config_args(p, "phiforge.train.config.TrainConfig", "optim.lr=1e-3", resume=True)
+    add_config_args(p, "phiforge.train.config.TrainConfig", "optim.lr=1e-3", resume=True, tokenizer_check=True)
     p.set_defaults(func=run)
 
 

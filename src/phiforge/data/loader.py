@@ -34,6 +34,7 @@ a subclass whose `_memmap` returns arrays backed by remote reads would serve the
 from __future__ import annotations
 
 import operator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,8 +64,22 @@ def _int(value, what: str, minimum: int) -> int:
     return int(v)
 
 
-def _batch(stream: TokenStream, windows, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = np.stack([stream.read(int(w) * seq_len, seq_len + 1) for w in windows])
+def check_ids(rows: np.ndarray, streams: list[TokenStream], starts: list[int], vocab_size: int | None) -> None:
+    """Refuse token ids the model has no embedding for (row i was read from streams[i] at starts[i]): one max per
+    batch, so a corrupt or foreign shard is a one-line error naming it, not an IndexError (or a CUDA assert)."""
+    if vocab_size is None or not len(rows) or int(rows.max()) < vocab_size:
+        return
+    r, c = (int(v) for v in np.argwhere(rows >= vocab_size)[0])
+    shard = streams[r].file_at(starts[r] + c)
+    raise DataError(f"shard {shard} holds token id {int(rows[r, c])}, at or above the model's vocabulary of "
+                    f"{vocab_size}: corrupt, or made by another tokenizer; `phiforge data inspect "
+                    f"{Path(shard).parent} --verify` checks every shard")
+
+
+def _batch(stream: TokenStream, windows, seq_len: int, vocab_size: int | None = None):
+    starts = [int(w) * seq_len for w in windows]
+    rows = np.stack([stream.read(start, seq_len + 1) for start in starts])
+    check_ids(rows, [stream] * len(starts), starts, vocab_size)
     t = torch.from_numpy(rows)
     return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
@@ -157,7 +172,7 @@ class PackedLoader:
     """Shuffled, rank-sharded, exactly resumable batches of a split. See the module docstring."""
 
     def __init__(self, data_dir, split: str, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, mixture=None, shuffle: str = "auto"):
+                 world_size: int = 1, mixture=None, shuffle: str = "auto", vocab_size: int | None = None):
         seq_len, batch_size = _int(seq_len, "seq_len", 1), _int(batch_size, "batch size", 1)
         seed, rank, world_size = _int(seed, "seed", 0), _int(rank, "rank", 0), _int(world_size, "world_size", 1)
         if rank >= world_size:
@@ -169,6 +184,7 @@ class PackedLoader:
         self.stream = self.dataset.stream(split)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.vocab_size = vocab_size  # set: every batch's ids are checked against it (check_ids)
         what = f"split '{split}' of {data_dir}"
         self.n_windows = _count_windows(self.stream, seq_len, what)
         self.mixture = resolve_mixture(self.dataset, split, mixture)
@@ -260,17 +276,21 @@ class PackedLoader:
         g0 = self.position * ws
         g1 = g0 + self.batch_size * ws
         ch = self._choices(g0, g1)
-        rows = []
+        rows, streams, starts = [], [], []
         counts = list(self.consumed)
         for j, k in enumerate(ch):
             k = int(k)
             c = counts[k]
             counts[k] += 1
             if j % ws == self.rank:
-                rows.append(self.source_streams[k].read(self._source_window(k, c) * self.seq_len, self.seq_len + 1))
+                streams.append(self.source_streams[k])
+                starts.append(self._source_window(k, c) * self.seq_len)
+                rows.append(streams[-1].read(starts[-1], self.seq_len + 1))
         self.consumed = counts
         self.position += self.batch_size
-        t = torch.from_numpy(np.stack(rows))
+        stacked = np.stack(rows)
+        check_ids(stacked, streams, starts, self.vocab_size)
+        t = torch.from_numpy(stacked)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
     def _advance_mixture(self, g_from: int, g_to: int) -> None:
@@ -292,7 +312,7 @@ class PackedLoader:
         else:
             idx = self._positions(self.epoch, np.arange(self.position, self.position + self.batch_size))
         self.position += self.batch_size
-        return _batch(self.stream, idx, self.seq_len)
+        return _batch(self.stream, idx, self.seq_len, self.vocab_size)
 
     def __iter__(self):
         while True:
@@ -349,8 +369,10 @@ class PackedLoader:
         self.epoch = 0
 
 
-def eval_batches(data_dir, split: str, seq_len: int, batch_size: int, max_batches: int, mixture=None):
+def eval_batches(data_dir, split: str, seq_len: int, batch_size: int, max_batches: int, mixture=None,
+                 vocab_size: int | None = None):
     """The split's first windows in order, as up to max_batches full batches [(x, y), ...]; the same every call.
+    vocab_size: their token ids are checked against it (check_ids).
 
     A split too small for one full batch gives one smaller batch. With a mixture, the windows are the first
     ones of each source, in numbers proportional to the weights (largest remainder), sources interleaved;
@@ -365,7 +387,8 @@ def eval_batches(data_dir, split: str, seq_len: int, batch_size: int, max_batche
         n = min(_count_windows(stream, seq_len, f"split '{split}' of {data_dir}"), batch_size * max_batches)
         if n >= batch_size:
             n -= n % batch_size  # full batches only: the loop averages per batch
-        return [_batch(stream, range(i, min(i + batch_size, n)), seq_len) for i in range(0, n, batch_size)]
+        return [_batch(stream, range(i, min(i + batch_size, n)), seq_len, vocab_size)
+                for i in range(0, n, batch_size)]
     streams = {s: ds.source_stream(split, s) for s in weights}
     avail = {s: (st.total - 1) // seq_len if st.total > 0 else 0 for s, st in streams.items()}
     total_w = sum(weights.values())
@@ -377,16 +400,19 @@ def eval_batches(data_dir, split: str, seq_len: int, batch_size: int, max_batche
             break
         if take[s] < avail[s]:
             take[s] += 1
-    rows = []
+    rows, read_from = [], []
     for i in range(max(take.values(), default=0)):
         for s in weights:
             if i < take[s]:
                 rows.append(streams[s].read(i * seq_len, seq_len + 1))
+                read_from.append((streams[s], i * seq_len))
     n = len(rows)
     if n == 0:
         raise DataError(f"split '{split}' of {data_dir} has no window of seq_len+1 = {seq_len + 1} in any source")
     if n >= batch_size:
         n -= n % batch_size
-    t = torch.from_numpy(np.stack(rows[:n]))
+    stacked = np.stack(rows[:n])
+    check_ids(stacked, [st for st, _ in read_from[:n]], [at for _, at in read_from[:n]], vocab_size)
+    t = torch.from_numpy(stacked)
     return [(t[i : i + batch_size, :-1].contiguous(), t[i : i + batch_size, 1:].contiguous())
             for i in range(0, n, batch_size)]

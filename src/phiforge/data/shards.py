@@ -73,6 +73,20 @@ def dtype_name(dtype: np.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[np.dtype(dtype).newbyteorder("<")]
 
 
+def scan_shard(path: Path, dtype: np.dtype, vocab_size: int) -> tuple[str, tuple[int, int] | None]:
+    """(sha256 of the shard file, (position, id) of its first token id >= vocab_size or None), in one read."""
+    h, position, bad = hashlib.sha256(), 0, None
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):  # 4 MiB: a whole number of uint16 / uint32 tokens
+            h.update(block)
+            ids = np.frombuffer(block, dtype=dtype)
+            if bad is None and len(ids) and int(ids.max()) >= vocab_size:
+                i = int(np.flatnonzero(ids >= vocab_size)[0])
+                bad = (position + i, int(ids[i]))
+            position += len(ids)
+    return h.hexdigest(), bad
+
+
 class ShardWriter:
     """Appends one split's documents to `{split}-NNNNN.bin`, rolling over to a new shard at `shard_tokens` and
     whenever the documents' source changes (a shard holds one source)."""
@@ -354,10 +368,17 @@ def _check_index(index, idx_path: Path) -> None:
 class TokenStream:
     """Random access to a split's token stream (its memory-mapped shards, concatenated)."""
 
-    def __init__(self, arrays: list[np.ndarray]):
-        self.arrays = [a for a in arrays if len(a)]
+    def __init__(self, arrays: list[np.ndarray], files: list[Path] | None = None):
+        keep = [i for i, a in enumerate(arrays) if len(a)]
+        self.arrays = [arrays[i] for i in keep]
+        self.files = [files[i] for i in keep] if files is not None else None  # for messages naming a shard
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays]).astype(np.int64)
         self.total = int(self.offsets[-1])
+
+    def file_at(self, position: int) -> str:
+        """The shard that holds token `position` of the stream (for messages)."""
+        i = int(np.searchsorted(self.offsets, position, side="right") - 1)
+        return str(self.files[i]) if self.files is not None else f"shard {i} of the stream"
 
     def __len__(self) -> int:
         return self.total
@@ -462,7 +483,7 @@ class TokenDataset:
         if shards is None:
             raise DataError(f"dataset {self.dir} has no source '{source}' in split '{split}' "
                             f"(it has: {', '.join(self.sources(split))})")
-        return TokenStream([self._memmap(s) for s in shards if s["tokens"]])
+        return self._stream_of(shards)
 
     def _memmap(self, s: dict) -> np.ndarray:
         return np.memmap(self.dir / s["file"], dtype=self.dtype, mode="r", shape=(s["tokens"],))
@@ -488,16 +509,46 @@ class TokenDataset:
 
     def stream(self, split: str) -> TokenStream:
         if split not in self._streams:
-            self._streams[split] = TokenStream(self.arrays(split))
+            self._streams[split] = self._stream_of(self._split(split)["shards"])
         return self._streams[split]
 
+    def _stream_of(self, shards: list[dict]) -> TokenStream:
+        shards = [s for s in shards if s["tokens"]]
+        return TokenStream([self._memmap(s) for s in shards], [self.dir / s["file"] for s in shards])
+
+    def tokenizer_sha256(self, allow: bool = False) -> str | None:
+        """The identity of the tokenizer that made the tokens (phiforge.tokenizer.tokenizer_identity of
+        DIR/tokenizer.json), checked against the sha256 index.json records. A missing file (no tokenizer is
+        assumed in its place) or another tokenizer than the recorded one is a DataError, or with `allow` a
+        warning and None (unknown)."""
+        from phiforge.tokenizer import refuse_tokenizer_mismatch, tokenizer_identity
+
+        found = tokenizer_identity(self.dir)
+        recorded = self.index["tokenizer"].get("sha256")
+        if found is None:
+            problem = f"dataset {self.dir} has no tokenizer.json, so the tokenizer that made its tokens is unknown"
+        elif recorded is not None and found != recorded:
+            problem = (f"{self.dir / 'tokenizer.json'} is not the tokenizer that made the tokens of {self.dir} (its "
+                       f"sha256 is {found[:12]}, {INDEX} records {str(recorded)[:12]})")
+        else:
+            return found
+        refuse_tokenizer_mismatch(problem, "put the tokenizer.json it was prepared with there, or re-run "
+                                           "`phiforge prepare`", allow)
+        return None
+
     def verify(self) -> None:
-        """Check every shard's sha256 against the index (reads all shards)."""
+        """Check every shard's sha256 against the index and its token ids against the vocabulary (one pass over
+        all shards), documents.jsonl's sha256, and tokenizer.json against the tokenizer sha256 the index records."""
         for split in self.splits():
             for s in self._split(split)["shards"]:
                 path = self.dir / s["file"]
-                if sha256_file(path) != s["sha256"]:
+                digest, bad = scan_shard(path, self.dtype, self.vocab_size)
+                if digest != s["sha256"]:
                     raise DataError(f"checksum mismatch in shard {path}: it changed after it was written; "
+                                    "re-run `phiforge prepare`")
+                if bad is not None:
+                    raise DataError(f"shard {path} holds token id {bad[1]} (token {bad[0]:,} of the shard), at or "
+                                    f"above the vocabulary of {self.vocab_size} in {INDEX}: it cannot be trained on; "
                                     "re-run `phiforge prepare`")
         docs = self.index.get("documents")
         if isinstance(docs, dict) and "sha256" in docs:
@@ -505,6 +556,8 @@ class TokenDataset:
             if not path.is_file() or sha256_file(path) != docs["sha256"]:
                 raise DataError(f"checksum mismatch in {path}: it changed after it was written; "
                                 "re-run `phiforge prepare`")
+        if "sha256" in self.index["tokenizer"]:
+            self.tokenizer_sha256()
 
 
 def read_index(data_dir: str | Path) -> dict:

@@ -71,10 +71,8 @@ def document_texts(data_dir: Path, split: str) -> list[tuple[str, str]]:
     from phiforge.tokenizer import load_tokenizer
 
     dataset = open_token_dataset(data_dir)
-    tok = load_tokenizer(data_dir)  # the dataset's tokenizer.json, else the built-in GPT-2 BPE
-    if tok.get_vocab_size() < dataset.vocab_size:
-        raise DataError(f"{data_dir} has no tokenizer.json for its {dataset.vocab_size}-token vocabulary: its tokens "
-                        "cannot be decoded back to text")
+    dataset.tokenizer_sha256()  # its own tokenizer.json, the one that made the tokens: never another in its place
+    tok = load_tokenizer(data_dir)
     return [(str(doc.get("title") or doc.get("id")), tok.decode(tokens.tolist()))
             for doc, tokens in dataset.iter_document_tokens(split)]
 
@@ -84,13 +82,13 @@ def make_cloze(data_dir: str | Path, out_path: str | Path, *, n_items: int = 500
     """Write up to n_items cloze items (LAMBADA's JSONL format, see the module docstring) made from the split's
     documents to out_path; returns it. An existing out_path needs `overwrite`; the file appears complete or not
     at all."""
-    from phiforge.fileio import check_not_input, check_writable, write_text_atomic
+    from phiforge.fileio import check_output_location, check_writable, write_text_atomic
 
     out = Path(out_path)
     if n_items < 1 or not 1 <= min_sentences <= max_sentences:
         raise PhiforgeError(f"need n_items >= 1 and 1 <= min_sentences <= max_sentences, got {n_items}, "
                             f"{min_sentences}, {max_sentences}")
-    check_not_input(out, [data_dir], flag="--out")
+    check_output_location(out, [data_dir], what="--out")
     if out.exists() and not overwrite:
         raise PhiforgeError(f"{out} exists; pass --overwrite to replace it or choose another path")
     check_writable(out, what="--out")

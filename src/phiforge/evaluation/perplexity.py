@@ -94,6 +94,18 @@ def score_documents(model, tokenizer, texts: Sequence[str], *, names: Sequence[s
                            batch_size=batch_size, progress=progress, desc="scoring text")
 
 
+def check_dataset_tokenizer(checkpoint: str | Path, data_dir: str | Path, allow: bool = False) -> None:
+    """The tokenizer that made the dataset's tokens must be the checkpoint's (a run directory: its latest), by
+    identity (phiforge.tokenizer.tokenizer_identity): DataError otherwise, or with `allow` a warning."""
+    from phiforge.checkpoint import resolve_checkpoint
+    from phiforge.data.shards import open_token_dataset
+    from phiforge.tokenizer import check_same_tokenizer, tokenizer_identity
+
+    ckpt = resolve_checkpoint(Path(checkpoint))
+    data_sha = open_token_dataset(data_dir).tokenizer_sha256(allow)
+    check_same_tokenizer(tokenizer_identity(ckpt), f"checkpoint {ckpt}", data_sha, f"dataset {data_dir}", allow)
+
+
 def score_dataset(model, data_dir: str | Path, split: str = "val", *, stride: int | None = None,
                   batch_size: int = 8, limit: int | None = None, progress: bool = False) -> TextScore:
     """Score each document of a `phiforge prepare` dataset's split whole (its own tokens, its recorded UTF-8

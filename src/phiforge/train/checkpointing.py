@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -64,9 +65,16 @@ def is_complete(ckpt: Path) -> bool:
         and (ckpt / ".metadata").is_file()
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Every checkpoint directory of a run, oldest first, complete or damaged (not a save in progress, .tmp)."""
     root = Path(run_dir) / "checkpoints"
-    return sorted(p for p in root.glob("step-*") if is_complete(p)) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d{8}", p.name))
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    return [p for p in checkpoint_dirs(run_dir) if is_complete(p)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -130,18 +138,29 @@ def resolve_training_checkpoint(path: Path, warn=None) -> Path:
 
 
 def newest_intact_checkpoint(run_dir: Path, warn=None) -> Path | None:
-    """The newest complete checkpoint whose files are intact; `warn(message)` for each damaged one skipped."""
-    for ckpt in reversed(complete_checkpoints(run_dir)):
+    """The newest checkpoint of the run whose files are intact (`warn(message)` for each damaged one skipped), or
+    None when the run has no checkpoint at all. When it has checkpoints and none is intact: CheckpointError naming
+    each one and why, so that nothing starts at step 0 over them."""
+    damaged = []
+    for ckpt in reversed(checkpoint_dirs(run_dir)):
         problem = verify_checkpoint(ckpt)
         if problem is None:
+            for older, why in damaged:
+                if warn is not None:
+                    warn(f"skipping damaged checkpoint {older}: {why}")
             return ckpt
-        if warn is not None:
-            warn(f"skipping damaged checkpoint {ckpt}: {problem}")
+        damaged.append((ckpt, problem))
+    if damaged:
+        listed = "; ".join(f"{c.name}: {why}" for c, why in reversed(damaged))
+        raise CheckpointError(f"{Path(run_dir) / 'checkpoints'} holds no intact checkpoint to resume from "
+                              f"({listed}); restore them, resume from another checkpoint with --resume PATH, or start "
+                              "over with --overwrite (deletes them)")
     return None
 
 
 def find_resume(run_dir: Path, resume: str, warn=None) -> Path | None:
-    """resume: none -> None; auto -> the run's newest intact checkpoint or None; otherwise that path."""
+    """resume: none -> None; auto -> the run's newest intact checkpoint, None when it has no checkpoint at all (a
+    CheckpointError when it has only damaged ones); otherwise that path."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -212,7 +231,7 @@ class Checkpointer:
     def _prepare_root(self) -> None:
         if self.env.is_main and not self._ready:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob("*.tmp"):  # saves killed mid-way by an earlier process
+            for stale in self.root.glob("step-*.tmp"):  # saves killed mid-way by an earlier process
                 shutil.rmtree(stale, ignore_errors=True)
         self._ready = True
 
@@ -299,7 +318,7 @@ class Checkpointer:
         for old in done[: -self.keep]:
             if old != self.last_complete:
                 shutil.rmtree(old, ignore_errors=True)
-        for old in self.root.glob("*.old"):
+        for old in self.root.glob("step-*.old"):
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, ckpt: Path, model, optimizer, model_cfg: Phi2Config) -> dict:

@@ -190,6 +190,9 @@ class TrainConfig:
     # {name, path, format, limit, num_fewshot}; metrics task/NAME/acc, text/NAME/bpb, ... in metrics.jsonl
     eval_tasks: list[str | EvalTaskConfig] = field(default_factory=list)
     eval_tasks_interval: int = 0  # >0: eval_tasks only at validations whose step is a multiple of it (and the last)
+    # true (or --allow-tokenizer-mismatch): train data made by another tokenizer than the model's (init_from, the
+    # checkpoint resumed) or a dataset without tokenizer.json, with a warning instead of an error
+    allow_tokenizer_mismatch: bool = False
 
     def __post_init__(self):
         if self.optim.schedule not in ("cosine", "linear", "wsd", "constant"):

@@ -3,12 +3,14 @@
     phiforge train --config F [--set k=v ...] [--resume auto | --overwrite]                  # one process
     torchrun --nproc-per-node 8 -m phiforge train --config configs/phi2-8xh100.yaml          # eight
 
-Start-up checks everything before writing anything: the model config, the data, the run directory (a run
-that holds checkpoints needs --resume auto or --overwrite), the checkpoint to resume from. Then: the model is
-built on the meta device, laid out by parallelize() (AC, compile, FSDP2/DDP) and materialised shard by shard
-(build.py), the optimizer (AdamW, or Muon + AdamW: optim.py), the resume load (DCP, checkpointing.py), and
-the shared step and cadence of engine.py run the steps. The resolved config is written to RUN/config.yaml
-when training starts; metrics go to RUN/metrics.jsonl (+ TensorBoard / W&B) on rank 0.
+Start-up checks everything before writing anything: the model config, the data and its tokenizer (the same
+tokenizer as init_from's and as the checkpoint's to resume from, by identity), the run directory (locked by
+rank 0 for the whole run; a run that holds checkpoints needs --resume auto or --overwrite), the checkpoint to
+resume from. Then: the model is built on the meta device, laid out by parallelize() (AC, compile, FSDP2/DDP)
+and materialised shard by shard (build.py), the optimizer (AdamW, or Muon + AdamW: optim.py), the resume load
+(DCP, checkpointing.py), and the shared step and cadence of engine.py run the steps. The resolved config is
+written to RUN/config.yaml when training starts; metrics go to RUN/metrics.jsonl (+ TensorBoard / W&B) on
+rank 0.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from phiforge.checkpoint import resolve_checkpoint
 from phiforge.config import to_dict
 from phiforge.data.loader import PackedLoader, eval_batches
 from phiforge.data.shards import open_token_dataset
 from phiforge.errors import ConfigError
 from phiforge.evaluation.suite import EvalSuite
 from phiforge.model.moe import moe_metrics
-from phiforge.tokenizer import eot_id, load_tokenizer, token_byte_lengths
+from phiforge.tokenizer import (check_same_tokenizer, eot_id, load_tokenizer, token_byte_lengths, tokenizer_identity,
+                                tokenizer_sha256)
 from phiforge.train.build import build_train_model, train_model_config
 from phiforge.train.checkpointing import Checkpointer
 from phiforge.train.config import TrainConfig
@@ -146,6 +150,21 @@ def check_data(cfg: TrainConfig, mcfg):
     return dataset
 
 
+def run_tokenizer(cfg: TrainConfig, dataset) -> Path:
+    """The directory whose tokenizer the run trains with and saves in its checkpoints: the `init_from`
+    checkpoint's (resolved as `generate --checkpoint` resolves one: a run directory means its latest
+    checkpoint), else the dataset's. The tokenizer that made the data must be that tokenizer (compared by
+    identity, phiforge.tokenizer.tokenizer_identity, not only by vocabulary size) unless
+    allow_tokenizer_mismatch."""
+    data_sha = dataset.tokenizer_sha256(cfg.allow_tokenizer_mismatch)
+    if not cfg.init_from:
+        return Path(cfg.data.dir)
+    ckpt = resolve_checkpoint(Path(cfg.init_from))
+    check_same_tokenizer(tokenizer_identity(ckpt), f"the init_from checkpoint {ckpt}", data_sha,
+                         f"dataset {cfg.data.dir}", cfg.allow_tokenizer_mismatch)
+    return ckpt
+
+
 def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
     """Run training; returns a summary dict (on rank 0 also the last line of metrics.jsonl).
     overwrite: start over in a run directory that holds an earlier run (its checkpoints and metrics go)."""
@@ -158,11 +177,22 @@ def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest, overwrite: bool) -
     strategy = resolve_strategy(cfg, env.world_size)
     mcfg = train_model_config(cfg)  # first, so a bad preset or model key is reported before any data problem
     dataset = check_data(cfg, mcfg)
-    tokenizer_dir = Path(cfg.init_from) if cfg.init_from else Path(cfg.data.dir)
+    tokenizer_dir = run_tokenizer(cfg, dataset)
     # eval_tasks in the context the run trains with (the positions beyond it are not learnt)
     suite = EvalSuite.load(cfg.eval_tasks, load_tokenizer(tokenizer_dir), cfg.data.seq_len, mcfg.vocab_size) \
         if cfg.eval_tasks else None
-    run = RunDir(cfg.out_dir, env, "train", cfg.resume, overwrite)  # refuses a run dir it must not touch
+    # refuses a run dir it must not touch; rank 0 holds its lock until the run ends
+    with RunDir(cfg.out_dir, env, "train", cfg.resume, overwrite, inputs=[cfg.data.dir, cfg.init_from]) as run:
+        if run.checkpoint:
+            check_same_tokenizer(tokenizer_identity(run.checkpoint), f"checkpoint {run.checkpoint}",
+                                 tokenizer_sha256(load_tokenizer(tokenizer_dir)), f"dataset {cfg.data.dir}",
+                                 cfg.allow_tokenizer_mismatch)
+        return _start(cfg, env, stop, run, strategy, mcfg, dataset, tokenizer_dir, suite)
+
+
+def _start(cfg: TrainConfig, env: DistEnv, stop: StopRequest, run: RunDir, strategy: str, mcfg, dataset,
+           tokenizer_dir: Path, suite: EvalSuite | None) -> dict:
+    """Build the model, optimizer, data and checkpointer, load the checkpoint to resume from, train."""
     faults = Faults.from_env(env.rank)
     model, train_model = build_train_model(cfg, mcfg, env, build_mesh(cfg, env))
     model.eval_context = cfg.data.seq_len  # what eval_tasks score with (evaluation.scoring.eval_context)
@@ -170,10 +200,12 @@ def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest, overwrite: bool) -
     # fused AdamW: one kernel per step; on CPU only for plain (non-DTensor) parameters, where it is ~2x foreach's
     # speed. optim.name=muon: Muon for the weight matrices, this AdamW for the rest (train/optim.py)
     optimizer = build_optimizer(model, cfg.optim, fused=env.device.type == "cuda" or strategy == "none")
+    # every batch's token ids are checked against the vocabulary (a cheap max; a bad shard is named)
     loader = PackedLoader(cfg.data.dir, "train", cfg.data.seq_len, cfg.micro_batch_size, seed=cfg.data.seed,
-                          rank=env.rank, world_size=env.world_size, mixture=cfg.data.mixture)
+                          rank=env.rank, world_size=env.world_size, mixture=cfg.data.mixture,
+                          vocab_size=mcfg.vocab_size)
     val = eval_batches(cfg.data.dir, "val", cfg.data.seq_len, cfg.micro_batch_size, cfg.eval_batches,
-                       mixture=cfg.data.mixture)
+                       mixture=cfg.data.mixture, vocab_size=mcfg.vocab_size)
     ckpt = Checkpointer(run.path, env, cfg.keep_checkpoints, async_save=cfg.async_checkpoint,
                         tokenizer_dir=tokenizer_dir, fault=faults)
     state = ckpt.load(Path(run.checkpoint), train_model, optimizer, mcfg) if run.checkpoint else None

@@ -197,7 +197,12 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv, stop: StopRequest, overwrite: b
     if tok.get_vocab_size() > model.lm.cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocabulary has "
                           f"{model.lm.cfg.vocab_size}; choose a larger preset or set model.vocab_size")
-    run = RunDir(cfg.out_dir, env, "vision finetune", cfg.resume, overwrite)
+    inputs = [cfg.data.train, cfg.data.val, cfg.data.image_dir, cfg.init_from]
+    with RunDir(cfg.out_dir, env, "vision finetune", cfg.resume, overwrite, inputs=inputs) as run:  # rank 0 locks it
+        return _start(cfg, env, stop, model, tok, run)
+
+
+def _start(cfg: FinetuneConfig, env: DistEnv, stop: StopRequest, model: VisionLM, tok, run: RunDir) -> dict:
     vr = VisionRun(cfg, env, model, tok, run, Faults.from_env(env.rank))
     for name in ("train", "val"):
         ds = getattr(vr, f"{name}_set")
