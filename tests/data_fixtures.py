@@ -17,6 +17,9 @@ ships with phiforge and Python, and a source's cleaned documents read in this pr
 "sample" writes the same as 1T-Sample's flat `SOURCE_sample.jsonl` files (common crawl as
 `cc_2019-30_sample.jsonl`), "v2" writes common crawl as V2 `documents/` + `quality_signals/`.
 
+`add_duplicates(out)` adds wikipedia/wiki_dups.jsonl to such a download: an exact copy of the first book/ document
+and a near copy (a few words changed) of the second, so `--dedup exact,near` has something to remove.
+
 `make_bench_corpus(out, target_bytes)` repeats the books and stdlib sources with variations (paragraph order,
 dropped paragraphs, a per-copy preamble) into book/ and github/ JSON-lines files of about target_bytes.
 Nothing is downloaded.
@@ -184,6 +187,18 @@ def make_redpajama(out: str | Path, layout: str = "1T", max_bytes: int = 200_000
         else:
             raise ValueError(f"layout must be 1T, sample or v2, got {layout!r}")
     return out
+
+
+def add_duplicates(out: str | Path) -> Path:
+    """wikipedia/wiki_dups.jsonl under a make_redpajama download (see the module doc); returns its path."""
+    out = Path(out)
+    books = [json.loads(line) for line in (out / ONE_T_FILES["book"]).read_text(encoding="utf-8").splitlines()]
+    words = books[1]["text"].split(" ")
+    for k in range(100, len(words), len(words) // 4):  # 4 words changed: ~98% of the 5-word shingles stay
+        words[k] = "changed"
+    docs = [{"text": books[0]["text"], "meta": {"title": "exact copy"}},
+            {"text": " ".join(words), "meta": {"title": "near copy"}}]
+    return _write_jsonl(out / "wikipedia" / "wiki_dups.jsonl", docs)
 
 
 def make_bench_corpus(out: str | Path, target_bytes: int, file_bytes: int = 64 << 20, seed: int = 0) -> dict:

@@ -310,14 +310,15 @@ def build_source(cfg: PrepareConfig) -> tuple[Source, dict]:
 def prepare_corpus(cfg: PrepareConfig, echo=print) -> dict:
     """Prepare the dataset a config describes into cfg.out; returns its index. echo(line) gets the report and
     the dataset summary (None: print nothing)."""
-    from phiforge.data.prepare import _check_out_dir, prepare
+    from phiforge.data.prepare import check_out_dir, dataset_lock, prepare
 
     if not cfg.out:
         raise DataError("give --out DIR (out: in a --config file): where the dataset goes")
-    _check_out_dir(Path(cfg.out))  # before any book is read
+    check_out_dir(Path(cfg.out))  # before any book is read
     t0 = time.perf_counter()
-    source, val = build_source(cfg)
-    index = prepare(source, cfg.out, summary=echo, **cfg.options(**val))
+    with dataset_lock(cfg.out):  # before a download starts: a second prepare of this --out is refused at once
+        source, val = build_source(cfg)
+        index = prepare(source, cfg.out, summary=echo, **cfg.options(**val))
     if echo is not None:
         for line in dataset_summary(index, cfg.out, time.perf_counter() - t0):
             echo(line)

@@ -25,7 +25,11 @@ documents are joined by the EOT token (each document's tokens end with it).
 Crash safety and resume. Work happens in a hidden sibling `.NAME.partial/`. After an input unit completes,
 at most every `checkpoint_seconds`, the open shard and documents.jsonl are flushed and fsynced and
 `journal.json` records the units done, the shards finished (with sha256) and the byte lengths of the open
-shard and documents.jsonl; the dedup state and report go to a pickle beside it. Re-running the same command
+shard and documents.jsonl; the dedup state and report go to JSON (and a .npy of signatures) beside it, never a
+pickle, and every name the journal holds must be a file of the work directory (phiforge.data.journal).
+One process at a time: a lock beside OUT (`.NAME.lock`) covers OUT and its work directory for the whole run,
+and a second `prepare` of the same OUT is refused at once, naming the holder's pid. SIGTERM or SIGINT stop the
+workers and keep the journaled work (one line: rerun to resume). Re-running the same command
 continues after the last journaled unit: the open shard and documents.jsonl are cut back to the journaled
 lengths (so nothing half-written or duplicated survives) and the result is byte-identical to an
 uninterrupted run. A run with different inputs or options refuses to resume (--restart starts over). At the
@@ -39,17 +43,17 @@ The code: `_Run` holds one run's state; `_open_work`/`_load` (resume), `_feed`/`
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import os
-import pickle
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,19 +63,20 @@ from tqdm import tqdm
 from phiforge import __version__
 from phiforge.data.dedup import Deduper, content_hash, minhash_signature
 from phiforge.data.gutenberg import CLEANER_VERSION
+from phiforge.data.journal import FORMAT as JOURNAL_FORMAT
+from phiforge.data.journal import JOURNAL, load_state, read_journal, remove_other_states, save_state
 from phiforge.data.report import Report
 from phiforge.data.shards import DEFAULT_SHARD_TOKENS, DatasetWriter
 from phiforge.data.sources import RawDoc, Skip, Source, clean_raw
-from phiforge.errors import DataError
+from phiforge.errors import DataError, PhiforgeError
 from phiforge.faults import PrepareFaults
-from phiforge.fileio import swap_in_dir, write_json_atomic
+from phiforge.fileio import DirectoryLock, swap_in_dir, write_json_atomic
 from phiforge.tokenizer import EOT, eot_id, load_tokenizer
 
 CHUNK_CHARS = 32_768
 BATCH_CHARS = 1 << 18  # characters of text per worker task
 BATCH_DOCS = 512
 REPORT = "prepare-report.json"
-JOURNAL = "journal.json"
 _PARA_CUT = re.compile(r"(?<=\S)(?=\n\n)")  # end of a paragraph
 _WORD_CUT = re.compile(r"(?<=\S)(?=[ \n])")  # end of any word
 _DATASET_FILE = re.compile(r"^(index\.json|tokenizer\.json|documents\.jsonl|prepare-report\.json|"
@@ -152,21 +157,99 @@ def tokenize_document(tok, text: str, eot: int, chunk_chars: int = CHUNK_CHARS) 
     return tokenize_documents(tok, [text], eot, chunk_chars)[0]
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse an output path that holds anything but a phiforge dataset (fileio's rule for every output)."""
-    from phiforge.errors import PhiforgeError
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an output path that holds anything but a phiforge dataset (fileio's rule for every output), or that
+    cannot be written."""
     from phiforge.fileio import MARKER, claim_output_dir
 
     try:
         claim_output_dir(out_dir, "dataset", overwrite_hint="choose another --out (or empty it yourself)")
     except PhiforgeError as e:
         raise DataError(str(e)) from None
+    check_writable(out_dir, "--out")
     if not out_dir.is_dir():
         return
     foreign = sorted(p.name for p in out_dir.iterdir() if not _DATASET_FILE.match(p.name) and p.name != MARKER)
     if foreign:
         raise DataError(f"{out_dir} is a phiforge dataset but also holds other files ({', '.join(foreign[:5])}); "
                         "move them or choose another --out")
+
+
+def check_writable(out_dir: Path, flag: str) -> None:
+    """Before any work: the folder that will hold out_dir (its work directory and lock go beside it) must be
+    writable, and so must an existing out_dir (it is replaced at the end)."""
+    out = Path(out_dir).expanduser().absolute()
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DataError(f"cannot create {flag} {out_dir}: {folder} is a file, not a folder")
+    for path, what in ((folder, f"the folder {folder}, where {flag} {out_dir} goes,"), (out, f"{flag} {out_dir}")):
+        if path.exists() and not os.access(path, os.W_OK | os.X_OK):
+            raise DataError(f"{what} is not writable (permission denied); choose another {flag} or make it "
+                            "writable")
+
+
+_LOCKS: dict[Path, list] = {}  # out_dir -> [lock, depth]: this process's dataset locks
+
+
+@contextmanager
+def dataset_lock(out_dir: Path):
+    """This process alone writes out_dir and its work directory while inside (re-entrant): another process that
+    tries is refused at once with one line naming this one's pid (fileio.DirectoryLock, `.NAME.lock` beside it)."""
+    key = Path(out_dir).expanduser().resolve()
+    if key not in _LOCKS:
+        try:
+            _LOCKS[key] = [DirectoryLock(key, "dataset", DataError).acquire(), 0]
+        except PermissionError as e:
+            raise DataError(f"cannot write beside {out_dir}: {e.strerror} ({e.filename})") from None
+    _LOCKS[key][1] += 1
+    try:
+        yield
+    finally:
+        _LOCKS[key][1] -= 1
+        if not _LOCKS[key][1]:
+            _LOCKS.pop(key)[0].release()
+
+
+class PrepareInterrupted(PhiforgeError):
+    """SIGTERM or SIGINT stopped `prepare`: the journaled work is kept for a re-run. Exits 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class _Signal(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _stop_on_signals(run: "_Run"):
+    """Inside: SIGTERM and SIGINT raise _Signal in the main thread (once; a second signal acts as usual), except
+    while the run is finishing, which then completes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    saved = {s: signal.getsignal(s) for s in sigs}
+
+    def handler(signum, frame):
+        if run.finishing:
+            return
+        for s in sigs:
+            signal.signal(s, saved[s])
+        raise _Signal(signum)
+
+    for s in sigs:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s in sigs:
+            signal.signal(s, saved[s])
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -179,6 +262,10 @@ def _worker_init(tok_json: str, eot: int, dtype: str, chunk_chars: int, exact: b
     if parent is not None:  # a worker process: one core each (in-process, leave the caller's settings alone)
         os.environ["RAYON_NUM_THREADS"] = "1"
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # the main process handles a signal and stops the workers (SIGTERM); Ctrl-C reaches the whole terminal
+        # group, and a worker's KeyboardInterrupt would print a traceback
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     from tokenizers import Tokenizer
 
     _W.update(tok=Tokenizer.from_str(tok_json), eot=eot, dtype=np.dtype(dtype), chunk=chunk_chars, exact=exact,
@@ -379,10 +466,12 @@ def prepare(source: Source, out_dir: str | Path, val_ids: list[str] | None = Non
     """
     t0 = time.perf_counter()
     opts = PrepareOptions(val_ids=val_ids, **options)
-    try:
-        return _Run(source, Path(out_dir), opts, t0).run()
-    except _HoldOutOne as e:
-        return _Run(source, Path(out_dir), opts, t0, held_out=e.doc_id).run()
+    check_out_dir(Path(out_dir))
+    with dataset_lock(out_dir):
+        try:
+            return _Run(source, Path(out_dir), opts, t0).run()
+        except _HoldOutOne as e:
+            return _Run(source, Path(out_dir), opts, t0, held_out=e.doc_id).run()
 
 
 class _Run:
@@ -395,7 +484,6 @@ class _Run:
     def __init__(self, source: Source, out_dir: Path, opts: PrepareOptions, t0: float, held_out: str | None = None):
         self.source, self.out_dir, self.opts, self.t0 = source, out_dir, opts, t0
         self.exact, self.near = dedup_modes(source.default_dedup if opts.dedup is None else opts.dedup)
-        _check_out_dir(out_dir)
         self.tok_json, self.tok_info = _tokenizer_info(opts.tokenizer_dir)
         self.units = source.units()
         self._check_mixture_sources()
@@ -403,7 +491,7 @@ class _Run:
         self.prepared = self._describe()
         units_sig = hashlib.sha256("\n".join(f"{u.key}\t{u.size}" for u in self.units).encode()).hexdigest()
         self.fingerprint = {"prepared": self.prepared, "tokenizer": self.tok_info["sha256"], "units": units_sig,
-                            "mixture": opts.mixture, "format": 2}
+                            "mixture": opts.mixture, "format": JOURNAL_FORMAT}
         self.work = out_dir.parent / f".{out_dir.name}.partial"
         self.journal_path = self.work / JOURNAL
         self.fault = PrepareFaults.from_env()
@@ -412,7 +500,8 @@ class _Run:
         self.pool = self.bar = self.writer = None
         self.pending: deque = deque()  # (kind, unit index, future / payload) in input order
         self.in_flight = 0
-        self.max_in_flight = 4 * max(self.workers, 1) + 2
+        # in this process (workers=0) a batch is done when submitted: handle it at once (units journal promptly)
+        self.max_in_flight = 4 * self.workers + 2 if self.workers else 0
         self.run_tokens, self.finishing = 0, False
 
     def _check_mixture_sources(self) -> None:
@@ -442,15 +531,14 @@ class _Run:
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         if self.opts.restart:
             shutil.rmtree(self.work, ignore_errors=True)
-        journal = None
-        if self.journal_path.is_file():
-            try:
-                journal = json.loads(self.journal_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                journal = None
-            if journal is not None and journal.get("fingerprint") != self.fingerprint:
-                raise DataError(f"{self.work} holds an interrupted prepare of other inputs or options; re-run it "
-                                "with the same arguments to resume, or add --restart to start over")
+        journal = read_journal(self.work)
+        if journal is not None and journal.get("fingerprint") != self.fingerprint:
+            old = isinstance(journal.get("fingerprint"), dict) and \
+                journal["fingerprint"].get("format") != JOURNAL_FORMAT
+            raise DataError(f"{self.work} holds an interrupted prepare of "
+                            + ("an older phiforge, which this one does not resume; add --restart to start over"
+                               if old else "other inputs or options; re-run it with the same arguments to "
+                               "resume, or add --restart to start over"))
         if journal is None and self.work.exists():  # died before its first checkpoint: nothing to keep
             shutil.rmtree(self.work)
         self.work.mkdir(exist_ok=True)
@@ -471,46 +559,46 @@ class _Run:
             self.candidate: tuple[float, str] | None = None  # the train document with the smallest hash
             self.units_done = 0
             return
-        self.writer = DatasetWriter.restore(self.work, self.tok_info, self.opts.shard_tokens, journal["writer"])
-        with open(self.work / journal["state"], "rb") as f:
-            state = pickle.load(f)
-        self.report, self.deduper, self.val_seen = state["report"], state["deduper"], state["val_seen"]
-        self.candidate = state.get("candidate")
+        self.deduper = Deduper(self.exact, self.near, self.opts.near_dup_threshold)
+        self.report, self.val_seen, self.candidate = load_state(self.work, journal.get("state"), self.deduper)
+        try:
+            self.units_done = int(journal["units_done"])
+            if not 0 <= self.units_done <= len(self.units):
+                raise ValueError(f"units_done {self.units_done} of {len(self.units)}")
+            self.writer = DatasetWriter.restore(self.work, self.tok_info, self.opts.shard_tokens, journal["writer"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DataError(f"cannot resume from {self.journal_path}: {e}; re-run with --restart") from None
         self.held_out = journal.get("held_out")
         if self.held_out:
-            self.val.add(self.held_out)
-        self.units_done = int(journal["units_done"])
+            self.val.add(str(self.held_out))
         self.report.notes.append(f"resumed after {self.units_done} of {len(self.units)} input unit(s)")
 
     def _checkpoint(self, done: int) -> None:
         """Flush and journal everything written for the first `done` units."""
         snap = self.writer.snapshot()
-        name = f"state-{done:09d}.pkl"
-        tmp = self.work / (name + ".tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump({"report": self.report, "deduper": self.deduper, "val_seen": self.val_seen,
-                         "candidate": self.candidate}, f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.work / name)
+        name = save_state(self.work, done, self.report, self.deduper, self.val_seen, self.candidate)
         write_json_atomic(self.journal_path, {"fingerprint": self.fingerprint, "units_done": done,
                                               "units": len(self.units), "writer": snap, "state": name,
                                               "held_out": self.held_out})
-        for old in self.work.glob("state-*.pkl"):
-            if old.name != name:
-                old.unlink()
+        remove_other_states(self.work, name)
 
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict:
-        journal = self._open_work()
-        self._load(journal)
+        self._load(self._open_work())
         try:
-            self._start()
-            self._feed()
-            self._stop_workers()
-            self.finishing = True
-            return self._finish()
+            with _stop_on_signals(self):
+                self._start()
+                self._feed()
+                self._stop_workers()
+                self.finishing = True
+                return self._finish()
+        except _Signal as e:
+            self._abandon()
+            name = signal.Signals(e.signum).name
+            kept = (f"the work so far is kept in {self.work}: rerun the same command to resume"
+                    if self.work.exists() else "nothing was kept yet: rerun the same command to start again")
+            raise PrepareInterrupted(f"interrupted by {name}; {kept}", e.signum) from None
         except BaseException:
             self._abandon()
             raise
@@ -560,6 +648,8 @@ class _Run:
 
     def _drain(self, limit: int) -> None:
         while self.in_flight > limit:
+            self._drain_one()
+        while self.pending and self.pending[0][0] != "batch":  # skips and unit ends with nothing left before them
             self._drain_one()
 
     def _drain_one(self) -> None:
@@ -681,8 +771,7 @@ class _Run:
                          "workers": self.workers}
         write_json_atomic(self.work / REPORT, rep)
         self.journal_path.unlink(missing_ok=True)
-        for old in self.work.glob("state-*.pkl"):
-            old.unlink()
+        remove_other_states(self.work, None)
         swap_in_dir(self.work, self.out_dir)
         if self.opts.summary is not None:
             for line in merged.summary_lines():

@@ -47,6 +47,24 @@ class Report:
                 "sources": {k: dict(v) for k, v in sorted(self.sources.items())},
                 "notes": list(self.notes)}
 
+    def state(self) -> dict:
+        """Everything the report holds, as JSON (the resume state; `from_state` reads it back)."""
+        return {"read": dict(self.read), "kept": dict(self.kept), "removed": self.removed,
+                "cleaning": dict(self.cleaning), "encodings": dict(self.encodings),
+                "sources": {k: dict(v) for k, v in self.sources.items()}, "notes": list(self.notes)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Report":
+        r = cls()
+        for name in ("read", "kept", "cleaning", "encodings"):
+            getattr(r, name).update({str(k): int(v) for k, v in state[name].items()})
+        r.removed = {str(k): {"count": int(v["count"]), "chars": int(v["chars"]),
+                              "examples": [str(x) for x in v["examples"]]} for k, v in state["removed"].items()}
+        for src, counts in state["sources"].items():
+            r.sources[str(src)].update({str(k): int(v) for k, v in counts.items()})
+        r.notes = [str(n) for n in state["notes"]]
+        return r
+
     def summary_lines(self) -> list[str]:
         lines = [f"read {self.read['units']:,} input unit(s), {self.read['documents']:,} document(s); kept "
                  f"{self.kept['documents']:,} ({self.kept['tokens']:,} tokens)"]

@@ -194,6 +194,11 @@ class ShardWriter:
         """Continue from a snapshot: finished shards must be in place with their sizes, the open shard's
         .tmp file is cut back to its recorded length and re-hashed."""
         self.abort()
+        op = snap.get("open")
+        for name in [s.get("file") for s in snap["shards"]] + ([op.get("name")] if op else []):
+            if not isinstance(name, str) or not re.fullmatch(rf"{re.escape(self.split)}-\d{{5}}\.bin", name):
+                raise DataError(f"cannot resume: the journal names {name!r}, which is not a {self.split} shard of "
+                                f"{self.out_dir}; delete that directory or re-run with --restart")
         self.shards = [dict(s) for s in snap["shards"]]
         self.tokens, self.documents = int(snap["tokens"]), int(snap["documents"])
         self.sources = {k: dict(v) for k, v in snap.get("sources", {}).items()}
@@ -202,7 +207,6 @@ class ShardWriter:
             if not path.is_file() or path.stat().st_size != s["tokens"] * self.dtype.itemsize:
                 raise DataError(f"cannot resume: shard {path} is missing or has the wrong size; "
                                 "re-run with --restart")
-        op = snap.get("open")
         keep = {op["name"], op["name"] + ".tmp"} if op else set()
         for f in self.out_dir.glob(f"{self.split}-*.bin*"):  # shards begun after the snapshot: written again
             m = re.fullmatch(rf"{re.escape(self.split)}-(\d{{5}})\.bin(\.tmp)?", f.name)
