@@ -63,3 +63,36 @@ def flaky_filter():
         yield calls
     finally:
         del rp.QUALITY_FILTERS["test-flaky"]
+
+
+def dup_corpus(folder: Path) -> Path:
+    """A small RedPajama download (8 files) whose last file repeats a book exactly and another nearly."""
+    from data_fixtures import add_duplicates, make_redpajama
+
+    d = make_redpajama(Path(folder) / "rp", max_bytes=20_000)
+    add_duplicates(d)
+    return d
+
+
+def same_dataset(a: Path, b: Path) -> None:
+    """Assert that two datasets hold the same documents.jsonl (bytes) and the same token stream per split."""
+    import numpy as np
+
+    from phiforge.data.shards import open_token_dataset
+
+    assert (Path(a) / "documents.jsonl").read_bytes() == (Path(b) / "documents.jsonl").read_bytes()
+    da, db = open_token_dataset(a), open_token_dataset(b)
+    assert da.splits() == db.splits()
+    for split in da.splits():
+        sa, sb = da.stream(split), db.stream(split)
+        assert len(sa) == len(sb) > 0
+        assert np.array_equal(sa.read(0, len(sa)), sb.read(0, len(sb)))
+        assert da.index["splits"][split].get("sources") == db.index["splits"][split].get("sources")
+
+
+def checksums(d: Path) -> dict[str, str]:
+    """sha256 of every file under d, by relative path."""
+    import hashlib
+
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(d).rglob("*")) if p.is_file()}

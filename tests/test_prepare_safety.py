@@ -3,7 +3,6 @@ writer per --out, resume state without pickle and with every name confined to `.
 SIGTERM, and a read-only output refused before any work."""
 
 import ctypes
-import hashlib
 import json
 import os
 import pickle
@@ -18,21 +17,12 @@ from phiforge.cli import main
 from phiforge.data.shards import open_token_dataset
 
 from conftest import assert_one_line_error, run_cli
-from data_fixtures import add_duplicates, make_redpajama
-from prepare_helpers import flaky_filter, kill_group, start_prepare, wait_for_marker
+from prepare_helpers import checksums, dup_corpus, flaky_filter, kill_group, start_prepare, wait_for_marker
 
 
 @pytest.fixture(scope="module")
 def rp_dups(tmp_path_factory):
-    """A small RedPajama download (8 files) whose last file repeats a book exactly and another nearly."""
-    d = make_redpajama(tmp_path_factory.mktemp("rpd") / "rp", max_bytes=20_000)
-    add_duplicates(d)
-    return d
-
-
-def checksums(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(d).rglob("*")) if p.is_file()}
+    return dup_corpus(tmp_path_factory.mktemp("rpd"))
 
 
 def dataset_files(d: Path) -> dict[str, str]:

@@ -53,7 +53,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,12 +64,14 @@ from phiforge.data.dedup import Deduper, content_hash, minhash_signature
 from phiforge.data.gutenberg import CLEANER_VERSION
 from phiforge.data.journal import FORMAT as JOURNAL_FORMAT
 from phiforge.data.journal import JOURNAL, load_state, read_journal, remove_other_states, save_state
+from phiforge.data.output import PrepareInterrupted, Signalled, check_out_dir, dataset_lock, stop_on_signals
 from phiforge.data.report import Report
-from phiforge.data.shards import DEFAULT_SHARD_TOKENS, DatasetWriter
+from phiforge.data.shards import DEFAULT_SHARD_TOKENS, INDEX, DatasetWriter, read_index
 from phiforge.data.sources import RawDoc, Skip, Source, clean_raw
-from phiforge.errors import DataError, PhiforgeError
+from phiforge.data.tasks import DedupLog, Task, fingerprint_sha
+from phiforge.errors import DataError
 from phiforge.faults import PrepareFaults
-from phiforge.fileio import DirectoryLock, swap_in_dir, write_json_atomic
+from phiforge.fileio import swap_in_dir, write_json_atomic
 from phiforge.tokenizer import EOT, eot_id, load_tokenizer
 
 CHUNK_CHARS = 32_768
@@ -79,9 +80,6 @@ BATCH_DOCS = 512
 REPORT = "prepare-report.json"
 _PARA_CUT = re.compile(r"(?<=\S)(?=\n\n)")  # end of a paragraph
 _WORD_CUT = re.compile(r"(?<=\S)(?=[ \n])")  # end of any word
-_DATASET_FILE = re.compile(r"^(index\.json|tokenizer\.json|documents\.jsonl|prepare-report\.json|"
-                           r"[A-Za-z0-9_]+-\d{5}\.bin)(\.tmp)?$")
-
 
 def _last_cut(pattern: re.Pattern, text: str, lo: int, hi: int) -> int | None:
     cut = None
@@ -155,101 +153,6 @@ def tokenize_documents(tok, texts: list[str], eot: int, chunk_chars: int = CHUNK
 def tokenize_document(tok, text: str, eot: int, chunk_chars: int = CHUNK_CHARS) -> np.ndarray:
     """A document's token ids followed by EOT, as int64 (see tokenize_documents)."""
     return tokenize_documents(tok, [text], eot, chunk_chars)[0]
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """Refuse an output path that holds anything but a phiforge dataset (fileio's rule for every output), or that
-    cannot be written."""
-    from phiforge.fileio import MARKER, claim_output_dir
-
-    try:
-        claim_output_dir(out_dir, "dataset", overwrite_hint="choose another --out (or empty it yourself)")
-    except PhiforgeError as e:
-        raise DataError(str(e)) from None
-    check_writable(out_dir, "--out")
-    if not out_dir.is_dir():
-        return
-    foreign = sorted(p.name for p in out_dir.iterdir() if not _DATASET_FILE.match(p.name) and p.name != MARKER)
-    if foreign:
-        raise DataError(f"{out_dir} is a phiforge dataset but also holds other files ({', '.join(foreign[:5])}); "
-                        "move them or choose another --out")
-
-
-def check_writable(out_dir: Path, flag: str) -> None:
-    """Before any work: the folder that will hold out_dir (its work directory and lock go beside it) must be
-    writable, and so must an existing out_dir (it is replaced at the end)."""
-    out = Path(out_dir).expanduser().absolute()
-    folder = out.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise DataError(f"cannot create {flag} {out_dir}: {folder} is a file, not a folder")
-    for path, what in ((folder, f"the folder {folder}, where {flag} {out_dir} goes,"), (out, f"{flag} {out_dir}")):
-        if path.exists() and not os.access(path, os.W_OK | os.X_OK):
-            raise DataError(f"{what} is not writable (permission denied); choose another {flag} or make it "
-                            "writable")
-
-
-_LOCKS: dict[Path, list] = {}  # out_dir -> [lock, depth]: this process's dataset locks
-
-
-@contextmanager
-def dataset_lock(out_dir: Path):
-    """This process alone writes out_dir and its work directory while inside (re-entrant): another process that
-    tries is refused at once with one line naming this one's pid (fileio.DirectoryLock, `.NAME.lock` beside it)."""
-    key = Path(out_dir).expanduser().resolve()
-    if key not in _LOCKS:
-        try:
-            _LOCKS[key] = [DirectoryLock(key, "dataset", DataError).acquire(), 0]
-        except PermissionError as e:
-            raise DataError(f"cannot write beside {out_dir}: {e.strerror} ({e.filename})") from None
-    _LOCKS[key][1] += 1
-    try:
-        yield
-    finally:
-        _LOCKS[key][1] -= 1
-        if not _LOCKS[key][1]:
-            _LOCKS.pop(key)[0].release()
-
-
-class PrepareInterrupted(PhiforgeError):
-    """SIGTERM or SIGINT stopped `prepare`: the journaled work is kept for a re-run. Exits 128 + the signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-class _Signal(BaseException):
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextmanager
-def _stop_on_signals(run: "_Run"):
-    """Inside: SIGTERM and SIGINT raise _Signal in the main thread (once; a second signal acts as usual), except
-    while the run is finishing, which then completes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    sigs = (signal.SIGTERM, signal.SIGINT)
-    saved = {s: signal.getsignal(s) for s in sigs}
-
-    def handler(signum, frame):
-        if run.finishing:
-            return
-        for s in sigs:
-            signal.signal(s, saved[s])
-        raise _Signal(signum)
-
-    for s in sigs:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s in sigs:
-            signal.signal(s, saved[s])
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -368,7 +271,8 @@ class PrepareOptions:
     the bar, None only on a terminal. workers: processes for decoding/cleaning/tokenizing (None: all cores, 0:
     in this process). dedup: "exact", "near", "exact,near" or "none" (None: the source's default). mixture:
     per-source sampling weights, recorded in the index for the loader for the sources the train split holds
-    (renormalised to the same total). summary: called with each line of the short report at the end.
+    (renormalised to the same total). summary: called with each line of the short report at the end. task: one
+    of N tasks (phiforge.data.tasks): this run prepares only its slice of the units into a part for `data merge`.
     """
 
     val_ids: list[str] | None = None
@@ -387,6 +291,7 @@ class PrepareOptions:
     on_document: Callable[[dict], None] | None = None
     chunk_chars: int = CHUNK_CHARS
     batch_chars: int = BATCH_CHARS
+    task: Task | None = None
 
     def __post_init__(self):
         if not isinstance(self.shard_tokens, int) or self.shard_tokens < 1:
@@ -468,8 +373,12 @@ def prepare(source: Source, out_dir: str | Path, val_ids: list[str] | None = Non
     opts = PrepareOptions(val_ids=val_ids, **options)
     check_out_dir(Path(out_dir))
     with dataset_lock(out_dir):
+        run = _Run(source, Path(out_dir), opts, t0)
+        done = run.completed_part()
+        if done is not None:
+            return done
         try:
-            return _Run(source, Path(out_dir), opts, t0).run()
+            return run.run()
         except _HoldOutOne as e:
             return _Run(source, Path(out_dir), opts, t0, held_out=e.doc_id).run()
 
@@ -485,30 +394,34 @@ class _Run:
         self.source, self.out_dir, self.opts, self.t0 = source, out_dir, opts, t0
         self.exact, self.near = dedup_modes(source.default_dedup if opts.dedup is None else opts.dedup)
         self.tok_json, self.tok_info = _tokenizer_info(opts.tokenizer_dir)
-        self.units = source.units()
-        self._check_mixture_sources()
+        units = source.units()
+        self._check_mixture_sources(units)
+        self.task = opts.task
+        self.unit_span = self.task.unit_range([u.size for u in units]) if self.task else (0, len(units))
+        self.units = units[self.unit_span[0] : self.unit_span[1]]  # this task's (all, without a task)
         self.workers = (os.cpu_count() or 1) if opts.workers is None else opts.workers
         self.prepared = self._describe()
-        units_sig = hashlib.sha256("\n".join(f"{u.key}\t{u.size}" for u in self.units).encode()).hexdigest()
+        units_sig = hashlib.sha256("\n".join(f"{u.key}\t{u.size}" for u in units).encode()).hexdigest()
         self.fingerprint = {"prepared": self.prepared, "tokenizer": self.tok_info["sha256"], "units": units_sig,
-                            "mixture": opts.mixture, "format": JOURNAL_FORMAT}
+                            "mixture": opts.mixture, "format": JOURNAL_FORMAT,
+                            "task": [self.task.index, self.task.count] if self.task else None}
         self.work = out_dir.parent / f".{out_dir.name}.partial"
         self.journal_path = self.work / JOURNAL
         self.fault = PrepareFaults.from_env()
         self.held_out = held_out
         self.val = set(opts.val_ids or ()) | ({held_out} if held_out else set())
-        self.pool = self.bar = self.writer = None
+        self.pool = self.bar = self.writer = self.dedup_log = None
         self.pending: deque = deque()  # (kind, unit index, future / payload) in input order
         self.in_flight = 0
         # in this process (workers=0) a batch is done when submitted: handle it at once (units journal promptly)
         self.max_in_flight = 4 * self.workers + 2 if self.workers else 0
         self.run_tokens, self.finishing = 0, False
 
-    def _check_mixture_sources(self) -> None:
+    def _check_mixture_sources(self, units: list) -> None:
         weights = self.opts.mixture
         if weights is None:
             return
-        have = {u.source for u in self.units}
+        have = {u.source for u in units}
         if not any(w > 0 and k in have for k, w in weights.items()):
             raise DataError(f"--weights: none of the weighted sources ({', '.join(k for k, w in weights.items() if w)}"
                             f") is in the input (it has: {', '.join(sorted(have))})")
@@ -549,23 +462,27 @@ class _Run:
         return journal
 
     def _load(self, journal: dict | None) -> None:
-        """The writer and the decision state: restored from the journal, or new."""
+        """The writer and the decision state: restored from the journal, or new. A task decides no duplicates
+        (the merge does, across parts): it logs each document's hash and signature instead."""
+        decide = self.task is None
+        self.deduper = Deduper(self.exact and decide, self.near and decide, self.opts.near_dup_threshold)
+        log = not decide and (self.exact or self.near)
         if journal is None:
             self.writer = DatasetWriter(self.work, self.tok_info, self.opts.shard_tokens)
             (self.work / "tokenizer.json").write_text(self.tok_json, encoding="utf-8")
+            self.dedup_log = DedupLog(self.work, self.exact, self.near) if log else None
             self.report = Report()
-            self.deduper = Deduper(self.exact, self.near, self.opts.near_dup_threshold)
             self.val_seen: list[str] = []
             self.candidate: tuple[float, str] | None = None  # the train document with the smallest hash
             self.units_done = 0
             return
-        self.deduper = Deduper(self.exact, self.near, self.opts.near_dup_threshold)
         self.report, self.val_seen, self.candidate = load_state(self.work, journal.get("state"), self.deduper)
         try:
             self.units_done = int(journal["units_done"])
             if not 0 <= self.units_done <= len(self.units):
                 raise ValueError(f"units_done {self.units_done} of {len(self.units)}")
             self.writer = DatasetWriter.restore(self.work, self.tok_info, self.opts.shard_tokens, journal["writer"])
+            self.dedup_log = DedupLog(self.work, self.exact, self.near, journal["dedup_log"]) if log else None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DataError(f"cannot resume from {self.journal_path}: {e}; re-run with --restart") from None
         self.held_out = journal.get("held_out")
@@ -576,10 +493,11 @@ class _Run:
     def _checkpoint(self, done: int) -> None:
         """Flush and journal everything written for the first `done` units."""
         snap = self.writer.snapshot()
+        log = self.dedup_log.snapshot() if self.dedup_log is not None else None
         name = save_state(self.work, done, self.report, self.deduper, self.val_seen, self.candidate)
         write_json_atomic(self.journal_path, {"fingerprint": self.fingerprint, "units_done": done,
-                                              "units": len(self.units), "writer": snap, "state": name,
-                                              "held_out": self.held_out})
+                                              "units": len(self.units), "writer": snap, "dedup_log": log,
+                                              "state": name, "held_out": self.held_out})
         remove_other_states(self.work, name)
 
     # ------------------------------------------------------------------ the run
@@ -587,13 +505,13 @@ class _Run:
     def run(self) -> dict:
         self._load(self._open_work())
         try:
-            with _stop_on_signals(self):
+            with stop_on_signals(self):
                 self._start()
                 self._feed()
                 self._stop_workers()
                 self.finishing = True
                 return self._finish()
-        except _Signal as e:
+        except Signalled as e:
             self._abandon()
             name = signal.Signals(e.signum).name
             kept = (f"the work so far is kept in {self.work}: rerun the same command to resume"
@@ -616,6 +534,8 @@ class _Run:
                         unit_scale=True, desc=f"prepare {self.source.name}", smoothing=0.1,
                         disable=None if progress is None else not progress)
         self.run_t0 = time.perf_counter()
+        self.cpu0, self.children_cpu0 = time.process_time(), _children_cpu()
+        self.run_bytes = sum(u.size for u in self.units[self.units_done:])
         self.last_ckpt = time.monotonic()
 
     def _feed(self) -> None:
@@ -679,12 +599,7 @@ class _Run:
             self.val_seen.append(doc_id)
         dup = self.deduper.check(doc_id, chash, sig) if self.deduper.enabled else None
         if dup is not None:
-            reason, kept, sim = dup
-            rep.skip(reason, f"{doc_id} ({title[:50]}) ~ {kept}" + (f" (similarity {sim})"
-                                                                      if reason.startswith("near") else ""),
-                     meta.get("chars", 0))
-            if doc_id in self.val:
-                rep.notes.append(f"validation document {doc_id} was removed as a {reason} of {kept}")
+            rep.duplicate(dup, doc_id, title, meta.get("chars", 0), doc_id in self.val)
             return
         rep.cleaning["header_chars"] += info.get("header_chars", 0)
         rep.cleaning["footer_chars"] += info.get("footer_chars", 0)
@@ -697,6 +612,8 @@ class _Run:
             elif split == "train" and (self.candidate is None or (frac, doc_id) < self.candidate):
                 self.candidate = (frac, doc_id)
         entry = self.writer.add(split, tokens, id=doc_id, title=title, source=src, **meta)
+        if self.dedup_log is not None:
+            self.dedup_log.add(chash, sig)
         rep.kept["documents"] += 1
         rep.kept["tokens"] += len(tokens)
         rep.kept["chars"] += meta.get("chars", 0)
@@ -735,6 +652,8 @@ class _Run:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
+        if self.dedup_log is not None:
+            self.dedup_log.close()
         if self.journal_path.exists() and not self.finishing:
             self.writer.close_files()  # re-running resumes from here
         else:
@@ -745,7 +664,26 @@ class _Run:
     # ------------------------------------------------------------------ the end
 
     def _finish(self) -> dict:
-        """Check the splits, write the index (last of the dataset files) and the report, swap into place."""
+        """Write the index (last of the dataset files) and the report, and swap the directory into place."""
+        extra = self._index_extra() if self.task is None else self._task_extra()
+        index = self.writer.finish(**extra)
+        # what listing the input skipped: the same for every task, so part 0's report holds it
+        scan = self.source.scan_report if self.task is None or self.task.index == 0 else Report()
+        merged = _merge_reports(scan, self.report)
+        rep = merged.to_json()
+        rep["timing"] = self._timing()
+        write_json_atomic(self.work / REPORT, rep)
+        self.journal_path.unlink(missing_ok=True)
+        remove_other_states(self.work, None)
+        swap_in_dir(self.work, self.out_dir)
+        if self.opts.summary is not None:
+            for line in merged.summary_lines():
+                self.opts.summary(line)
+            self.opts.summary(f"report: {self.out_dir / REPORT}")
+        return index
+
+    def _index_extra(self) -> dict:
+        """Check the splits; the index's "prepared" (with a held-out document) and "mixture" entries."""
         missing = sorted(self.val - set(self.val_seen))
         if missing:
             raise DataError(f"validation id(s) {', '.join(missing)} were not produced by the source")
@@ -762,21 +700,41 @@ class _Run:
         self.report.notes.extend(notes)
         if mixture is not None:
             extra["mixture"] = {"weights": mixture}
-        index = self.writer.finish(**extra)
-        merged = _merge_reports(self.source.scan_report, self.report)
-        rep = merged.to_json()
-        rep["timing"] = {"seconds": round(time.perf_counter() - self.t0, 2), "tokens_this_run": self.run_tokens,
-                         "tokens_per_second_this_run": round(self.run_tokens / max(time.perf_counter() - self.run_t0,
-                                                                                   1e-9)),
-                         "workers": self.workers}
-        write_json_atomic(self.work / REPORT, rep)
-        self.journal_path.unlink(missing_ok=True)
-        remove_other_states(self.work, None)
-        swap_in_dir(self.work, self.out_dir)
+        return extra
+
+    def _task_extra(self) -> dict:
+        """A part's "prepared" (as a whole run's) and "task": what `data merge` needs to join the parts. Splits may
+        be empty here; the merge checks them, and the validation ids, over all parts."""
+        t = self.task
+        task = {"index": t.index, "count": t.count, "units": list(self.unit_span),
+                "fingerprint": fingerprint_sha(self.fingerprint), "units_sha256": self.fingerprint["units"],
+                "weights": self.opts.mixture, "val_ids_seen": sorted(set(self.val_seen)),
+                "dedup": self.dedup_log.finish() if self.dedup_log is not None else None}
+        return {"prepared": self.prepared, "task": task}
+
+    def _timing(self) -> dict:
+        """Wall time and where the CPU time went: the main process (reading, dedup, writing, and handing batches
+        to the workers and taking back their results) against the workers (cleaning, tokenizing, hashing)."""
+        run_s = max(time.perf_counter() - self.run_t0, 1e-9)
+        return {"seconds": round(time.perf_counter() - self.t0, 2), "tokens_this_run": self.run_tokens,
+                "tokens_per_second_this_run": round(self.run_tokens / run_s), "workers": self.workers,
+                "input_bytes_this_run": self.run_bytes, "run_seconds": round(run_s, 3),
+                "main_cpu_seconds": round(time.process_time() - self.cpu0, 3),
+                "workers_cpu_seconds": round(_children_cpu() - self.children_cpu0, 3)}
+
+    def completed_part(self) -> dict | None:
+        """For a task whose part is already complete with these inputs and options: its index (nothing to do)."""
+        if self.task is None or not (self.out_dir / INDEX).is_file():
+            return None
+        try:
+            index = read_index(self.out_dir)
+        except DataError:
+            return None
+        if (index.get("task") or {}).get("fingerprint") != fingerprint_sha(self.fingerprint):
+            return None
         if self.opts.summary is not None:
-            for line in merged.summary_lines():
-                self.opts.summary(line)
-            self.opts.summary(f"report: {self.out_dir / REPORT}")
+            self.opts.summary(f"{self.out_dir} is complete (task {self.task.index} of {self.task.count}); "
+                              "nothing to do")
         return index
 
     def _check_splits(self) -> None:
@@ -798,6 +756,16 @@ class _Run:
                             f"({what}); use {hint}")
 
 
+def _children_cpu() -> float:
+    """CPU seconds of this process's child processes that have ended (the workers, once joined)."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0.0
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _short_removed(report: Report) -> str:
     items = sorted(report.removed.items(), key=lambda kv: -kv[1]["count"])[:3]
     return "removed " + ", ".join(f"{r['count']} x {k}" for k, r in items) if items else "nothing removed"
@@ -806,16 +774,5 @@ def _short_removed(report: Report) -> str:
 def _merge_reports(scan: Report, run: Report) -> Report:
     m = Report()
     for rep in (scan, run):
-        for reason, r in rep.removed.items():
-            for ex in r["examples"]:
-                m.skip(reason, ex, 0, 0)
-            m.removed[reason]["count"] += r["count"]
-            m.removed[reason]["chars"] += r["chars"]
-        m.read.update(rep.read)
-        m.kept.update(rep.kept)
-        m.cleaning.update(rep.cleaning)
-        m.encodings.update(rep.encodings)
-        for k, v in rep.sources.items():
-            m.sources[k].update(v)
-        m.notes.extend(rep.notes)
+        m.add_json(rep.to_json())
     return m
