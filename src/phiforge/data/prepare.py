@@ -66,7 +66,7 @@ from phiforge.data.journal import FORMAT as JOURNAL_FORMAT
 from phiforge.data.journal import JOURNAL, load_state, read_journal, remove_other_states, save_state
 from phiforge.data.output import PrepareInterrupted, Signalled, check_out_dir, dataset_lock, stop_on_signals
 from phiforge.data.report import Report
-from phiforge.data.shards import DEFAULT_SHARD_TOKENS, INDEX, DatasetWriter, read_index
+from phiforge.data.shards import DEFAULT_SHARD_TOKENS, INDEX, DatasetWriter, read_index, record_head
 from phiforge.data.sources import RawDoc, Skip, Source, clean_raw
 from phiforge.data.tasks import DedupLog, Task, fingerprint_sha
 from phiforge.errors import DataError
@@ -185,8 +185,9 @@ def _watch_parent(pid: int) -> None:
 
 
 def _work(batch: list[RawDoc]) -> list[tuple]:
-    """Decode, clean, tokenize, hash: ("doc", id, title, source, meta, tokens, hash, signature, info) or
-    ("skip", reason, example, chars) per document, in order."""
+    """Decode, clean, tokenize, hash: ("doc", id, title, source, meta, tokens, hash, signature, info, fraction,
+    record head) or ("skip", reason, example, chars) per document, in order. The id's hash fraction (for the
+    val split) and the documents.jsonl record's JSON are made here too, to spare the main process."""
     out: list = [None] * len(batch)
     texts, todo = [], []
     for i, raw in enumerate(batch):
@@ -202,7 +203,8 @@ def _work(batch: list[RawDoc]) -> list[tuple]:
     for (i, raw, title, meta, info), text, t in zip(todo, texts, tokens):
         chash = content_hash(text) if _W["exact"] else None
         sig = minhash_signature(text) if _W["near"] else None
-        out[i] = ("doc", raw.id, title, raw.source, meta, t, chash, sig, info)
+        head = record_head({"id": raw.id, "title": title, "source": raw.source, **meta})
+        out[i] = ("doc", raw.id, title, raw.source, meta, t, chash, sig, info, _fraction(raw.id), head)
     return out
 
 
@@ -589,7 +591,8 @@ class _Run:
         else:
             self._unit_done(ui)
 
-    def _add(self, doc_id: str, title: str, src: str, meta: dict, tokens: np.ndarray, chash, sig, info: dict):
+    def _add(self, doc_id: str, title: str, src: str, meta: dict, tokens: np.ndarray, chash, sig, info: dict,
+             frac: float, head: bytes):
         """One cleaned, tokenized document: dedup, split, write, count."""
         rep = self.report
         rep.read["documents"] += 1
@@ -606,12 +609,11 @@ class _Run:
         rep.cleaning["documents_with_markers"] += int(bool(info.get("markers")))
         split = "val" if doc_id in self.val else "train"
         if self.opts.val_fraction is not None:
-            frac = _fraction(doc_id)
             if frac < self.opts.val_fraction:
                 split = "val"
             elif split == "train" and (self.candidate is None or (frac, doc_id) < self.candidate):
                 self.candidate = (frac, doc_id)
-        entry = self.writer.add(split, tokens, id=doc_id, title=title, source=src, **meta)
+        offset = self.writer.add_encoded(split, tokens, src, head)
         if self.dedup_log is not None:
             self.dedup_log.add(chash, sig)
         rep.kept["documents"] += 1
@@ -621,7 +623,8 @@ class _Run:
         rep.sources[src]["tokens"] += len(tokens)
         self.run_tokens += len(tokens)
         if self.opts.on_document:
-            self.opts.on_document(entry)
+            self.opts.on_document({"id": doc_id, "title": title, "source": src, **meta, "split": split,
+                                   "tokens": len(tokens), "offset": offset})
 
     def _unit_done(self, ui: int) -> None:
         """Everything of unit ui is written: count it, and checkpoint when it is time."""
