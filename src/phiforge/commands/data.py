@@ -21,6 +21,8 @@ def register(sub) -> None:
                    "tasks' --out)")
     m.add_argument("--out", required=True, metavar="DIR", help="the merged dataset (an earlier dataset there is "
                    "replaced at the end; any other non-empty directory is refused)")
+    m.add_argument("--workers", type=int, default=None, metavar="N", help="processes that rewrite the parts' "
+                   "document records (default: all cores)")
     m.set_defaults(func=run_merge)
 
 
@@ -31,7 +33,7 @@ def run_merge(args) -> int:
     from phiforge.data.merge import merge_parts
 
     t0 = time.perf_counter()
-    index = merge_parts(args.parts, args.out, summary=print)
+    index = merge_parts(args.parts, args.out, summary=print, workers=args.workers)
     for line in dataset_summary(index, args.out, time.perf_counter() - t0):
         print(line)
     return 0

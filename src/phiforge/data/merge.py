@@ -27,7 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +51,7 @@ from phiforge.fileio import fsync_dir, output_dir, write_json_atomic
 class Part:
     dir: Path
     ds: TokenDataset
-    gone: set[int] = field(default_factory=set)  # documents.jsonl lines removed as duplicates
+    gone: dict[int, dict] = field(default_factory=dict)  # documents.jsonl line -> record, removed as duplicates
 
     @property
     def index(self) -> dict:
@@ -63,9 +66,13 @@ class Part:
         return f"part-{self.task['index']:05d}-of-{self.task['count']:05d}"
 
 
-def merge_parts(args: list[str | Path], out: str | Path, summary=print) -> dict:
+def merge_parts(args: list[str | Path], out: str | Path, summary=print, workers: int | None = None) -> dict:
     """Merge the parts the arguments name (part directories, or folders of them) into the dataset `out`; returns
-    its index. summary(line) gets the report (None: silence). Bad parts raise DataError before `out` is touched."""
+    its index. summary(line) gets the report (None: silence). workers: processes that rewrite the parts' document
+    records, one part at a time each (None: all cores). Bad parts raise DataError before `out` is touched."""
+    t0 = time.perf_counter()
+    if workers is not None and workers < 1:
+        raise DataError(f"--workers must be at least 1, got {workers}")
     paths = find_parts(args)
     parts = check_parts([open_part(p) for p in paths])
     out = Path(out)
@@ -74,12 +81,24 @@ def merge_parts(args: list[str | Path], out: str | Path, summary=print) -> dict:
         report = decide_duplicates(parts)
         check_merged_splits(parts)
         with output_dir(out, "dataset", inputs=paths) as tmp:
-            index = write_merged(parts, tmp, report)
+            index = write_merged(parts, tmp, report, t0, workers or os.cpu_count() or 1)
     if summary is not None:
         for line in report.summary_lines():
             summary(line)
         summary(f"report: {out / REPORT}")
     return index
+
+
+class MergeParts:
+    """`merge_parts(parts, out)` as a datatrove pipeline step, to run after the prepare tasks (PrepareTasks) with
+    `depends=` (examples/slurm/prepare_redpajama_datatrove.py)."""
+
+    def __init__(self, parts: list[str], out: str):
+        self.parts, self.out = [str(p) for p in parts], str(out)
+
+    def __call__(self, data, rank: int = 0, world_size: int = 1):
+        merge_parts(self.parts, self.out)
+        return data
 
 
 # ---------------------------------------------------------------------------------------------- the parts
@@ -174,7 +193,7 @@ def decide_duplicates(parts: list[Part]) -> Report:
             dup = deduper.check(doc["id"], chash, sig)
             if dup is None:
                 continue
-            p.gone.add(n)
+            p.gone[n] = doc
             report.duplicate(dup, doc["id"], doc.get("title", ""), doc.get("chars", 0), doc["id"] in val_ids)
             _uncount(report, doc)
     return report
@@ -210,8 +229,7 @@ def check_merged_splits(parts: list[Part]) -> None:
     for p in parts:
         for split in ("train", "val"):
             kept[split] += p.ds.split_documents(split)
-        if p.gone:
-            kept.subtract(d["split"] for n, d in enumerate(p.ds.iter_documents()) if n in p.gone)
+        kept.subtract(d["split"] for d in p.gone.values())
     for split in ("val", "train"):
         if kept[split] <= 0:
             how = ("a larger --val-fraction (a single prepare run would hold out one document; merge does not)"
@@ -223,58 +241,111 @@ def check_merged_splits(parts: list[Part]) -> None:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def write_merged(parts: list[Part], out: Path, report: Report) -> dict:
+def write_merged(parts: list[Part], out: Path, report: Report, t0: float, workers: int = 1) -> dict:
     """The merged dataset in directory `out` (documents.jsonl, shards, tokenizer.json, report, index.json last)."""
-    splits = {s: {"shards": [], "tokens": 0, "documents": 0, "sources": defaultdict(Counter)} for s in ("train", "val")}
+    splits = {s: {"shards": [], **_kept_totals(parts, s)} for s in ("train", "val")}
     stats = Counter(linked=0, copied=0, rewritten=0)
     shutil.copyfile(parts[0].dir / "tokenizer.json", out / "tokenizer.json")
-    count = 0
-    with open(out / DOCUMENTS, "wb") as docs:
-        for p in parts:
-            cuts = _write_documents(p, docs, splits)
-            count += p.ds.n_documents - len(p.gone)
-            for split, entry in splits.items():
-                _place_shards(p, split, cuts[split], out, entry["shards"], stats)
-        docs.flush()
-        os.fsync(docs.fileno())
+    _write_documents(parts, out, workers)
+    for p in parts:
+        for split, entry in splits.items():
+            cuts = sorted((int(d["offset"]), int(d["offset"]) + int(d["tokens"]))
+                          for d in p.gone.values() if d["split"] == split)
+            _place_shards(p, split, cuts, out, entry["shards"], stats)
+    for split, entry in splits.items():
+        if sum(s["tokens"] for s in entry["shards"]) != entry["tokens"]:
+            raise DataError(f"the parts' {split} shards do not hold the tokens their indexes say: a part is damaged; "
+                            "run its task again")
     first = parts[0].index
+    count = sum(p.ds.n_documents - len(p.gone) for p in parts)
     index = {"format": FORMAT, "version": VERSION, "dtype": first["dtype"], "tokenizer": first["tokenizer"],
-             "splits": {s: _split_entry(e) for s, e in splits.items()},
-             "documents": {"file": DOCUMENTS, "count": count, "sha256": sha256_file(out / DOCUMENTS)},
+             "splits": splits, "documents": {"file": DOCUMENTS, "count": count,
+                                             "sha256": sha256_file(out / DOCUMENTS)},
              "prepared": first["prepared"]}
-    mixture, notes = recorded_mixture(parts[0].task.get("weights"), index["splits"]["train"].get("sources", {}))
+    mixture, notes = recorded_mixture(parts[0].task.get("weights"), splits["train"].get("sources", {}))
     report.notes.extend(notes)
     if mixture is not None:
         index["mixture"] = {"weights": mixture}
     index["merged"] = {"parts": [p.name for p in parts], "task_count": len(parts), "shards": dict(stats)}
     report.notes.append(f"merged {len(parts)} part(s): {stats['linked']} shard(s) linked, {stats['copied']} "
                         f"copied (another filesystem), {stats['rewritten']} rewritten without duplicates")
-    write_json_atomic(out / REPORT, report.to_json())
+    write_json_atomic(out / REPORT, {**report.to_json(), "timing": {"seconds": round(time.perf_counter() - t0, 3)},
+                                     "workers": workers})
     fsync_dir(out)
     write_json_atomic(out / INDEX, index)
     return index
 
 
-def _write_documents(p: Part, docs, splits: dict) -> dict[str, list[tuple[int, int]]]:
-    """Append a part's kept document records, with offsets into the merged split streams; returns the removed
-    documents' token ranges per split (in the part's split streams)."""
-    base = {s: e["tokens"] for s, e in splits.items()}
-    cuts: dict[str, list[tuple[int, int]]] = {s: [] for s in splits}
-    removed = Counter()
-    for n, doc in enumerate(p.ds.iter_documents()):
-        split, tokens = doc["split"], int(doc["tokens"])
-        if n in p.gone:
-            cuts[split].append((int(doc["offset"]), int(doc["offset"]) + tokens))
-            removed[split] += tokens
-            continue
-        doc["offset"] = base[split] + int(doc["offset"]) - removed[split]
-        docs.write(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n")
-        entry = splits[split]
-        entry["tokens"] += tokens
-        entry["documents"] += 1
-        if doc.get("source") is not None:
-            entry["sources"][doc["source"]].update(tokens=tokens, documents=1)
-    return cuts
+def _kept_totals(parts: list[Part], split: str) -> dict:
+    """A split's "tokens", "documents" and "sources" over all parts, less the duplicates."""
+    tokens, documents, sources = 0, 0, defaultdict(Counter)
+    for p in parts:
+        info = p.index["splits"][split]
+        tokens, documents = tokens + info["tokens"], documents + info["documents"]
+        for src, agg in info.get("sources", {}).items():
+            sources[src].update(agg)
+        for d in p.gone.values():
+            if d["split"] == split:
+                tokens, documents = tokens - d["tokens"], documents - 1
+                sources[d.get("source")].subtract(tokens=d["tokens"], documents=1)
+    entry = {"tokens": tokens, "documents": documents}
+    if any(v["documents"] for v in sources.values()):
+        entry["sources"] = {k: {"tokens": v["tokens"], "documents": v["documents"]}
+                            for k, v in sorted(sources.items()) if v["documents"]}
+    return entry
+
+
+# the end of every record `DatasetWriter` writes: its split, token count and offset in the split's stream
+_TAIL = re.compile(rb',"split":"(\w+)","tokens":(\d+),"offset":(\d+)}\n?$')
+
+
+def _write_documents(parts: list[Part], out: Path, workers: int) -> None:
+    """documents.jsonl: each part's kept records with their offsets moved into the merged split streams, rewritten
+    by `workers` processes (a part each) into temporary files that are then joined in part order."""
+    jobs, base = [], Counter(train=0, val=0)
+    for k, p in enumerate(parts):
+        removed = {n: (d["split"], int(d["tokens"])) for n, d in p.gone.items()}
+        jobs.append((p.dir / DOCUMENTS, p.index["documents"].get("sha256"), removed, dict(base),
+                     out / f".documents-{k:05d}.tmp"))
+        for split in base:
+            base[split] += p.index["splits"][split]["tokens"] - sum(t for s, t in removed.values() if s == split)
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+            list(pool.map(_rewrite_records, jobs))
+    else:
+        for job in jobs:
+            _rewrite_records(job)
+    with open(out / DOCUMENTS, "wb") as f:
+        for *_, chunk in jobs:
+            with open(chunk, "rb") as c:
+                shutil.copyfileobj(c, f, 1 << 24)
+            chunk.unlink()
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _rewrite_records(job: tuple) -> None:
+    """One part's documents.jsonl without the removed lines, offsets moved by `base` less the tokens removed
+    before each record; the part's file is checked against its sha256 on the way."""
+    path, sha, removed, base, dst = job
+    cut, h = Counter(), hashlib.sha256()
+    with open(path, "rb") as f, open(dst, "wb") as out:
+        for n, line in enumerate(f):
+            h.update(line)
+            if n in removed:
+                cut[removed[n][0]] += removed[n][1]
+                continue
+            m = _TAIL.search(line)
+            if m is None or m[1].decode() not in base:
+                raise DataError(f"{path} line {n + 1} is not a record that prepare wrote; run the part's task again")
+            split = m[1].decode()
+            out.write(line[: m.start(3)] + b"%d}\n" % (base[split] + int(m[3]) - cut[split]))
+    if h.hexdigest() != sha:
+        raise DataError(f"checksum mismatch in {path}: it changed after the part was written; run its task again")
 
 
 def _place_shards(p: Part, split: str, cuts: list[tuple[int, int]], out: Path, shards: list[dict],
@@ -322,11 +393,3 @@ def _link_or_copy(src: Path, dst: Path, stats: Counter) -> None:
     except OSError:  # another filesystem (or one without hard links)
         shutil.copyfile(src, dst)
         stats["copied"] += 1
-
-
-def _split_entry(e: dict) -> dict:
-    entry = {"shards": e["shards"], "tokens": e["tokens"], "documents": e["documents"]}
-    if e["sources"]:
-        entry["sources"] = {k: {"tokens": v["tokens"], "documents": v["documents"]}
-                            for k, v in sorted(e["sources"].items())}
-    return entry
