@@ -17,6 +17,12 @@ ships with phiforge and Python, and a source's cleaned documents read in this pr
 "sample" writes the same as 1T-Sample's flat `SOURCE_sample.jsonl` files (common crawl as
 `cc_2019-30_sample.jsonl`), "v2" writes common crawl as V2 `documents/` + `quality_signals/`.
 
+`add_duplicates(out)` adds wikipedia/wiki_dups.jsonl to such a download: an exact copy of the first book/ document
+and a near copy (a few words changed) of the second, so `--dedup exact,near` has something to remove.
+
+`split_documents(src, out, target_chars)` rewrites such a corpus as c4/ documents of about target_chars (cut
+at paragraph ends): the same text in web-page-sized documents, for measuring per-document costs.
+
 `make_bench_corpus(out, target_bytes)` repeats the books and stdlib sources with variations (paragraph order,
 dropped paragraphs, a per-copy preamble) into book/ and github/ JSON-lines files of about target_bytes.
 Nothing is downloaded.
@@ -186,6 +192,18 @@ def make_redpajama(out: str | Path, layout: str = "1T", max_bytes: int = 200_000
     return out
 
 
+def add_duplicates(out: str | Path) -> Path:
+    """wikipedia/wiki_dups.jsonl under a make_redpajama download (see the module doc); returns its path."""
+    out = Path(out)
+    books = [json.loads(line) for line in (out / ONE_T_FILES["book"]).read_text(encoding="utf-8").splitlines()]
+    words = books[1]["text"].split(" ")
+    for k in range(100, len(words), len(words) // 4):  # 4 words changed: ~98% of the 5-word shingles stay
+        words[k] = "changed"
+    docs = [{"text": books[0]["text"], "meta": {"title": "exact copy"}},
+            {"text": " ".join(words), "meta": {"title": "near copy"}}]
+    return _write_jsonl(out / "wikipedia" / "wiki_dups.jsonl", docs)
+
+
 def make_bench_corpus(out: str | Path, target_bytes: int, file_bytes: int = 64 << 20, seed: int = 0) -> dict:
     """book/*.jsonl and github/*.jsonl of about target_bytes in all (3:1), from the bundled books and stdlib
     sources repeated with variations. Returns {"bytes", "documents", "files"}."""
@@ -229,4 +247,33 @@ def make_bench_corpus(out: str | Path, target_bytes: int, file_bytes: int = 64 <
                 break
     for f, _, _ in writers.values():
         f.close()
+    return stats
+
+
+def split_documents(src: str | Path, out: str | Path, target_chars: int = 2500, files: int = 1) -> dict:
+    """Every document of src/*/*.jsonl, cut at paragraph ends into documents of about target_chars, written to
+    `files` files out/c4/c4_NNNN.jsonl in turn (see the module doc). Returns {"bytes", "documents", "files"}."""
+    out = Path(out)
+    (out / "c4").mkdir(parents=True, exist_ok=True)
+    stats = {"bytes": 0, "documents": 0, "files": files}
+    handles = [open(out / "c4" / f"c4_{k:04d}.jsonl", "wb") for k in range(files)]
+    try:
+        for path in sorted(Path(src).glob("*/*.jsonl")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                piece, size = [], 0
+                for para in json.loads(line)["text"].split("\n\n") + [None]:
+                    if para is not None:
+                        piece.append(para)
+                        size += len(para)
+                    if piece and (size >= target_chars or para is None):
+                        n = stats["documents"]
+                        rec = {"text": "\n\n".join(piece), "meta": {"url": f"https://example.org/{n}"}}
+                        data = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+                        handles[n % files].write(data)
+                        stats["bytes"] += len(data)
+                        stats["documents"] += 1
+                        piece, size = [], 0
+    finally:
+        for f in handles:
+            f.close()
     return stats

@@ -24,7 +24,7 @@ DOCS = b"".join(json.dumps({"text": f"Document {i}. " + "Some words here. " * 30
 # a value for every key of each corpus (as the flag's text; None: a switch) and what the config holds then
 COMMON = {"out": ("o", "o"), "tokenizer_dir": ("t", "t"), "shard_tokens": ("1_000", 1000), "workers": ("3", 3),
           "near_dup_threshold": ("0.7", 0.7), "checkpoint_seconds": ("5", 5.0), "restart": (None, True),
-          "progress": (None, True)}
+          "progress": (None, True), "task_count": ("4", 4), "task_index": ("2", 2)}
 VALUES = {
     "gutenberg": {**COMMON, "dedup": ("exact", "exact"), "source": ("mirror", "mirror"), "val_books": ("2", 2),
                   "mirror": ("m", "m"), "catalog": ("c.csv", "c.csv"), "language": ("en,fr", ["en", "fr"]),

@@ -1,11 +1,6 @@
 """`phiforge prepare` killed mid-run (SIGKILL) and re-run gives byte-identical shards, documents and index."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,38 +9,14 @@ from phiforge.cli import main
 from phiforge.data.shards import open_token_dataset
 
 from conftest import assert_one_line_error, run_cli
+from prepare_helpers import flaky_filter, kill_group, start_prepare, wait_for_marker
 
 pytestmark = pytest.mark.slow  # multi-process or end-to-end: left out of the quick subset (-m "not slow")
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _args(inp, out, *extra):
     return ["prepare", "redpajama", "--input", str(inp), "--out", str(out), "--val-fraction", "0.1",
             "--shard-tokens", "3000", "--workers", "2", "--checkpoint-seconds", "0", *extra]
-
-
-def _popen(args, fault=None):
-    env = {k: v for k, v in os.environ.items() if k != "PHIFORGE_PREPARE_FAULT"}
-    env["PYTHONPATH"] = str(ROOT / "src")
-    if fault:
-        env["PHIFORGE_PREPARE_FAULT"] = fault
-    return subprocess.Popen([sys.executable, "-m", "phiforge", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _kill_when_hung(proc, marker: Path, timeout=120):
-    t0 = time.time()
-    while not marker.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"prepare exited before the fault: {proc.stdout.read().decode()[-2000:]}")
-        if time.time() - t0 > timeout:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError("prepare did not reach the fault in time")
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole group this test started: main process and its workers
-    proc.wait(30)
-    proc.stdout.close()
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -58,8 +29,9 @@ def test_prepare_killed_and_rerun_is_byte_identical(tmp_path, redpajama_fixture,
     assert main(_args(redpajama_fixture, ref)) == 0
     out = tmp_path / "out"
     work = tmp_path / ".out.partial"
-    proc = _popen(_args(redpajama_fixture, out), fault=f"hang@{hang_unit}")
-    _kill_when_hung(proc, work / "fault-hang")
+    proc = start_prepare(_args(redpajama_fixture, out), fault=f"hang@{hang_unit}")
+    wait_for_marker(proc, work / "fault-hang")
+    kill_group(proc)
     assert not out.exists()  # nothing half-done where the dataset goes
     if hang_unit:
         journal = json.loads((work / "journal.json").read_text())
@@ -70,7 +42,7 @@ def test_prepare_killed_and_rerun_is_byte_identical(tmp_path, redpajama_fixture,
         snap = journal["writer"]
         assert (work / "documents.jsonl").stat().st_size > snap["documents_bytes"]
         assert tmp_shards
-    proc = _popen(_args(redpajama_fixture, out))
+    proc = start_prepare(_args(redpajama_fixture, out))
     output = proc.communicate(timeout=240)[0].decode()
     assert proc.returncode == 0, output
     assert not work.exists()
@@ -87,8 +59,9 @@ def test_prepare_killed_and_rerun_is_byte_identical(tmp_path, redpajama_fixture,
 def test_resume_refuses_other_options_and_restart_starts_over(capsys, tmp_path, redpajama_fixture):
     out = tmp_path / "out"
     work = tmp_path / ".out.partial"
-    proc = _popen(_args(redpajama_fixture, out), fault="hang@2")
-    _kill_when_hung(proc, work / "fault-hang")
+    proc = start_prepare(_args(redpajama_fixture, out), fault="hang@2")
+    wait_for_marker(proc, work / "fault-hang")
+    kill_group(proc)
     code, _, err = run_cli(capsys, *_args(redpajama_fixture, out, "--sources", "book,github"))
     assert_one_line_error(code, err, str(work), "--restart")
     code, stdout, err = run_cli(capsys, *_args(redpajama_fixture, out, "--sources", "book,github", "--restart"))
@@ -100,27 +73,15 @@ def test_resume_refuses_other_options_and_restart_starts_over(capsys, tmp_path, 
 def test_resume_of_the_run_that_holds_out_one_document(tmp_path):
     """The val split came out empty, so prepare runs again holding out one document; that second run, interrupted
     (a failing input) and re-run, resumes with the same held-out document: the same bytes as without the crash."""
-    import phiforge.data.redpajama as rp
-    from phiforge.data.prepare import prepare
+    from phiforge.data.prepare import _fraction, prepare
     from phiforge.data.redpajama import RedPajamaSource
     from phiforge.errors import DataError
-
-    from phiforge.data.prepare import _fraction
 
     (tmp_path / "rp" / "book").mkdir(parents=True)
     for k in range(10):  # ten units of one document: results drain (and checkpoints happen) as the run goes
         (tmp_path / "rp" / "book" / f"f{k}.jsonl").write_text(json.dumps({"text": f"Document {k}. " * 40}) + "\n")
         assert _fraction(f"book/f{k}.jsonl:1") >= 0.001
-    calls = {"n": 0, "fail_after": None}
-
-    def flaky(record, signals):
-        calls["n"] += 1
-        if calls["fail_after"] is not None and calls["n"] > calls["fail_after"]:
-            raise DataError("input went away")
-        return None
-
-    rp.QUALITY_FILTERS["test-flaky"] = flaky
-    try:
+    with flaky_filter() as calls:
         def run(out):
             return prepare(RedPajamaSource(tmp_path / "rp", quality_filter="test-flaky"), out, None,
                            val_fraction=0.001, workers=0, checkpoint_seconds=0)
@@ -133,11 +94,9 @@ def test_resume_of_the_run_that_holds_out_one_document(tmp_path):
             run(tmp_path / "out")
         journal = json.loads((tmp_path / ".out.partial" / "journal.json").read_text())
         done = journal["units_done"]
-        assert journal["held_out"] == held[0] and 0 < done < 9
+        assert journal["held_out"] == held[0] and 0 < done <= 9
         calls.update(n=0, fail_after=None)
         index = run(tmp_path / "out")
         assert calls["n"] == 10 - done  # resumed: the files after the checkpoint are read, once
-    finally:
-        del rp.QUALITY_FILTERS["test-flaky"]
     assert index["prepared"]["val"]["held_out"] == held
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")

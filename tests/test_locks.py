@@ -1,5 +1,6 @@
 """fileio.DirectoryLock: one writer per output directory; a second process is refused with the holder's pid."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -35,7 +36,23 @@ def test_second_holder_is_refused_naming_the_pid(tmp_path):
 
 def test_lock_released_and_reacquired_in_process(tmp_path):
     a = DirectoryLock(tmp_path / "x", "run directory").acquire()
-    with pytest.raises(PhiforgeError, match="run directory .* is in use"):
-        DirectoryLock(tmp_path / "x", "run directory").acquire()
     a.release()
-    DirectoryLock(tmp_path / "x", "run directory").acquire().release()
+    assert not a.path.exists()
+    b = DirectoryLock(tmp_path / "x", "run directory").acquire()
+    assert b.path.read_text().strip() == str(os.getpid())
+    b.release()
+
+
+def test_lock_is_reentrant_within_a_process(tmp_path):
+    outer = DirectoryLock(tmp_path / "x", "output", reentrant=True).acquire()
+    with pytest.raises(PhiforgeError, match=rf"in use by another phiforge process \(pid {os.getpid()}\)"):
+        DirectoryLock(tmp_path / "x", "output").acquire()  # a claim that is not reentrant is refused in-process too
+    inner = DirectoryLock(tmp_path / "x", "output", reentrant=True).acquire()  # `data merge` locks OUT, then
+    inner.release()                                                             # output_dir does
+    assert outer.path.exists()  # still held by the outer one
+    holder = subprocess.run([sys.executable, "-c", f"from phiforge.fileio import DirectoryLock; "
+                             f"DirectoryLock({str(tmp_path / 'x')!r}, 'output').acquire()"],
+                            capture_output=True, text=True)
+    assert holder.returncode != 0 and f"pid {os.getpid()}" in holder.stderr
+    outer.release()
+    assert not outer.path.exists()

@@ -420,7 +420,7 @@ def output_dir(out: Path, kind: str, inputs=(), overwrite: bool = False):
     from phiforge.errors import PhiforgeError
 
     real = claim_output_dir(out, kind, inputs, overwrite)
-    with DirectoryLock(real, "output"):
+    with DirectoryLock(real, "output", reentrant=True):
         for stale in _temporaries(real):  # the lock is ours, so whoever wrote these is gone
             shutil.rmtree(stale, ignore_errors=True)
         try:
@@ -467,19 +467,36 @@ def _lock_holder(lock_file: Path) -> str:
 class DirectoryLock:
     """An exclusive flock on `.NAME.lock` beside `target` (which need not exist yet), holding the holder's pid.
 
-    A second process is refused at once: `acquire()` raises `error` naming the holder's pid. The lock file sits
-    beside the directory, not in it, so a refused or failed start leaves the directory byte-identical; a killed
-    holder's lock is released by the kernel and its stale file is reused by the next run."""
+    A second process is refused at once: `acquire()` raises `error` naming the holder's pid. Within one process a
+    `reentrant` lock may be taken again by another reentrant one (a command that locks OUT calls a writer that
+    locks it too); any other second claim is refused like another process's. The lock file sits beside
+    the directory, not in it, so a refused or failed start leaves the directory byte-identical; a killed holder's
+    lock is released by the kernel and its stale file is reused by the next run."""
 
-    def __init__(self, target: Path, what: str, error: type[Exception] | None = None):
+    _held: dict[Path, list] = {}  # lock file -> [fd, depth, reentrant]: the locks this process holds
+
+    def __init__(self, target: Path, what: str, error: type[Exception] | None = None, reentrant: bool = False):
         from phiforge.errors import PhiforgeError
 
         target = Path(target).expanduser().resolve()
         self.target, self.what, self.error = target, what, error or PhiforgeError
         self.path = target.parent / f".{target.name}.lock"
-        self._fd: int | None = None
+        self.reentrant, self._mine = reentrant, False
 
     def acquire(self) -> "DirectoryLock":
+        if self._mine:
+            return self
+        held = DirectoryLock._held.get(self.path)
+        if held is None:
+            DirectoryLock._held[self.path] = held = [self._lock_file(), 0, self.reentrant]
+        elif not (held[2] and self.reentrant):
+            raise self.error(f"{self.what} {self.target} is in use by {_lock_holder(self.path)}; wait for it to "
+                             "finish or choose another path")
+        held[1] += 1
+        self._mine = True
+        return self
+
+    def _lock_file(self) -> int:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -500,17 +517,21 @@ class DirectoryLock:
             os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return self
+        return fd
 
     def release(self) -> None:
-        if self._fd is None:
+        if not self._mine:
             return
+        self._mine = False
+        held = DirectoryLock._held[self.path]
+        held[1] -= 1
+        if held[1]:
+            return
+        del DirectoryLock._held[self.path]
         try:
             self.path.unlink(missing_ok=True)  # while still holding it, so a waiter re-checks the inode
         finally:
-            os.close(self._fd)
-            self._fd = None
+            os.close(held[0])
 
     def __enter__(self) -> "DirectoryLock":
         return self.acquire()

@@ -1,4 +1,5 @@
-"""`phiforge data inspect DIR`: what a prepared token dataset holds."""
+"""`phiforge data inspect DIR`: what a prepared token dataset holds. `phiforge data merge PARTS... --out DIR`: the
+parts of `prepare --task-count N` as one dataset (phiforge.data.merge)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,27 @@ def register(sub) -> None:
     i.add_argument("--sample-tokens", type=int, default=60, metavar="N", help="tokens to decode (default 60)")
     i.add_argument("--split", help="split to sample from (default: train)")
     i.set_defaults(func=run_inspect)
+    m = cmds.add_parser("merge", help="join the parts of `prepare ... --task-count N` into one dataset")
+    m.add_argument("parts", nargs="+", metavar="PART", help="part directories, or the folder holding them (the "
+                   "tasks' --out)")
+    m.add_argument("--out", required=True, metavar="DIR", help="the merged dataset (an earlier dataset there is "
+                   "replaced at the end; any other non-empty directory is refused)")
+    m.add_argument("--workers", type=int, default=None, metavar="N", help="processes that rewrite the parts' "
+                   "document records (default: all cores)")
+    m.set_defaults(func=run_merge)
+
+
+def run_merge(args) -> int:
+    import time
+
+    from phiforge.data.corpora import dataset_summary
+    from phiforge.data.merge import merge_parts
+
+    t0 = time.perf_counter()
+    index = merge_parts(args.parts, args.out, summary=print, workers=args.workers)
+    for line in dataset_summary(index, args.out, time.perf_counter() - t0):
+        print(line)
+    return 0
 
 
 def run_inspect(args) -> int:

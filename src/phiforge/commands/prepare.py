@@ -6,6 +6,7 @@
     phiforge prepare gutenberg --download 1342,2701 --mirror-url URL --cache DIR --out D
     phiforge prepare redpajama --input /data/RedPajama-Data-1T-Sample --out D [--weights common_crawl=67,...]
     phiforge prepare redpajama --config prep.yaml --set workers=4 [--print-config]
+    phiforge prepare redpajama --input D --out PARTS --task-count 8 [--task-index I]; phiforge data merge PARTS --out D2
 
 Each flag is the config key of the same name (phiforge.data.corpora): the defaults, then --config, then the
 flags, then --set. An interrupted run resumes when re-run with the same arguments (see docs/data.md).
@@ -38,6 +39,10 @@ COMMON_FLAGS = (
     ("--checkpoint-seconds", "S", "journal progress for resume at most every S seconds (default 60; 0: after "
      "every unit)"),
     ("--restart", None, "discard an interrupted run of this --out instead of resuming it"),
+    ("--task-count", "N", "split the input units into N tasks (one per machine or array job); this run prepares "
+     "one of them into OUT/part-I-of-N, and `phiforge data merge OUT --out DIR` joins the parts"),
+    ("--task-index", "I", "which task, 0 to N-1 (default: the scheduler's array index, e.g. SLURM_ARRAY_TASK_ID "
+     "minus SLURM_ARRAY_TASK_MIN)"),
     ("--progress", None, "show the progress bar even when not on a terminal"),
 )
 BOOK_SELECTION_FLAGS = (

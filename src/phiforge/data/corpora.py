@@ -32,6 +32,7 @@ from phiforge.data.mirror import (DEFAULT_MIRROR, DEFAULT_TEMPLATE, CatalogFilte
 from phiforge.data.redpajama import DEFAULT_WEIGHTS, RedPajamaSource, parse_weights
 from phiforge.data.shards import DEFAULT_SHARD_TOKENS
 from phiforge.data.sources import BundledGutenberg, Source, choose_val_ids
+from phiforge.data.tasks import Task, check_parts_dir, resolve_task
 from phiforge.errors import ConfigError, DataError
 
 GUTENBERG_SOURCES: dict[str, type[Source]] = {"bundled": BundledGutenberg, "mirror": MirrorGutenberg,
@@ -59,6 +60,8 @@ class PrepareConfig:
     checkpoint_seconds: float = 60.0
     restart: bool = False  # discard an interrupted run of this out instead of resuming it
     progress: bool | None = None  # the progress bar: None only on a terminal
+    task_count: int | None = None  # split the input into this many tasks; this run prepares one (a part)
+    task_index: int | None = None  # which task (None: from the scheduler's array variables)
 
     corpus: ClassVar[str] = ""
     exclusive: ClassVar[dict[str, str]] = {}  # a flag that clears another key of the file (val_ids: val_books)
@@ -66,6 +69,10 @@ class PrepareConfig:
     def __post_init__(self):
         self._normalise()
         self._check()
+        if self.task_count is not None:  # the index may come from the scheduler's variables when the task runs
+            Task(0 if self.task_index is None else self.task_index, self.task_count)
+        elif self.task_index is not None:
+            raise DataError("--task-index goes with --task-count N (the number of tasks the input is split into)")
         from phiforge.data.prepare import PrepareOptions
 
         PrepareOptions(**self.options(**self._val_placeholder()))  # the pipeline's own checks
@@ -310,16 +317,22 @@ def build_source(cfg: PrepareConfig) -> tuple[Source, dict]:
 def prepare_corpus(cfg: PrepareConfig, echo=print) -> dict:
     """Prepare the dataset a config describes into cfg.out; returns its index. echo(line) gets the report and
     the dataset summary (None: print nothing)."""
-    from phiforge.data.prepare import _check_out_dir, prepare
+    from phiforge.data.output import check_out_dir, dataset_lock
+    from phiforge.data.prepare import prepare
 
     if not cfg.out:
         raise DataError("give --out DIR (out: in a --config file): where the dataset goes")
-    _check_out_dir(Path(cfg.out))  # before any book is read
+    out, task = Path(cfg.out), resolve_task(cfg.task_index, cfg.task_count)
+    if task is not None:  # OUT holds the parts; this task writes its own
+        check_parts_dir(out)
+        out = out / task.name
+    check_out_dir(out)  # before any book is read
     t0 = time.perf_counter()
-    source, val = build_source(cfg)
-    index = prepare(source, cfg.out, summary=echo, **cfg.options(**val))
+    with dataset_lock(out):  # before a download starts: a second prepare of this --out is refused at once
+        source, val = build_source(cfg)
+        index = prepare(source, out, summary=echo, task=task, **cfg.options(**val))
     if echo is not None:
-        for line in dataset_summary(index, cfg.out, time.perf_counter() - t0):
+        for line in dataset_summary(index, out, time.perf_counter() - t0):
             echo(line)
     return index
 

@@ -63,7 +63,8 @@ def minhash_signature(text: str, shingle: int = SHINGLE) -> np.ndarray:
 
 class Deduper:
     """Remembers kept documents; `check` says whether a new one duplicates one of them (and registers it if
-    not). The state is picklable, so a resumed `prepare` continues with the same decisions."""
+    not). `state()` / `restore()` save and reload what it remembers as JSON and one uint32 array (no pickle), so a
+    resumed `prepare` continues with the same decisions."""
 
     def __init__(self, exact: bool = True, near: bool = True, threshold: float = 0.8, bands: int = BANDS):
         if not 0 < threshold <= 1:
@@ -100,6 +101,10 @@ class Deduper:
                         best, best_sim = j, sim
             if best is not None and best_sim >= self.threshold:
                 return "near duplicate", self.ids[best], round(best_sim, 3)
+        self._remember(doc_id, chash, sig)
+        return None
+
+    def _remember(self, doc_id: str, chash: bytes | None, sig: np.ndarray | None) -> None:
         if self.exact and chash is not None:
             self.hashes[chash] = doc_id
         if self.near and sig is not None:
@@ -108,4 +113,17 @@ class Deduper:
             self.sigs.append(np.asarray(sig, dtype=np.uint32))
             for b in range(self.bands):
                 self.buckets[b].setdefault(sig[b * self.rows : (b + 1) * self.rows].tobytes(), []).append(j)
-        return None
+
+    def state(self) -> tuple[dict, np.ndarray]:
+        """What it remembers: content hashes and ids as JSON, and the near-dedup signatures as uint32[N, 128]."""
+        sigs = np.stack(self.sigs) if self.sigs else np.empty((0, NUM_PERM), dtype=np.uint32)
+        return {"hashes": [[h.hex(), i] for h, i in self.hashes.items()], "ids": list(self.ids)}, sigs
+
+    def restore(self, state: dict, sigs: np.ndarray) -> None:
+        """Remember what `state()` saved (the LSH buckets are rebuilt in the same order, so the decisions that
+        follow are those of an uninterrupted run)."""
+        if len(state["ids"]) != len(sigs):
+            raise ValueError(f"{len(state['ids'])} ids but {len(sigs)} signatures")
+        self.hashes = {bytes.fromhex(h): str(i) for h, i in state["hashes"]}
+        for doc_id, sig in zip(state["ids"], sigs):
+            self._remember(str(doc_id), None, sig)

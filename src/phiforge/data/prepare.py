@@ -25,7 +25,11 @@ documents are joined by the EOT token (each document's tokens end with it).
 Crash safety and resume. Work happens in a hidden sibling `.NAME.partial/`. After an input unit completes,
 at most every `checkpoint_seconds`, the open shard and documents.jsonl are flushed and fsynced and
 `journal.json` records the units done, the shards finished (with sha256) and the byte lengths of the open
-shard and documents.jsonl; the dedup state and report go to a pickle beside it. Re-running the same command
+shard and documents.jsonl; the dedup state and report go to JSON (and a .npy of signatures) beside it, never a
+pickle, and every name the journal holds must be a file of the work directory (phiforge.data.journal).
+One process at a time: a lock beside OUT (`.NAME.lock`) covers OUT and its work directory for the whole run,
+and a second `prepare` of the same OUT is refused at once, naming the holder's pid. SIGTERM or SIGINT stop the
+workers and keep the journaled work (one line: rerun to resume). Re-running the same command
 continues after the last journaled unit: the open shard and documents.jsonl are cut back to the journaled
 lengths (so nothing half-written or duplicated survives) and the result is byte-identical to an
 uninterrupted run. A run with different inputs or options refuses to resume (--restart starts over). At the
@@ -39,12 +43,11 @@ The code: `_Run` holds one run's state; `_open_work`/`_load` (resume), `_feed`/`
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import os
-import pickle
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -59,24 +62,24 @@ from tqdm import tqdm
 from phiforge import __version__
 from phiforge.data.dedup import Deduper, content_hash, minhash_signature
 from phiforge.data.gutenberg import CLEANER_VERSION
+from phiforge.data.journal import FORMAT as JOURNAL_FORMAT
+from phiforge.data.journal import JOURNAL, load_state, read_journal, remove_other_states, save_state
+from phiforge.data.output import PrepareInterrupted, Signalled, check_out_dir, dataset_lock, stop_on_signals
 from phiforge.data.report import Report
-from phiforge.data.shards import DEFAULT_SHARD_TOKENS, DatasetWriter
+from phiforge.data.shards import DEFAULT_SHARD_TOKENS, INDEX, DatasetWriter, read_index, record_head
 from phiforge.data.sources import RawDoc, Skip, Source, clean_raw
+from phiforge.data.tasks import DedupLog, Task, fingerprint_sha
 from phiforge.errors import DataError
 from phiforge.faults import PrepareFaults
 from phiforge.fileio import swap_in_dir, write_json_atomic
-from phiforge.tokenizer import EOT, eot_id, load_tokenizer
+from phiforge.tokenizer import EOT, eot_id, load_tokenizer, tokenizer_sha256
 
 CHUNK_CHARS = 32_768
 BATCH_CHARS = 1 << 18  # characters of text per worker task
 BATCH_DOCS = 512
 REPORT = "prepare-report.json"
-JOURNAL = "journal.json"
 _PARA_CUT = re.compile(r"(?<=\S)(?=\n\n)")  # end of a paragraph
 _WORD_CUT = re.compile(r"(?<=\S)(?=[ \n])")  # end of any word
-_DATASET_FILE = re.compile(r"^(index\.json|tokenizer\.json|documents\.jsonl|prepare-report\.json|"
-                           r"[A-Za-z0-9_]+-\d{5}\.bin)(\.tmp)?$")
-
 
 def _last_cut(pattern: re.Pattern, text: str, lo: int, hi: int) -> int | None:
     cut = None
@@ -152,23 +155,6 @@ def tokenize_document(tok, text: str, eot: int, chunk_chars: int = CHUNK_CHARS) 
     return tokenize_documents(tok, [text], eot, chunk_chars)[0]
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse an output path that holds anything but a phiforge dataset (fileio's rule for every output)."""
-    from phiforge.errors import PhiforgeError
-    from phiforge.fileio import MARKER, claim_output_dir
-
-    try:
-        claim_output_dir(out_dir, "dataset", overwrite_hint="choose another --out (or empty it yourself)")
-    except PhiforgeError as e:
-        raise DataError(str(e)) from None
-    if not out_dir.is_dir():
-        return
-    foreign = sorted(p.name for p in out_dir.iterdir() if not _DATASET_FILE.match(p.name) and p.name != MARKER)
-    if foreign:
-        raise DataError(f"{out_dir} is a phiforge dataset but also holds other files ({', '.join(foreign[:5])}); "
-                        "move them or choose another --out")
-
-
 # ---------------------------------------------------------------------------------------------- workers
 
 _W: dict = {}
@@ -179,6 +165,10 @@ def _worker_init(tok_json: str, eot: int, dtype: str, chunk_chars: int, exact: b
     if parent is not None:  # a worker process: one core each (in-process, leave the caller's settings alone)
         os.environ["RAYON_NUM_THREADS"] = "1"
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # the main process handles a signal and stops the workers (SIGTERM); Ctrl-C reaches the whole terminal
+        # group, and a worker's KeyboardInterrupt would print a traceback
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     from tokenizers import Tokenizer
 
     _W.update(tok=Tokenizer.from_str(tok_json), eot=eot, dtype=np.dtype(dtype), chunk=chunk_chars, exact=exact,
@@ -195,8 +185,9 @@ def _watch_parent(pid: int) -> None:
 
 
 def _work(batch: list[RawDoc]) -> list[tuple]:
-    """Decode, clean, tokenize, hash: ("doc", id, title, source, meta, tokens, hash, signature, info) or
-    ("skip", reason, example, chars) per document, in order."""
+    """Decode, clean, tokenize, hash: ("doc", id, title, source, meta, tokens, hash, signature, info, fraction,
+    record head) or ("skip", reason, example, chars) per document, in order. The id's hash fraction (for the
+    val split) and the documents.jsonl record's JSON are made here too, to spare the main process."""
     out: list = [None] * len(batch)
     texts, todo = [], []
     for i, raw in enumerate(batch):
@@ -212,7 +203,8 @@ def _work(batch: list[RawDoc]) -> list[tuple]:
     for (i, raw, title, meta, info), text, t in zip(todo, texts, tokens):
         chash = content_hash(text) if _W["exact"] else None
         sig = minhash_signature(text) if _W["near"] else None
-        out[i] = ("doc", raw.id, title, raw.source, meta, t, chash, sig, info)
+        head = record_head({"id": raw.id, "title": title, "source": raw.source, **meta})
+        out[i] = ("doc", raw.id, title, raw.source, meta, t, chash, sig, info, _fraction(raw.id), head)
     return out
 
 
@@ -281,7 +273,8 @@ class PrepareOptions:
     the bar, None only on a terminal. workers: processes for decoding/cleaning/tokenizing (None: all cores, 0:
     in this process). dedup: "exact", "near", "exact,near" or "none" (None: the source's default). mixture:
     per-source sampling weights, recorded in the index for the loader for the sources the train split holds
-    (renormalised to the same total). summary: called with each line of the short report at the end.
+    (renormalised to the same total). summary: called with each line of the short report at the end. task: one
+    of N tasks (phiforge.data.tasks): this run prepares only its slice of the units into a part for `data merge`.
     """
 
     val_ids: list[str] | None = None
@@ -300,6 +293,7 @@ class PrepareOptions:
     on_document: Callable[[dict], None] | None = None
     chunk_chars: int = CHUNK_CHARS
     batch_chars: int = BATCH_CHARS
+    task: Task | None = None
 
     def __post_init__(self):
         if not isinstance(self.shard_tokens, int) or self.shard_tokens < 1:
@@ -334,7 +328,7 @@ def _tokenizer_info(tokenizer_dir) -> tuple[str, dict]:
     tok_json = tok.to_str()
     return tok_json, {"name": "gpt2-bpe (builtin)" if not tokenizer_dir else str(Path(tokenizer_dir).resolve()),
                       "vocab_size": tok.get_vocab_size(), "eot_id": eot_id(tok),
-                      "sha256": hashlib.sha256(tok_json.encode()).hexdigest(), "file": "tokenizer.json"}
+                      "sha256": tokenizer_sha256(tok), "file": "tokenizer.json"}
 
 
 def recorded_mixture(weights: dict[str, float] | None, have: dict) -> tuple[dict[str, float] | None, list[str]]:
@@ -379,10 +373,16 @@ def prepare(source: Source, out_dir: str | Path, val_ids: list[str] | None = Non
     """
     t0 = time.perf_counter()
     opts = PrepareOptions(val_ids=val_ids, **options)
-    try:
-        return _Run(source, Path(out_dir), opts, t0).run()
-    except _HoldOutOne as e:
-        return _Run(source, Path(out_dir), opts, t0, held_out=e.doc_id).run()
+    check_out_dir(Path(out_dir))
+    with dataset_lock(out_dir):
+        run = _Run(source, Path(out_dir), opts, t0)
+        done = run.completed_part()
+        if done is not None:
+            return done
+        try:
+            return run.run()
+        except _HoldOutOne as e:
+            return _Run(source, Path(out_dir), opts, t0, held_out=e.doc_id).run()
 
 
 class _Run:
@@ -395,31 +395,35 @@ class _Run:
     def __init__(self, source: Source, out_dir: Path, opts: PrepareOptions, t0: float, held_out: str | None = None):
         self.source, self.out_dir, self.opts, self.t0 = source, out_dir, opts, t0
         self.exact, self.near = dedup_modes(source.default_dedup if opts.dedup is None else opts.dedup)
-        _check_out_dir(out_dir)
         self.tok_json, self.tok_info = _tokenizer_info(opts.tokenizer_dir)
-        self.units = source.units()
-        self._check_mixture_sources()
+        units = source.units()
+        self._check_mixture_sources(units)
+        self.task = opts.task
+        self.unit_span = self.task.unit_range([u.size for u in units]) if self.task else (0, len(units))
+        self.units = units[self.unit_span[0] : self.unit_span[1]]  # this task's (all, without a task)
         self.workers = (os.cpu_count() or 1) if opts.workers is None else opts.workers
         self.prepared = self._describe()
-        units_sig = hashlib.sha256("\n".join(f"{u.key}\t{u.size}" for u in self.units).encode()).hexdigest()
+        units_sig = hashlib.sha256("\n".join(f"{u.key}\t{u.size}" for u in units).encode()).hexdigest()
         self.fingerprint = {"prepared": self.prepared, "tokenizer": self.tok_info["sha256"], "units": units_sig,
-                            "mixture": opts.mixture, "format": 2}
+                            "mixture": opts.mixture, "format": JOURNAL_FORMAT,
+                            "task": [self.task.index, self.task.count] if self.task else None}
         self.work = out_dir.parent / f".{out_dir.name}.partial"
         self.journal_path = self.work / JOURNAL
         self.fault = PrepareFaults.from_env()
         self.held_out = held_out
         self.val = set(opts.val_ids or ()) | ({held_out} if held_out else set())
-        self.pool = self.bar = self.writer = None
+        self.pool = self.bar = self.writer = self.dedup_log = None
         self.pending: deque = deque()  # (kind, unit index, future / payload) in input order
         self.in_flight = 0
-        self.max_in_flight = 4 * max(self.workers, 1) + 2
+        # in this process (workers=0) a batch is done when submitted: handle it at once (units journal promptly)
+        self.max_in_flight = 4 * self.workers + 2 if self.workers else 0
         self.run_tokens, self.finishing = 0, False
 
-    def _check_mixture_sources(self) -> None:
+    def _check_mixture_sources(self, units: list) -> None:
         weights = self.opts.mixture
         if weights is None:
             return
-        have = {u.source for u in self.units}
+        have = {u.source for u in units}
         if not any(w > 0 and k in have for k, w in weights.items()):
             raise DataError(f"--weights: none of the weighted sources ({', '.join(k for k, w in weights.items() if w)}"
                             f") is in the input (it has: {', '.join(sorted(have))})")
@@ -442,15 +446,14 @@ class _Run:
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         if self.opts.restart:
             shutil.rmtree(self.work, ignore_errors=True)
-        journal = None
-        if self.journal_path.is_file():
-            try:
-                journal = json.loads(self.journal_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                journal = None
-            if journal is not None and journal.get("fingerprint") != self.fingerprint:
-                raise DataError(f"{self.work} holds an interrupted prepare of other inputs or options; re-run it "
-                                "with the same arguments to resume, or add --restart to start over")
+        journal = read_journal(self.work)
+        if journal is not None and journal.get("fingerprint") != self.fingerprint:
+            old = isinstance(journal.get("fingerprint"), dict) and \
+                journal["fingerprint"].get("format") != JOURNAL_FORMAT
+            raise DataError(f"{self.work} holds an interrupted prepare of "
+                            + ("an older phiforge, which this one does not resume; add --restart to start over"
+                               if old else "other inputs or options; re-run it with the same arguments to "
+                               "resume, or add --restart to start over"))
         if journal is None and self.work.exists():  # died before its first checkpoint: nothing to keep
             shutil.rmtree(self.work)
         self.work.mkdir(exist_ok=True)
@@ -461,56 +464,61 @@ class _Run:
         return journal
 
     def _load(self, journal: dict | None) -> None:
-        """The writer and the decision state: restored from the journal, or new."""
+        """The writer and the decision state: restored from the journal, or new. A task decides no duplicates
+        (the merge does, across parts): it logs each document's hash and signature instead."""
+        decide = self.task is None
+        self.deduper = Deduper(self.exact and decide, self.near and decide, self.opts.near_dup_threshold)
+        log = not decide and (self.exact or self.near)
         if journal is None:
             self.writer = DatasetWriter(self.work, self.tok_info, self.opts.shard_tokens)
             (self.work / "tokenizer.json").write_text(self.tok_json, encoding="utf-8")
+            self.dedup_log = DedupLog(self.work, self.exact, self.near) if log else None
             self.report = Report()
-            self.deduper = Deduper(self.exact, self.near, self.opts.near_dup_threshold)
             self.val_seen: list[str] = []
             self.candidate: tuple[float, str] | None = None  # the train document with the smallest hash
             self.units_done = 0
             return
-        self.writer = DatasetWriter.restore(self.work, self.tok_info, self.opts.shard_tokens, journal["writer"])
-        with open(self.work / journal["state"], "rb") as f:
-            state = pickle.load(f)
-        self.report, self.deduper, self.val_seen = state["report"], state["deduper"], state["val_seen"]
-        self.candidate = state.get("candidate")
+        self.report, self.val_seen, self.candidate = load_state(self.work, journal.get("state"), self.deduper)
+        try:
+            self.units_done = int(journal["units_done"])
+            if not 0 <= self.units_done <= len(self.units):
+                raise ValueError(f"units_done {self.units_done} of {len(self.units)}")
+            self.writer = DatasetWriter.restore(self.work, self.tok_info, self.opts.shard_tokens, journal["writer"])
+            self.dedup_log = DedupLog(self.work, self.exact, self.near, journal["dedup_log"]) if log else None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DataError(f"cannot resume from {self.journal_path}: {e}; re-run with --restart") from None
         self.held_out = journal.get("held_out")
         if self.held_out:
-            self.val.add(self.held_out)
-        self.units_done = int(journal["units_done"])
+            self.val.add(str(self.held_out))
         self.report.notes.append(f"resumed after {self.units_done} of {len(self.units)} input unit(s)")
 
     def _checkpoint(self, done: int) -> None:
         """Flush and journal everything written for the first `done` units."""
         snap = self.writer.snapshot()
-        name = f"state-{done:09d}.pkl"
-        tmp = self.work / (name + ".tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump({"report": self.report, "deduper": self.deduper, "val_seen": self.val_seen,
-                         "candidate": self.candidate}, f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.work / name)
+        log = self.dedup_log.snapshot() if self.dedup_log is not None else None
+        name = save_state(self.work, done, self.report, self.deduper, self.val_seen, self.candidate)
         write_json_atomic(self.journal_path, {"fingerprint": self.fingerprint, "units_done": done,
-                                              "units": len(self.units), "writer": snap, "state": name,
-                                              "held_out": self.held_out})
-        for old in self.work.glob("state-*.pkl"):
-            if old.name != name:
-                old.unlink()
+                                              "units": len(self.units), "writer": snap, "dedup_log": log,
+                                              "state": name, "held_out": self.held_out})
+        remove_other_states(self.work, name)
 
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict:
-        journal = self._open_work()
-        self._load(journal)
+        self._load(self._open_work())
         try:
-            self._start()
-            self._feed()
-            self._stop_workers()
-            self.finishing = True
-            return self._finish()
+            with stop_on_signals(self):
+                self._start()
+                self._feed()
+                self._stop_workers()
+                self.finishing = True
+                return self._finish()
+        except Signalled as e:
+            self._abandon()
+            name = signal.Signals(e.signum).name
+            kept = (f"the work so far is kept in {self.work}: rerun the same command to resume"
+                    if self.work.exists() else "nothing was kept yet: rerun the same command to start again")
+            raise PrepareInterrupted(f"interrupted by {name}; {kept}", e.signum) from None
         except BaseException:
             self._abandon()
             raise
@@ -528,6 +536,8 @@ class _Run:
                         unit_scale=True, desc=f"prepare {self.source.name}", smoothing=0.1,
                         disable=None if progress is None else not progress)
         self.run_t0 = time.perf_counter()
+        self.cpu0, self.children_cpu0 = time.process_time(), _children_cpu()
+        self.run_bytes = sum(u.size for u in self.units[self.units_done:])
         self.last_ckpt = time.monotonic()
 
     def _feed(self) -> None:
@@ -561,6 +571,8 @@ class _Run:
     def _drain(self, limit: int) -> None:
         while self.in_flight > limit:
             self._drain_one()
+        while self.pending and self.pending[0][0] != "batch":  # skips and unit ends with nothing left before them
+            self._drain_one()
 
     def _drain_one(self) -> None:
         kind, ui, item = self.pending.popleft()
@@ -579,7 +591,8 @@ class _Run:
         else:
             self._unit_done(ui)
 
-    def _add(self, doc_id: str, title: str, src: str, meta: dict, tokens: np.ndarray, chash, sig, info: dict):
+    def _add(self, doc_id: str, title: str, src: str, meta: dict, tokens: np.ndarray, chash, sig, info: dict,
+             frac: float, head: bytes):
         """One cleaned, tokenized document: dedup, split, write, count."""
         rep = self.report
         rep.read["documents"] += 1
@@ -589,24 +602,20 @@ class _Run:
             self.val_seen.append(doc_id)
         dup = self.deduper.check(doc_id, chash, sig) if self.deduper.enabled else None
         if dup is not None:
-            reason, kept, sim = dup
-            rep.skip(reason, f"{doc_id} ({title[:50]}) ~ {kept}" + (f" (similarity {sim})"
-                                                                      if reason.startswith("near") else ""),
-                     meta.get("chars", 0))
-            if doc_id in self.val:
-                rep.notes.append(f"validation document {doc_id} was removed as a {reason} of {kept}")
+            rep.duplicate(dup, doc_id, title, meta.get("chars", 0), doc_id in self.val)
             return
         rep.cleaning["header_chars"] += info.get("header_chars", 0)
         rep.cleaning["footer_chars"] += info.get("footer_chars", 0)
         rep.cleaning["documents_with_markers"] += int(bool(info.get("markers")))
         split = "val" if doc_id in self.val else "train"
         if self.opts.val_fraction is not None:
-            frac = _fraction(doc_id)
             if frac < self.opts.val_fraction:
                 split = "val"
             elif split == "train" and (self.candidate is None or (frac, doc_id) < self.candidate):
                 self.candidate = (frac, doc_id)
-        entry = self.writer.add(split, tokens, id=doc_id, title=title, source=src, **meta)
+        offset = self.writer.add_encoded(split, tokens, src, head)
+        if self.dedup_log is not None:
+            self.dedup_log.add(chash, sig)
         rep.kept["documents"] += 1
         rep.kept["tokens"] += len(tokens)
         rep.kept["chars"] += meta.get("chars", 0)
@@ -614,7 +623,8 @@ class _Run:
         rep.sources[src]["tokens"] += len(tokens)
         self.run_tokens += len(tokens)
         if self.opts.on_document:
-            self.opts.on_document(entry)
+            self.opts.on_document({"id": doc_id, "title": title, "source": src, **meta, "split": split,
+                                   "tokens": len(tokens), "offset": offset})
 
     def _unit_done(self, ui: int) -> None:
         """Everything of unit ui is written: count it, and checkpoint when it is time."""
@@ -645,6 +655,8 @@ class _Run:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
+        if self.dedup_log is not None:
+            self.dedup_log.close()
         if self.journal_path.exists() and not self.finishing:
             self.writer.close_files()  # re-running resumes from here
         else:
@@ -655,7 +667,26 @@ class _Run:
     # ------------------------------------------------------------------ the end
 
     def _finish(self) -> dict:
-        """Check the splits, write the index (last of the dataset files) and the report, swap into place."""
+        """Write the index (last of the dataset files) and the report, and swap the directory into place."""
+        extra = self._index_extra() if self.task is None else self._task_extra()
+        index = self.writer.finish(**extra)
+        # what listing the input skipped: the same for every task, so part 0's report holds it
+        scan = self.source.scan_report if self.task is None or self.task.index == 0 else Report()
+        merged = _merge_reports(scan, self.report)
+        rep = merged.to_json()
+        rep["timing"] = self._timing()
+        write_json_atomic(self.work / REPORT, rep)
+        self.journal_path.unlink(missing_ok=True)
+        remove_other_states(self.work, None)
+        swap_in_dir(self.work, self.out_dir)
+        if self.opts.summary is not None:
+            for line in merged.summary_lines():
+                self.opts.summary(line)
+            self.opts.summary(f"report: {self.out_dir / REPORT}")
+        return index
+
+    def _index_extra(self) -> dict:
+        """Check the splits; the index's "prepared" (with a held-out document) and "mixture" entries."""
         missing = sorted(self.val - set(self.val_seen))
         if missing:
             raise DataError(f"validation id(s) {', '.join(missing)} were not produced by the source")
@@ -672,22 +703,41 @@ class _Run:
         self.report.notes.extend(notes)
         if mixture is not None:
             extra["mixture"] = {"weights": mixture}
-        index = self.writer.finish(**extra)
-        merged = _merge_reports(self.source.scan_report, self.report)
-        rep = merged.to_json()
-        rep["timing"] = {"seconds": round(time.perf_counter() - self.t0, 2), "tokens_this_run": self.run_tokens,
-                         "tokens_per_second_this_run": round(self.run_tokens / max(time.perf_counter() - self.run_t0,
-                                                                                   1e-9)),
-                         "workers": self.workers}
-        write_json_atomic(self.work / REPORT, rep)
-        self.journal_path.unlink(missing_ok=True)
-        for old in self.work.glob("state-*.pkl"):
-            old.unlink()
-        swap_in_dir(self.work, self.out_dir)
+        return extra
+
+    def _task_extra(self) -> dict:
+        """A part's "prepared" (as a whole run's) and "task": what `data merge` needs to join the parts. Splits may
+        be empty here; the merge checks them, and the validation ids, over all parts."""
+        t = self.task
+        task = {"index": t.index, "count": t.count, "units": list(self.unit_span),
+                "fingerprint": fingerprint_sha(self.fingerprint), "units_sha256": self.fingerprint["units"],
+                "weights": self.opts.mixture, "val_ids_seen": sorted(set(self.val_seen)),
+                "dedup": self.dedup_log.finish() if self.dedup_log is not None else None}
+        return {"prepared": self.prepared, "task": task}
+
+    def _timing(self) -> dict:
+        """Wall time and where the CPU time went: the main process (reading, dedup, writing, and handing batches
+        to the workers and taking back their results) against the workers (cleaning, tokenizing, hashing)."""
+        run_s = max(time.perf_counter() - self.run_t0, 1e-9)
+        return {"seconds": round(time.perf_counter() - self.t0, 2), "tokens_this_run": self.run_tokens,
+                "tokens_per_second_this_run": round(self.run_tokens / run_s), "workers": self.workers,
+                "input_bytes_this_run": self.run_bytes, "run_seconds": round(run_s, 3),
+                "main_cpu_seconds": round(time.process_time() - self.cpu0, 3),
+                "workers_cpu_seconds": round(_children_cpu() - self.children_cpu0, 3)}
+
+    def completed_part(self) -> dict | None:
+        """For a task whose part is already complete with these inputs and options: its index (nothing to do)."""
+        if self.task is None or not (self.out_dir / INDEX).is_file():
+            return None
+        try:
+            index = read_index(self.out_dir)
+        except DataError:
+            return None
+        if (index.get("task") or {}).get("fingerprint") != fingerprint_sha(self.fingerprint):
+            return None
         if self.opts.summary is not None:
-            for line in merged.summary_lines():
-                self.opts.summary(line)
-            self.opts.summary(f"report: {self.out_dir / REPORT}")
+            self.opts.summary(f"{self.out_dir} is complete (task {self.task.index} of {self.task.count}); "
+                              "nothing to do")
         return index
 
     def _check_splits(self) -> None:
@@ -709,6 +759,16 @@ class _Run:
                             f"({what}); use {hint}")
 
 
+def _children_cpu() -> float:
+    """CPU seconds of this process's child processes that have ended (the workers, once joined)."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0.0
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _short_removed(report: Report) -> str:
     items = sorted(report.removed.items(), key=lambda kv: -kv[1]["count"])[:3]
     return "removed " + ", ".join(f"{r['count']} x {k}" for k, r in items) if items else "nothing removed"
@@ -717,16 +777,5 @@ def _short_removed(report: Report) -> str:
 def _merge_reports(scan: Report, run: Report) -> Report:
     m = Report()
     for rep in (scan, run):
-        for reason, r in rep.removed.items():
-            for ex in r["examples"]:
-                m.skip(reason, ex, 0, 0)
-            m.removed[reason]["count"] += r["count"]
-            m.removed[reason]["chars"] += r["chars"]
-        m.read.update(rep.read)
-        m.kept.update(rep.kept)
-        m.cleaning.update(rep.cleaning)
-        m.encodings.update(rep.encodings)
-        for k, v in rep.sources.items():
-            m.sources[k].update(v)
-        m.notes.extend(rep.notes)
+        m.add_json(rep.to_json())
     return m

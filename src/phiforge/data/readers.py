@@ -122,8 +122,8 @@ class BadRecord:
         return f"{path} line {self.line}: {self.reason} ({what})"
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict] | BadRecord]:
-    """(line number, record) for each non-blank line of a .jsonl(.gz|.zst) file; bad lines as BadRecord.
+def iter_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes) for each non-blank line of a .jsonl(.gz|.zst) file.
 
     A file whose first bytes contain NUL is not JSON text: DataError. An empty file yields nothing.
     """
@@ -133,19 +133,31 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict] | BadRecord]:
         if b"\x00" in head:
             raise DataError(f"binary file, not JSON lines: {path}")
         for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield BadRecord(n, "invalid utf-8", f"{path.name}:{n}: {e.reason} at byte {e.start}")
-                continue
-            try:
-                rec = json.loads(text)
-            except ValueError as e:
-                yield BadRecord(n, "malformed json line", f"{path.name}:{n}: {e}")
-                continue
-            if not isinstance(rec, dict):
-                yield BadRecord(n, "malformed json line", f"{path.name}:{n}: not a JSON object")
-                continue
-            yield n, rec
+            if raw.strip():
+                yield n, raw
+
+
+def parse_json_line(name: str, n: int, raw: bytes) -> dict | BadRecord:
+    """A JSON-lines record (a JSON object), or the BadRecord saying why line n of file `name` is not one."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BadRecord(n, "invalid utf-8", f"{name}:{n}: {e.reason} at byte {e.start}")
+    try:
+        rec = json.loads(text)
+    except ValueError as e:
+        return BadRecord(n, "malformed json line", f"{name}:{n}: {e}")
+    if not isinstance(rec, dict):
+        return BadRecord(n, "malformed json line", f"{name}:{n}: not a JSON object")
+    return rec
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict] | BadRecord]:
+    """(line number, record) for each non-blank line of a .jsonl(.gz|.zst) file; bad lines as BadRecord.
+
+    A file whose first bytes contain NUL is not JSON text: DataError. An empty file yields nothing.
+    """
+    name = Path(path).name
+    for n, raw in iter_lines(path):
+        rec = parse_json_line(name, n, raw)
+        yield rec if isinstance(rec, BadRecord) else (n, rec)

@@ -13,6 +13,9 @@ Files are JSON lines: plain, .gz or .zst. A record is {"text": ..., "meta": {...
 common_crawl, github, stackexchange, wikipedia, then others by name), files in path order, so the shards
 are grouped by source and every shard holds one source.
 
+The reader hands each line to the workers as bytes: parsing the JSON, taking the text and running the quality
+filter happen there (`parse_record`, through `clean_raw`), not in `prepare`'s main process.
+
 Quality filters (`--quality-filter NAME|module:function`) see each record and its quality signals (V2; None
 for 1T) and return None to keep it or a short reason to drop it; drops are counted in the report as
 "quality filter: REASON". Built in: `rpv2-basic` (Gopher-style rules on word count, mean word length,
@@ -29,7 +32,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from phiforge.data.readers import BadRecord, iter_jsonl
+from phiforge.data.readers import BadRecord, iter_lines, parse_json_line
 from phiforge.data.sources import RawDoc, Skip, Source, Unit
 from phiforge.errors import DataError
 
@@ -203,39 +206,37 @@ class RedPajamaSource(Source):
                 "files": len(self.units())}
 
     def read(self, unit: Unit) -> Iterator[RawDoc | Skip]:
+        """Each line of the file as raw bytes (with its quality-signals line, V2), parsed by `parse_record`."""
         path, v2 = unit.ref
-        rel = unit.key
-        sig_path = _signals_path(self.root, Path(rel)) if v2 else None
-        signals = iter_jsonl(sig_path) if sig_path is not None else None
+        sig_path = _signals_path(self.root, Path(unit.key)) if v2 else None
+        signals = iter_lines(sig_path) if sig_path is not None else None
         records = 0
-        for item in iter_jsonl(path):
+        for n, line in iter_lines(path):
             records += 1
-            sig = None
-            if signals is not None:
-                sig = next(signals, None)
-                if isinstance(sig, BadRecord):
-                    sig = None
-                elif sig is not None:
-                    sig = sig[1]
-            if isinstance(item, BadRecord):
-                yield Skip(item.reason, f"{rel}:{item.line}: {item.detail.split(': ', 1)[-1]}")
-                continue
-            n, rec = item
-            text = rec.get("text") if "text" in rec else rec.get("raw_content")
-            if not isinstance(text, str):
-                yield Skip("record without text", f"{rel}:{n}")
-                continue
-            if not text.strip():
-                yield Skip("empty document", f"{rel}:{n}")
-                continue
-            if self.quality_filter is not None:
-                why = self.quality_filter(rec, sig)
-                if why:
-                    yield Skip(f"quality filter: {why}", f"{rel}:{n}", len(text))
-                    continue
-            meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
-            title = meta.get("title") or rec.get("title") or ""
-            yield RawDoc(id=f"{rel}:{n}", title=str(title)[:200], source=unit.source, text=text,
-                         origin=f"{rel}:{n}", clean="plain")
+            sig = next(signals, None) if signals is not None else None
+            yield RawDoc(id=f"{unit.key}:{n}", title="", source=unit.source, data=line, origin=f"{unit.key}:{n}",
+                         clean="redpajama", meta={"filter": self.filter_spec, "signals": sig and sig[1]})
         if records == 0:
-            yield Skip("empty file", rel, document=False)
+            yield Skip("empty file", unit.key, document=False)
+
+
+def parse_record(raw: RawDoc) -> tuple[str, str] | Skip:
+    """(text, title) of a line that `RedPajamaSource.read` gave, or the Skip that says why it has none (a bad
+    line, no text, an empty text, dropped by the quality filter)."""
+    rec = parse_json_line(raw.origin, 0, raw.data)
+    if isinstance(rec, BadRecord):
+        return Skip(rec.reason, f"{raw.origin}: {rec.detail.split(': ', 1)[-1]}")
+    text = rec.get("text") if "text" in rec else rec.get("raw_content")
+    if not isinstance(text, str):
+        return Skip("record without text", raw.origin)
+    if not text.strip():
+        return Skip("empty document", raw.origin)
+    quality_filter = load_quality_filter(raw.meta.get("filter"))  # a dict lookup, or an import done before
+    if quality_filter is not None:
+        sig = raw.meta.get("signals")
+        sig = parse_json_line(raw.origin, 0, sig) if sig is not None else None
+        why = quality_filter(rec, None if isinstance(sig, BadRecord) else sig)
+        if why:
+            return Skip(f"quality filter: {why}", raw.origin, len(text))
+    meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
+    return text, str(meta.get("title") or rec.get("title") or "")[:200]

@@ -40,12 +40,54 @@ class Report:
         if example and len(r["examples"]) < MAX_EXAMPLES:
             r["examples"].append(example[:300])
 
+    def duplicate(self, dup: tuple[str, str, float], doc_id: str, title: str, chars: int, validation: bool) -> None:
+        """Count a document removed as a duplicate (dup: Deduper.check's (reason, kept id, similarity))."""
+        reason, kept, sim = dup
+        near = f" (similarity {sim})" if reason.startswith("near") else ""
+        self.skip(reason, f"{doc_id} ({title[:50]}) ~ {kept}{near}", chars)
+        if validation:
+            self.notes.append(f"validation document {doc_id} was removed as a {reason} of {kept}")
+
+    def add_json(self, rep: dict, note_prefix: str = "") -> None:
+        """Add the counts of a report as `to_json` wrote it (the parts' reports, in `data merge`)."""
+        self.read.update(rep.get("read", {}))
+        self.kept.update(rep.get("kept", {}))
+        for reason, r in rep.get("removed", {}).items():
+            for example in r.get("examples", []):
+                self.skip(reason, example, 0, 0)
+            self.removed[reason]["count"] += r.get("count", 0)
+            self.removed[reason]["chars"] += r.get("chars", 0)
+        cleaning = dict(rep.get("cleaning", {}))
+        self.encodings.update(cleaning.pop("encoding_fallback", {}))
+        self.cleaning.update(cleaning)
+        for src, counts in rep.get("sources", {}).items():
+            self.sources[src].update(counts)
+        self.notes.extend(note_prefix + n for n in rep.get("notes", []))
+
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": 1, "read": dict(self.read), "kept": dict(self.kept),
                 "removed": dict(sorted(self.removed.items(), key=lambda kv: -kv[1]["count"])),
                 "cleaning": {**dict(self.cleaning), "encoding_fallback": dict(self.encodings)},
                 "sources": {k: dict(v) for k, v in sorted(self.sources.items())},
                 "notes": list(self.notes)}
+
+    def state(self) -> dict:
+        """Everything the report holds, as JSON (the resume state; `from_state` reads it back)."""
+        return {"read": dict(self.read), "kept": dict(self.kept), "removed": self.removed,
+                "cleaning": dict(self.cleaning), "encodings": dict(self.encodings),
+                "sources": {k: dict(v) for k, v in self.sources.items()}, "notes": list(self.notes)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Report":
+        r = cls()
+        for name in ("read", "kept", "cleaning", "encodings"):
+            getattr(r, name).update({str(k): int(v) for k, v in state[name].items()})
+        r.removed = {str(k): {"count": int(v["count"]), "chars": int(v["chars"]),
+                              "examples": [str(x) for x in v["examples"]]} for k, v in state["removed"].items()}
+        for src, counts in state["sources"].items():
+            r.sources[str(src)].update({str(k): int(v) for k, v in counts.items()})
+        r.notes = [str(n) for n in state["notes"]]
+        return r
 
     def summary_lines(self) -> list[str]:
         lines = [f"read {self.read['units']:,} input unit(s), {self.read['documents']:,} document(s); kept "

@@ -200,6 +200,11 @@ class ShardWriter:
         """Continue from a snapshot: finished shards must be in place with their sizes, the open shard's
         .tmp file is cut back to its recorded length and re-hashed."""
         self.abort()
+        op = snap.get("open")
+        for name in [s.get("file") for s in snap["shards"]] + ([op.get("name")] if op else []):
+            if not isinstance(name, str) or not re.fullmatch(rf"{re.escape(self.split)}-\d{{5}}\.bin", name):
+                raise DataError(f"cannot resume: the journal names {name!r}, which is not a {self.split} shard of "
+                                f"{self.out_dir}; delete that directory or re-run with --restart")
         self.shards = [dict(s) for s in snap["shards"]]
         self.tokens, self.documents = int(snap["tokens"]), int(snap["documents"])
         self.sources = {k: dict(v) for k, v in snap.get("sources", {}).items()}
@@ -208,7 +213,6 @@ class ShardWriter:
             if not path.is_file() or path.stat().st_size != s["tokens"] * self.dtype.itemsize:
                 raise DataError(f"cannot resume: shard {path} is missing or has the wrong size; "
                                 "re-run with --restart")
-        op = snap.get("open")
         keep = {op["name"], op["name"] + ".tmp"} if op else set()
         for f in self.out_dir.glob(f"{self.split}-*.bin*"):  # shards begun after the snapshot: written again
             m = re.fullmatch(rf"{re.escape(self.split)}-(\d{{5}})\.bin(\.tmp)?", f.name)
@@ -232,6 +236,12 @@ class ShardWriter:
         self._file.seek(size)
 
 
+def record_head(meta: dict) -> bytes:
+    """A documents.jsonl record's JSON up to its own fields, which follow: `{"id":...,...` without the closing brace
+    (meta holds at least "id")."""
+    return json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8")[:-1]
+
+
 class DatasetWriter:
     """Writes a whole dataset directory: one ShardWriter per split, documents.jsonl, then index.json."""
 
@@ -251,13 +261,18 @@ class DatasetWriter:
     def add(self, split: str, tokens, **meta) -> dict:
         """Append a document (tokens end with EOT) to a split; `meta` (id, title, source, ...) goes to
         documents.jsonl. A document's "source" also decides its shard (one source per shard)."""
+        offset = self.add_encoded(split, tokens, meta.get("source"), record_head(meta))
+        return {**meta, "split": split, "tokens": int(len(tokens)), "offset": offset}
+
+    def add_encoded(self, split: str, tokens, source: str | None, head: bytes) -> int:
+        """`add` with the record's fields already encoded (`record_head(meta)`, as `prepare`'s workers do);
+        returns the document's offset in its split."""
         if split not in self.writers:
             raise DataError(f"unknown split {split!r} (this dataset has: {', '.join(self.writers)})")
-        offset = self.writers[split].add(tokens, meta.get("source"))
-        doc = {**meta, "split": split, "tokens": int(len(tokens)), "offset": offset}
-        self._docs.write(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n")
+        offset = self.writers[split].add(tokens, source)
+        self._docs.write(b'%s,"split":"%s","tokens":%d,"offset":%d}\n' % (head, split.encode(), len(tokens), offset))
         self.n_documents += 1
-        return doc
+        return offset
 
     def finish(self, **extra) -> dict:
         """Close every shard and documents.jsonl, then write index.json (last, atomically). `extra` keys go

@@ -48,7 +48,8 @@ class RawDoc:
     text: str | None = None
     data: bytes | None = None  # raw bytes, decoded in the worker (UTF-8, then cp1252, then latin-1)
     origin: str = ""  # where it came from (file, file:line), for reports
-    clean: str = "plain"  # "gutenberg": markers/BOM/CRLF/NFC cleaning; "plain": used as is
+    clean: str = "plain"  # "gutenberg": markers/BOM/CRLF/NFC cleaning; "plain": used as is; "redpajama": `data` is
+    # a JSON line to parse (phiforge.data.redpajama.parse_record)
     meta: dict = field(default_factory=dict)
 
 
@@ -65,7 +66,14 @@ def clean_raw(raw: RawDoc) -> tuple[str, str, dict, dict] | Skip:
     none. info: facts for the report (encoding fallback, characters of boilerplate removed)."""
     info: dict = {}
     title, meta, text = raw.title, dict(raw.meta), raw.text
-    if text is None:
+    if raw.clean == "redpajama":  # a JSON line, parsed here (in a worker) rather than by the reader
+        from phiforge.data.redpajama import parse_record
+
+        parsed = parse_record(raw)
+        if isinstance(parsed, Skip):
+            return parsed
+        (text, title), meta = parsed, {}
+    elif text is None:
         try:
             text, enc = decode_with_encoding(raw.data, raw.origin)
         except DataError as e:
