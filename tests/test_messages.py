@@ -310,7 +310,7 @@ def test_out_of_memory_anywhere_else_is_one_line(ckpt, tmp_path, capsys, monkeyp
     assert_one_line_error(code, err)
     assert err.strip() == ("phiforge: error: CPU out of memory (an allocation failed): the model or the batch does "
                            "not fit in this machine's memory; use smaller settings (`phiforge plan` predicts what "
-                           "training needs) or a machine with more memory")
+                           "training needs) or a machine with more memory (--debug shows where it ran out)")
 
 
 @pytest.mark.parametrize("flag", ["--temperature", "--top-p"])
@@ -344,6 +344,9 @@ def _copy_dataset(src: Path, dst: Path) -> Path:
 
 
 def test_index_with_a_negative_vocabulary_is_refused(data, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "data", "inspect", data, "--sample-tokens", "-5")  # sliced from the end
+    assert_one_line_error(code, err)
+    assert err.strip() == "phiforge: error: '--sample-tokens' must be at least 0 (0 decodes none), got -5"
     d = _copy_dataset(data, tmp_path / "d")
     index = json.loads((d / "index.json").read_text())
     index["tokenizer"]["vocab_size"] = -5

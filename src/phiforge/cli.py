@@ -158,7 +158,8 @@ def _environment_error(e: BaseException) -> PhiforgeError | None:
         return PhiforgeError(f"no space left on device{where} ({full.strerror}): free some space and run the "
                              "command again")
     return oom_error(e, "the model or the batch does not fit in this machine's memory; use smaller settings "
-                        "(`phiforge plan` predicts what training needs) or a machine with more memory")
+                        "(`phiforge plan` predicts what training needs) or a machine with more memory (--debug "
+                        "shows where it ran out)")
 
 
 def _unexpected_error(e: BaseException, argv: list[str]) -> int:

@@ -42,13 +42,12 @@ def check_range(key: str, value, lo: float | None = None, hi: float | None = Non
     above = hi is not None and (value >= hi if hi_open else value > hi)
     if not (below or above):
         return
-    show = _number
     if hi is None:
-        rule = f"greater than {show(lo)}" if lo_open else f"at least {show(lo)}"
+        rule = f"greater than {_number(lo)}" if lo_open else f"at least {_number(lo)}"
     elif lo is None:
-        rule = f"less than {show(hi)}" if hi_open else f"at most {show(hi)}"
+        rule = f"less than {_number(hi)}" if hi_open else f"at most {_number(hi)}"
     else:
-        rule = f"in {'(' if lo_open else '['}{show(lo)}, {show(hi)}{')' if hi_open else ']'}"
+        rule = f"in {'(' if lo_open else '['}{_number(lo)}, {_number(hi)}{')' if hi_open else ']'}"
     raise BadValue(key, f"must be {rule}{note}, got {value!r}")
 
 
@@ -128,13 +127,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise BadValue(key, f"must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise BadValue(key, f"must be an integer, got {value!r}")
-        if not -INT64 <= value < INT64:  # torch and numpy take 64-bit integers: larger ones crash deep inside
-            raise BadValue(key, f"must fit in 64 bits (-2**63 to 2**63 - 1), got {value!r}")
-        return value
+        return _coerce_int(value, key)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -148,6 +141,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise BadValue(key, f"must be a string, got {value!r}")
+    return value
+
+
+def _coerce_int(value: Any, key: str) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadValue(key, f"must be an integer, got {value!r}")
+    if not -INT64 <= value < INT64:  # torch and numpy take 64-bit integers: larger ones crash deep inside them
+        raise BadValue(key, f"must fit in 64 bits (-2**63 to 2**63 - 1), got {value!r}")
     return value
 
 

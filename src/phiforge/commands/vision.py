@@ -119,8 +119,11 @@ def run_generate(args) -> int:
 
 
 def run_eval(args) -> int:
+    from phiforge.config import check_range
     from phiforge.vision.evaluate import ABLATIONS, evaluate_file
 
+    if args.limit is not None:  # a negative one sliced records off the end
+        check_range("--limit", args.limit, 1, note=" (leave it out for every record)")
     ablations = tuple(a.strip() for a in args.ablations.split(",") if a.strip())
     bad = [a for a in ablations if a not in ABLATIONS]
     if bad or not ablations:

@@ -72,6 +72,9 @@ class MoEConfig:
             check_range(name, getattr(self, name), 0.0)
         if self.capacity_factor is not None:
             check_range("capacity_factor", self.capacity_factor, 0.0, lo_open=True, note=" (or null: dropless)")
+            # from num_experts / top_k on, every expert can take every token: larger factors drop nothing more
+            check_range("capacity_factor", self.capacity_factor, hi=float(self.num_experts),
+                        note=" (num_experts already drops nothing; null: dropless)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEConfig":
