@@ -162,7 +162,6 @@ def test_mixture_recorded_for_the_sources_the_dataset_holds(capsys, tmp_path):
     assert open_token_dataset(tmp_path / "w").index["mixture"]["weights"] == {"book": 4.0}  # c4's weight too
     printed = capsys.readouterr().out
     assert "mixture: c4 not in this dataset" in printed and "github, wikipedia have no weight and are not sampled" in printed
-    pytest.importorskip("litdata")  # the LitGPT extra
     code, _, err = run_cli(capsys, "litgpt", "prepare", "--from-dataset", out, "--out", tmp_path / "lit", "--seq-len",
                            16, "--mixture", "index", "--eval-batches", 1)
     assert code == 0, err

@@ -171,8 +171,8 @@ def test_mirror_without_catalog_takes_ids_and_titles_from_headers(mirror, tmp_pa
 
 
 def test_parquet_layouts(tmp_path, capsys):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     d = tmp_path / "pq"
     d.mkdir()
     emma, moby = _book("pg158_emma", 20_000), _book("pg2701_moby_dick_raw", 30_000)
@@ -363,7 +363,7 @@ def test_bad_records_are_counted_skips(capsys, tmp_path):
 ])
 def test_bad_files_are_one_line_errors_naming_the_file(capsys, tmp_path, name, data, needle):
     if data is None:
-        zstd = pytest.importorskip("zstandard")
+        import zstandard as zstd
         data = zstd.ZstdCompressor().compress(GOOD * 20)[:-100]
     d = _rp_dir(tmp_path, {"book/good.jsonl": GOOD, name: data})
     code, _, err = run_cli(capsys, "prepare", "redpajama", "--input", d, "--out", tmp_path / "ds", "--workers", "0")
@@ -449,8 +449,8 @@ def test_val_book_removed_as_a_duplicate(capsys, mirror, tmp_path):
 
 
 def test_parquet_text_column_that_is_not_text(capsys, tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     (tmp_path / "pq").mkdir()
     pq.write_table(pa.table({"id": ["1", "2"], "text": [5, 6]}), tmp_path / "pq" / "ints.parquet")
     code, _, err = run_cli(capsys, "prepare", "gutenberg", "--source", "parquet", "--parquet", tmp_path / "pq",

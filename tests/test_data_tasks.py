@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import threading
-from pathlib import Path
 
 import pytest
 from datatrove.executor import LocalPipelineExecutor

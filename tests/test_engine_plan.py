@@ -141,10 +141,28 @@ def test_metric_sinks_jsonl_wandb_and_tensorboard(tmp_path, monkeypatch):
 
 
 def test_tensorboard_sink_when_installed(tmp_path):
-    pytest.importorskip("tensorboard")  # the `tensorboard` extra
+    import tensorboard  # noqa: F401  the `tensorboard` extra, which `make test` installs
     from phiforge.train.metrics import Sinks
 
     s = Sinks(tmp_path / "tb", True)
     s.write(event="train", step=1, loss=1.0)
     s.close()
     assert list((tmp_path / "tb" / "tensorboard").iterdir())
+
+
+def test_cpu_peak_memory_is_the_process_high_water_mark():
+    """peak_memory on a CPU is VmHWM in GiB: after touching 256 MiB it covers the resident set at that moment."""
+    from phiforge.train.metrics import peak_memory
+
+    def resident_bytes() -> int:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return int(fields["VmRSS"].split()[0]) * 1024
+
+    before = resident_bytes()
+    block = torch.ones(64 * 2**20)  # 256 MiB, every page written
+    now = resident_bytes()
+    peak, kind = peak_memory(torch.device("cpu"))
+    assert kind == "rss_peak"
+    assert now - before >= 250 * 2**20
+    assert now <= peak * 2**30 < now + 64 * 2**30  # in GiB, and no more than this machine could hold
+    del block

@@ -8,9 +8,12 @@ vocabulary; a bug's traceback goes to RUN/errors/rank-N.txt."""
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
+
+from phiforge.errors import DataError
 
 from engine_helpers import (CONFIG, losses, make_synthetic, metrics, run_train, start_train, synthetic_tokenizer,
                             wait_for)
@@ -152,7 +155,7 @@ def test_torchrun_with_bad_input_prints_one_line(data, tmp_path):
 
 
 def test_debug_after_the_subcommand_shows_the_traceback(capsys, tmp_path):
-    with pytest.raises(Exception):
+    with pytest.raises(DataError, match=f"^data directory not found: {re.escape(str(tmp_path / 'nowhere'))}$"):
         run_cli(capsys, "data", "inspect", tmp_path / "nowhere", "--debug")
     code, _, err = run_cli(capsys, "data", "inspect", tmp_path / "nowhere")
     assert_one_line_error(code, err)

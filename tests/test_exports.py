@@ -43,7 +43,7 @@ def small_bpe(d: Path):
 
 @pytest.mark.parametrize("which", ["gpt2", "own-bpe"])
 def test_to_hf_slow_tokenizer_matches_ours(capsys, tmp_path, which):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     if which == "gpt2":
         ours, ckpt = builtin_tokenizer(), tiny_checkpoint(tmp_path / "ckpt", vocab_size=50304)
     else:
@@ -64,7 +64,6 @@ def test_to_hf_slow_tokenizer_matches_ours(capsys, tmp_path, which):
 
 
 def test_to_litgpt_prompt_style_is_default(capsys, tmp_path):
-    pytest.importorskip("litgpt")
     from litgpt import Config
     from litgpt.prompts import Default, Phi2, PromptStyle, has_prompt_style, load_prompt_style
 
@@ -116,7 +115,6 @@ def test_rope_theta_warning_and_model_card(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def vision(tmp_path_factory):
-    pytest.importorskip("PIL")
     from phiforge.cli import main
     from phiforge.vision.config import EncoderConfig, ProjectorConfig, VisionConfig
     from phiforge.vision.model import VisionLM, save_vision_checkpoint

@@ -10,17 +10,15 @@ import json
 
 import pytest
 import torch
+from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM
 
-transformers = pytest.importorskip("transformers")
-from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM  # noqa: E402
-
-from phiforge.checkpoint import load_checkpoint, load_state_dict, read_config, save_checkpoint  # noqa: E402
-from phiforge.cli import main  # noqa: E402
-from phiforge.errors import CheckpointError  # noqa: E402
-from phiforge.generate import generate  # noqa: E402
-from phiforge.hf import config_from_hf, config_to_hf, state_dict_to_hf  # noqa: E402
-from phiforge.model import Phi2, Phi2Config, count_params_meta  # noqa: E402
-from phiforge.tokenizer import load_tokenizer  # noqa: E402
+from phiforge.checkpoint import load_checkpoint, load_state_dict, read_config, save_checkpoint
+from phiforge.cli import main
+from phiforge.errors import CheckpointError
+from phiforge.generate import generate
+from phiforge.hf import config_from_hf, config_to_hf, state_dict_to_hf
+from phiforge.model import Phi2, Phi2Config, count_params_meta
+from phiforge.tokenizer import load_tokenizer
 
 VOCAB = 512
 REL_TOL = 1e-5

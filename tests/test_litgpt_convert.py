@@ -54,7 +54,7 @@ def our_model(seed: int = 0, **overrides) -> Phi2:
 
 
 def lit_gpt(cfg: Phi2Config):
-    litgpt = pytest.importorskip("litgpt")
+    import litgpt
     return litgpt.GPT(litgpt.Config(**config_to_litgpt(cfg))).eval()
 
 
@@ -80,7 +80,7 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 
 def test_phi2_config_is_litgpt_phi2_entry():
-    litgpt = pytest.importorskip("litgpt")
+    import litgpt
     ours = litgpt.Config(**config_to_litgpt(Phi2Config.from_preset("phi-2")))
     assert ours == litgpt.Config.from_name("phi-2")
     back = config_from_litgpt(dataclasses.asdict(litgpt.Config.from_name("phi-2")))
@@ -88,7 +88,7 @@ def test_phi2_config_is_litgpt_phi2_entry():
 
 
 def test_scaled_member_is_phi2_entry_with_overrides():
-    litgpt = pytest.importorskip("litgpt")
+    import litgpt
     cfg = Phi2Config.from_preset("small", n_kv_head=2)
     lit = litgpt.Config(**config_to_litgpt(cfg))
     ref = litgpt.Config.from_name("phi-2", n_layer=4, n_embd=128, n_head=4, n_query_groups=2, head_size=32,
@@ -111,7 +111,6 @@ def test_to_litgpt_gives_litgpt_the_same_logits(overrides, layout):
 
 @pytest.mark.parametrize("overrides", list(CASES.values()), ids=list(CASES))
 def test_from_litgpt_gives_phiforge_the_same_logits(tmp_path, capsys, overrides):
-    pytest.importorskip("litgpt")
     from litgpt.utils import save_config
 
     cfg = our_model(**overrides).cfg
@@ -135,7 +134,6 @@ def test_from_litgpt_gives_phiforge_the_same_logits(tmp_path, capsys, overrides)
 
 @pytest.mark.parametrize("heads, groups", [(4, 4), (4, 2), (4, 1), (6, 3)])
 def test_grouped_layout_matches_litgpt_qkv_reassemble(heads, groups):
-    pytest.importorskip("litgpt")
     from litgpt import Config
     from litgpt.scripts.convert_hf_checkpoint import qkv_reassemble
 
@@ -152,7 +150,6 @@ def test_grouped_layout_matches_litgpt_qkv_reassemble(heads, groups):
 
 def test_litgpt_pretrain_checkpoint_loads_as_phiforge(tmp_path):
     """A real (tiny) litgpt.GPT trained one step by hand, saved the way Fabric saves it, converts exactly."""
-    pytest.importorskip("litgpt")
     cfg = our_model().cfg
     lit = lit_gpt(cfg).train()
     opt = torch.optim.AdamW(lit.parameters(), lr=1e-3)

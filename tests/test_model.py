@@ -30,10 +30,21 @@ def test_info_cli_reports_phi2_count(capsys):
     assert "2,779,683,840" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("preset,lo,hi", [("tiny", 0.5e6, 1.5e6), ("small", 10e6, 30e6), ("base", 100e6, 150e6)])
-def test_cpu_preset_sizes(preset, lo, hi):
-    total, _ = count_params_meta(Phi2Config.from_preset(preset))
-    assert lo <= total <= hi
+def phi2_param_count(vocab: int, n_layer: int, d: int, ff: int) -> int:
+    """Phi-2's parameters by hand: per layer one LayerNorm, q/k/v/dense and fc1/fc2 (all with bias); the final
+    LayerNorm, the embedding and the lm_head with its bias."""
+    layer = 2 * d + 4 * (d * d + d) + (d * ff + ff) + (ff * d + d)
+    return n_layer * layer + 2 * d + vocab * d + vocab * d + vocab
+
+
+@pytest.mark.parametrize("preset,shape", [("phi-2", (51200, 32, 2560, 10240)), ("tiny", (4096, 3, 80, 320)),
+                                          ("small", (51200, 4, 128, 512)), ("base", (51200, 12, 640, 2560))])
+def test_preset_sizes_are_exact(preset, shape):
+    total, non_emb = count_params_meta(Phi2Config.from_preset(preset))
+    assert total == phi2_param_count(*shape)
+    assert total - non_emb == shape[0] * shape[2]
+    if preset == "phi-2":
+        assert total == 2_779_683_840  # docs: per layer 78,671,360
 
 
 def test_vocab_padded_to_multiple_of_64():

@@ -84,7 +84,7 @@ def test_document_order_does_not_matter():
 
 
 def test_train_checkpoint_and_hf_export_carry_the_tokenizer(capsys, tok8k, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     tok_dir, data_dir = tok8k
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", "--set", "model.preset=tiny", "--set", "model.vocab_size=8192",

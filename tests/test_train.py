@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import yaml
@@ -35,7 +36,10 @@ def test_train_learns_saves_and_generates(capsys, gutenberg_dir, tmp_path):
     assert evals[0]["val_loss"] - evals[-1]["val_loss"] > 1.5  # it learns something real
     trains = [r for r in m if r["event"] == "train"]
     assert [r["step"] for r in trains] == [5, 10, 15, 20, 25, 30, 35, 40]
-    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in trains)
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in trains)
+    for prev, r in zip(trains, trains[1:]):  # the rate over each log window: its tokens over its seconds
+        rate = (r["tokens"] - prev["tokens"]) / (r["elapsed_s"] - prev["elapsed_s"])
+        assert r["tokens_per_s"] == pytest.approx(rate, rel=1e-6)
     assert m[-1]["event"] == "end" and m[-1]["tokens"] == 40 * 4 * 64
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000020", "step-00000040"]
     assert (run / "latest").read_text().strip() == "step-00000040"

@@ -42,7 +42,6 @@ def roundtrip(tmp_path, vcfg: VisionConfig, visual: torch.Tensor, source=None) -
 
 
 def test_timm_vit_random_and_from_local_weights(tmp_path):
-    pytest.importorskip("timm")
     kwargs = {"patch_size": 8, "depth": 2}
     cfg = EncoderConfig(type="timm", name="vit_tiny_patch16_224", image_size=32, kwargs=kwargs)
     torch.manual_seed(0)

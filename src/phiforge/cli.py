@@ -25,7 +25,7 @@ from pathlib import Path
 
 import phiforge.commands
 from phiforge import __version__
-from phiforge.errors import PhiforgeError, error_dir
+from phiforge.errors import ConfigError, PhiforgeError, disk_full, error_dir, oom_error, printable
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,19 +52,47 @@ def _rank() -> int:
         return 0
 
 
-def write_traceback(e: BaseException, argv: list[str]) -> Path:
-    """The traceback (and the command line) in RUN/errors/rank-N.txt, or a new file in the temporary directory."""
+def write_traceback(e: BaseException, argv: list[str]) -> tuple[Path | None, str]:
+    """The traceback (and the command line) in RUN/errors/rank-N.txt, or a new file in the temporary directory
+    when there is no run directory or it cannot be written (a full disk). Returns (the file, a note on what failed
+    on the way); the file is None when nothing could be written."""
     rank = _rank()
-    folder = error_dir()
-    if folder is not None:
-        path = Path(folder) / f"rank-{rank}.txt"
-    else:
-        folder = Path(tempfile.gettempdir()) / "phiforge-errors"
-        path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-pid{os.getpid()}-rank-{rank}.txt"
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-pid{os.getpid()}-rank-{rank}.txt"
+    places = [Path(tempfile.gettempdir()) / "phiforge-errors" / stamp]
+    if error_dir() is not None:
+        places.insert(0, Path(error_dir()) / f"rank-{rank}.txt")
     text = "".join(traceback.format_exception(e))
-    path.write_text(f"phiforge {__version__}: {' '.join(['phiforge', *argv])}\n\n{text}", encoding="utf-8")
-    return path
+    data = f"phiforge {__version__}: {' '.join(['phiforge', *argv])}\n\n{text}".encode("utf-8", "backslashreplace")
+    failed = []
+    for path in places:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            return path, "; ".join(failed)
+        except OSError as err:
+            failed.append(f"cannot write {path}: {err.strerror or err}")
+            try:
+                path.unlink(missing_ok=True)  # no empty or cut-off report left behind
+            except OSError:
+                pass
+    return None, "; ".join(failed)
+
+
+def _non_utf8_argument(argv: list[str]) -> str | None:
+    """A one-line message for the first command-line argument that is not UTF-8 text (its bytes reach Python as
+    surrogates, which no output file or prompt can hold); None when all are."""
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError as err:
+            flag, _, value = arg.partition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
+            if not flag and i and argv[i - 1].startswith("--"):
+                flag = argv[i - 1]
+            name = f"{flag} " if flag else "argument "
+            byte = ord(arg[err.start]) - 0xDC00  # how Python passes an undecodable byte on (surrogateescape)
+            return (f"{name}'{printable(value)}' is not valid UTF-8 text (byte 0x{byte:02x}); phiforge takes its "
+                    "arguments as UTF-8: check the terminal's encoding (or rename a file whose name is not UTF-8)")
+    return None
 
 
 def _record_for_torchrun(e: BaseException, detail: str) -> None:
@@ -72,7 +100,7 @@ def _record_for_torchrun(e: BaseException, detail: str) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    data = {"message": {"message": f"{type(e).__name__}: {e}",
+    data = {"message": {"message": printable(f"{type(e).__name__}: {e}"),
                         "extraInfo": {"py_callstack": detail, "timestamp": str(int(time.time()))}}}
     try:
         with open(path, "w", encoding="utf-8") as f:
@@ -87,16 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]  # accepted before or after the subcommand
     args = build_parser().parse_args(argv)
     try:
+        bad_text = _non_utf8_argument(argv)
+        if bad_text:
+            raise ConfigError(bad_text)
         return int(args.func(args) or 0)
     except PhiforgeError as e:
         if debug:
             raise
-        _record_for_torchrun(e, str(e))
-        if _rank() == 0:  # every rank sees the same bad input: say it once
-            print(f"phiforge: error: {e}", file=sys.stderr)
-        elif os.environ.get("TORCHELASTIC_ERROR_FILE"):
-            time.sleep(2.0)  # let rank 0 exit first: torchrun stops the others as soon as one rank fails
-        return e.exit_code
+        return _user_error(e)
     except KeyboardInterrupt:
         print("phiforge: interrupted", file=sys.stderr)
         return 130
@@ -105,12 +131,45 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:  # a bug or a library failure (torch's CheckpointException is a BaseException)
         if debug:
             raise
-        path = write_traceback(e, argv)
-        _record_for_torchrun(e, "".join(traceback.format_exception(e)))
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        print(f"phiforge: error: {type(e).__name__}: {first} (rank {_rank()}; traceback in {path}; "
-              "--debug prints it)", file=sys.stderr)
-        return 1
+        known = _environment_error(e)
+        if known is not None:
+            return _user_error(known)
+        return _unexpected_error(e, argv)
+
+
+def _say(line: str) -> None:
+    print(printable(line), file=sys.stderr)
+
+
+def _user_error(e: PhiforgeError) -> int:
+    _record_for_torchrun(e, printable(str(e)))
+    if _rank() == 0:  # every rank sees the same bad input: say it once
+        _say(f"phiforge: error: {e}")
+    elif os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        time.sleep(2.0)  # let rank 0 exit first: torchrun stops the others as soon as one rank fails
+    return e.exit_code
+
+
+def _environment_error(e: BaseException) -> PhiforgeError | None:
+    """A full disk or an exhausted memory that no command turned into advice of its own: still one line."""
+    full = disk_full(e)
+    if full is not None:
+        where = f" writing {printable(str(full.filename))}" if full.filename else ""
+        return PhiforgeError(f"no space left on device{where} ({full.strerror}): free some space and run the "
+                             "command again")
+    return oom_error(e, "the model or the batch does not fit in this machine's memory; use smaller settings "
+                        "(`phiforge plan` predicts what training needs) or a machine with more memory (--debug "
+                        "shows where it ran out)")
+
+
+def _unexpected_error(e: BaseException, argv: list[str]) -> int:
+    path, failed = write_traceback(e, argv)
+    _record_for_torchrun(e, printable("".join(traceback.format_exception(e))))
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    where = f"traceback in {path}" if path else "no traceback file"
+    note = f"; {failed}" if failed else ""
+    _say(f"phiforge: error: {type(e).__name__}: {first} (rank {_rank()}; {where}{note}; --debug prints it)")
+    return 1
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import yaml
 from phiforge.errors import ConfigError
 
 T = TypeVar("T")
+INT64 = 2**63
 
 
 class BadValue(ConfigError):
@@ -42,12 +43,23 @@ def check_range(key: str, value, lo: float | None = None, hi: float | None = Non
     if not (below or above):
         return
     if hi is None:
-        rule = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
+        rule = f"greater than {_number(lo)}" if lo_open else f"at least {_number(lo)}"
     elif lo is None:
-        rule = f"less than {hi:g}" if hi_open else f"at most {hi:g}"
+        rule = f"less than {_number(hi)}" if hi_open else f"at most {_number(hi)}"
     else:
-        rule = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        rule = f"in {'(' if lo_open else '['}{_number(lo)}, {_number(hi)}{')' if hi_open else ']'}"
     raise BadValue(key, f"must be {rule}{note}, got {value!r}")
+
+
+def check_seed(key: str, value: int | None) -> None:
+    """A seed (None: unseeded) for torch, numpy and random alike: an integer from 0 to 2**63 - 1."""
+    if value is not None:
+        check_range(key, value, 0, INT64 - 1)
+
+
+def _number(x: float) -> str:
+    """A bound as written: integers in full (1048576, not 1.04858e+06), floats shortest (0.001, 1e-05)."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def check_fields(obj) -> None:
@@ -89,8 +101,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as e:
-                errors.append(e)
-        raise errors[0] if errors else BadValue(key, f"has a bad value: {value!r}")
+                errors.append((_shape_fits(value, arg), e))
+        if not errors:
+            raise BadValue(key, f"has a bad value: {value!r}")
+        # the error of the alternative the value was written as (a mapping's, for a mapping), else the first
+        raise next((e for fits, e in errors if fits), errors[0][1])
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -112,11 +127,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise BadValue(key, f"must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise BadValue(key, f"must be an integer, got {value!r}")
+        return _coerce_int(value, key)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -131,6 +142,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise BadValue(key, f"must be a string, got {value!r}")
     return value
+
+
+def _coerce_int(value: Any, key: str) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadValue(key, f"must be an integer, got {value!r}")
+    if not -INT64 <= value < INT64:  # torch and numpy take 64-bit integers: larger ones crash deep inside them
+        raise BadValue(key, f"must fit in 64 bits (-2**63 to 2**63 - 1), got {value!r}")
+    return value
+
+
+def _shape_fits(value: Any, tp: Any) -> bool:
+    """Whether `value` has the shape of type `tp` (a mapping for a dataclass or dict, a list for a list)."""
+    origin = typing.get_origin(tp) or tp
+    if dataclasses.is_dataclass(tp) or origin is dict:
+        return isinstance(value, dict)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return not isinstance(value, (dict, list, tuple))
 
 
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
@@ -159,16 +190,55 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping that gives one key twice."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, where PyYAML silently keeps the last one.
+    Merge keys (`<<: *base`) still override what they merge, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)):  # SafeLoader judges other keys itself
+                    continue
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    where = f" (lines {first_line[key]} and {line})" if first_line[key] != line else ""
+                    raise DuplicateKeyError(None, None, f"duplicate key {key!r}{where}", key_node.start_mark)
+                first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str):
+    """The one YAML reader for what users write (config files, --set values, flags): safe (no tags that build
+    objects) and strict (a duplicate key is an error, not the last one silently)."""
+    return yaml.load(text, Loader=StrictLoader)
+
+
+def yaml_value(raw: str, what: str):
+    """A command-line value read as YAML (numbers, true/false, lists, mappings); text that is not YAML stays
+    text. A mapping with a duplicate key is a ConfigError naming `what`."""
+    try:
+        return load_yaml(raw) if raw != "" else ""
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{what}: {e.problem}") from None
+    except yaml.YAMLError:
+        return raw
+
+
 def apply_overrides(data: dict, sets: list[str]) -> dict:
     """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict, in place."""
     for item in sets:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got '{item}'")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        value = yaml_value(raw, f"--set {item}")
         node = data
         parts = key.strip().split(".")
         for p in parts[:-1]:

@@ -6,6 +6,7 @@ PHIFORGE_FAULT, for the training engine (`Faults`):
     nan@S          the loss of step S is NaN on every rank (the step must be skipped)
     raise@S        step S raises a plain RuntimeError (a "bug": its traceback must go to RUN/errors/rank-N.txt)
     oom@S          step S raises torch.OutOfMemoryError (the message must name the settings to change)
+    cpu_oom@S      step S asks the CPU allocator for 4 EiB, which fails at once as a real out-of-memory does
     hang@S         step S (after its backward pass) writes RUN/fault-hang and sleeps forever (a test then kill -9s the process)
     hang_save@S    the save of step S writes RUN/fault-hang-save once its DCP data is on disk, before the
                    checkpoint is completed (renamed), and sleeps forever
@@ -53,8 +54,9 @@ def hang_forever(marker: Path | None) -> None:
 
 class Faults:
     def __init__(self, spec: str, rank: int = 0):
-        found, self.sleep = parse_faults(spec, "PHIFORGE_FAULT", ("nan", "oom", "raise", "hang", "hang_save"))
-        self.nan, self.oom, self.raise_ = found["nan"], found["oom"], found["raise"]
+        found, self.sleep = parse_faults(spec, "PHIFORGE_FAULT", ("nan", "oom", "cpu_oom", "raise", "hang",
+                                                                   "hang_save"))
+        self.nan, self.oom, self.cpu_oom, self.raise_ = found["nan"], found["oom"], found["cpu_oom"], found["raise"]
         self.hang, self.hang_save = found["hang"], found["hang_save"]
         self.rank = rank
 
@@ -73,6 +75,8 @@ class Faults:
             raise RuntimeError(f"injected failure at step {step} (PHIFORGE_FAULT=raise@{step})")
         if step in self.oom:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by PHIFORGE_FAULT)")
+        if step in self.cpu_oom:
+            torch.empty(2**62, dtype=torch.uint8)  # the allocator's own error, not an imitation
         if step in self.nan:
             return loss * float("nan")
         return loss

@@ -80,10 +80,12 @@ def read_user_mapping(path: str | Path, error: type[Exception], what: str, missi
     problem is `error` naming WHAT and PATH (see read_user_text)."""
     import yaml
 
+    from phiforge.config import load_yaml
+
     text = read_user_text(path, error, what, missing)
     is_json = Path(path).suffix == ".json"
     try:
-        data = json.loads(text) if is_json else yaml.safe_load(text)
+        data = json.loads(text) if is_json else load_yaml(text)
     except (ValueError, yaml.YAMLError) as e:
         raise error(f"{what} {path} is not valid {'JSON' if is_json else 'YAML'}: {str(e).splitlines()[0]}") \
             from None

@@ -46,7 +46,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     """Pick the next token id [B] from last-position logits [B, V]."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Subtract the maximum before dividing: a tiny temperature then sends the other logits to -inf instead of the
+    # largest to inf (inf - inf is NaN in the softmax); below float32's smallest normal number it is greedy anyway.
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -54,6 +57,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop[..., 0] = False  # the likeliest token always stays (a top_p that rounds to 0 in float32 kept none)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

@@ -22,7 +22,7 @@ from phiforge.checkpoint import (
     save_checkpoint,
     save_state_dict,
 )
-from phiforge.config import BadValue
+from phiforge.config import BadValue, load_yaml
 from phiforge.errors import CheckpointError, ConfigError
 from phiforge.fileio import claim_output_dir, output_dir, write_json_atomic
 from phiforge.model import Phi2, Phi2Config
@@ -319,7 +319,7 @@ def _how_trained(meta: dict, src_dir: Path) -> list[str]:
     run_cfg = src_dir.parent.parent / "config.yaml"
     if src_dir.parent.name == "checkpoints" and run_cfg.is_file():
         try:
-            run = yaml.safe_load(run_cfg.read_text(encoding="utf-8")) or {}
+            run = load_yaml(run_cfg.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError):
             run = {}
         data, optim = run.get("data") or {}, run.get("optim") or {}

@@ -71,8 +71,12 @@ def _upcycle_args(p) -> None:
 def _upcycle(args) -> dict:
     from pathlib import Path
 
+    from phiforge.config import check_range, check_seed
     from phiforge.hf import _summary
     from phiforge.upcycle import parse_moe_spec, upcycle
+
+    check_range("--noise", args.noise, 0.0, note=" (0: exact copies)")
+    check_seed("--seed", args.seed)
 
     model = upcycle(args.src, args.out, parse_moe_spec(args.moe), init=args.init, noise=args.noise, seed=args.seed,
                     overwrite=args.overwrite)

@@ -41,10 +41,12 @@ def run_merge(args) -> int:
 
 
 def run_inspect(args) -> int:
+    from phiforge.config import check_range
     from phiforge.data.shards import open_token_dataset
     from phiforge.errors import DataError
     from phiforge.tokenizer import load_tokenizer
 
+    check_range("--sample-tokens", args.sample_tokens, 0, note=" (0 decodes none)")
     ds = open_token_dataset(args.dir)
     if args.verify:
         ds.verify()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from phiforge.errors import PhiforgeError
+from phiforge.errors import PhiforgeError, oom_advice
 
 
 def register(sub) -> None:
@@ -43,6 +43,8 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and compute (default float32)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0 keeps torch's default; 1 is fastest on a busy machine, docs/evaluation.md)")
     p.add_argument("--out", metavar="FILE.json", help="write the results as JSON (totals at the top level)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=run)
@@ -58,7 +60,10 @@ def register(sub) -> None:
 
 
 def run_make_cloze(args) -> int:
+    from phiforge.config import check_seed
     from phiforge.evaluation.cloze import make_cloze
+
+    check_seed("--seed", args.seed)
 
     out = make_cloze(args.data, args.out, n_items=args.n_items, seed=args.seed, split=args.split,
                      overwrite=args.overwrite)
@@ -69,6 +74,8 @@ def run_make_cloze(args) -> int:
 
 
 def _check_args(args) -> None:
+    from phiforge.config import check_range, check_seed
+
     if not args.checkpoint:
         raise PhiforgeError("phiforge eval needs --checkpoint (or the make-cloze action)")
     if not (args.text or args.data or args.tasks):
@@ -79,6 +86,8 @@ def _check_args(args) -> None:
                              ("--batch-size", args.batch_size, 1)):
         if value is not None and value < low:
             raise PhiforgeError(f"{flag} must be at least {low}, got {value}")
+    check_seed("--seed", args.seed)
+    check_range("--threads", args.threads, 0, 4096, note=" (0 keeps torch's default)")
     if args.out:
         _check_out(args)
 
@@ -100,13 +109,16 @@ def _check_out(args) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     from phiforge.fileio import write_json_atomic
 
     _check_args(args)
-    if args.harness == "lm-eval":
-        result = _run_lm_eval(args)
-    else:
-        result = _run_builtin(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with oom_advice(f"lower --batch-size (now {args.batch_size}) or --context, use --dtype bfloat16, or a device "
+                    "with more memory (--device)"):
+        result = _run_lm_eval(args) if args.harness == "lm-eval" else _run_builtin(args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(args.out), result)
@@ -140,6 +152,11 @@ def _run_builtin(args) -> dict:
     from phiforge.evaluation.tasks import load_task, parse_task_spec
 
     specs = [parse_task_spec(s) for s in args.tasks.split(",") if s.strip()] if args.tasks else []
+    names = [name for name, _, _ in specs]
+    for name, fmt, path in reversed(specs):
+        if names.count(name) > 1:  # results are kept by task name: the second would replace the first
+            raise PhiforgeError(f"--tasks names two tasks '{name}': give each its own name, e.g. "
+                                f"{name}-2:{fmt or name}={path}")
     tasks = [load_task(name, path, format=fmt) for name, fmt, path in specs]  # bad files fail before the model loads
     texts = _read_texts(args.text) if args.text else None
     if args.data:  # the dataset's tokens must be the checkpoint tokenizer's: checked before the model loads

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from phiforge.errors import PhiforgeError
+from phiforge.errors import PhiforgeError, oom_advice
 
 
 def register(sub) -> None:
@@ -29,6 +29,15 @@ def add_sampling_args(p, max_new_tokens: int, temperature: float) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
 
 
+def check_sampling_args(args) -> None:
+    """The flags of add_sampling_args, before anything is loaded."""
+    from phiforge.config import check_seed
+    from phiforge.generate import check_sampling
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_seed("--seed", args.seed)
+
+
 def fit_sampling(args, prompt_len: int, cfg) -> None:
     """Clamp args.max_new_tokens and args.top_k to the model, with a note on stderr for each clamp."""
     from phiforge.generate import fit_to_model
@@ -42,13 +51,13 @@ def run(args) -> int:
     import torch
 
     from phiforge.checkpoint import load_checkpoint, resolve_checkpoint
-    from phiforge.generate import check_sampling, generate
+    from phiforge.generate import generate
     from phiforge.tokenizer import eot_id, load_tokenizer
     from phiforge.train.distributed import resolve_device
 
     if not args.prompt.strip():
         raise PhiforgeError("empty prompt: give some text with --prompt")
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_sampling_args(args)
     ckpt = resolve_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
     model = load_checkpoint(ckpt, device=device)
@@ -70,7 +79,9 @@ def run(args) -> int:
             sys.stdout.flush()
             printed = text
 
-    generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-             seed=args.seed, stop_token=eot_id(tok), on_token=emit)
+    with oom_advice(f"lower --max-new-tokens (now {args.max_new_tokens}) or use a device with more memory "
+                    "(--device)"):
+        generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 seed=args.seed, stop_token=eot_id(tok), on_token=emit)
     sys.stdout.write(tok.decode(new)[len(printed):] + "\n")
     return 0

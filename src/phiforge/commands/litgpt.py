@@ -61,10 +61,12 @@ def register(sub) -> None:
 def run_prepare(args) -> int:
     from pathlib import Path
 
+    from phiforge.config import check_seed
     from phiforge.data.shards import read_index
     from phiforge.errors import DataError
     from phiforge.litgpt.data import prepare_litdata
 
+    check_seed("--seed", args.seed)
     out = Path(args.out)
     if args.from_dataset:
         if args.prepare_args:

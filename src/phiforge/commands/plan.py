@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from phiforge.commands import add_config_args, load_command_config
-from phiforge.errors import ConfigError
+from phiforge.config import check_range
 
 
 def register(sub) -> None:
@@ -25,8 +25,9 @@ def run(args) -> int:
     from phiforge.train.config import TrainConfig
     from phiforge.train.plan import cpu_plan, format_plan, max_micro_batch, measure_cpu_peak, plan_memory
 
-    if args.gpus < 1 or args.gpu_mem <= 0 or args.gpus_per_node < 1:
-        raise ConfigError("--gpus and --gpus-per-node must be at least 1 and --gpu-mem positive")
+    check_range("--gpus", args.gpus, 1)
+    check_range("--gpus-per-node", args.gpus_per_node, 1)
+    check_range("--gpu-mem", args.gpu_mem, 0.0, lo_open=True, note=" (GiB per GPU)")
     cfg = load_command_config(TrainConfig, args)
     if cfg is None:
         return 0

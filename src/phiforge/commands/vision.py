@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from phiforge.commands import add_config_args, load_command_config
-from phiforge.commands.generate import add_sampling_args, fit_sampling
-from phiforge.errors import PhiforgeError
+from phiforge.commands.generate import add_sampling_args, check_sampling_args, fit_sampling
+from phiforge.errors import PhiforgeError, oom_advice
 
 
 def register(sub) -> None:
@@ -50,7 +50,10 @@ def register(sub) -> None:
 
 
 def run_synth(args) -> int:
+    from phiforge.config import check_seed
     from phiforge.vision.synth import synthesize
+
+    check_seed("--seed", args.seed)
 
     info = synthesize(Path(args.out), args.n, seed=args.seed, heldout=args.heldout, size=args.size,
                       overwrite=args.overwrite)
@@ -87,14 +90,14 @@ def _load(checkpoint: str, device_name: str):
 def run_generate(args) -> int:
     import torch
 
-    from phiforge.generate import check_sampling, generate
+    from phiforge.generate import generate
     from phiforge.tokenizer import eot_id
     from phiforge.vision.data import prompt_ids
     from phiforge.vision.encoders import load_visual
 
     if not args.prompt.strip():
         raise PhiforgeError("empty prompt: give a question with --prompt")
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_sampling_args(args)
     model, tok, device = _load(args.checkpoint, args.device)
     try:
         visual = load_visual(Path(args.image), model.vcfg.encoder)
@@ -105,16 +108,22 @@ def run_generate(args) -> int:
     with torch.no_grad():
         context = model.encode(visual[None].to(device))
     eot = eot_id(tok)
-    out = generate(model.lm, torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_token=eot, context=context)
+    with oom_advice(f"lower --max-new-tokens (now {args.max_new_tokens}) or use a device with more memory "
+                    "(--device)"):
+        out = generate(model.lm, torch.tensor([ids], device=device), args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                       stop_token=eot, context=context)
     new = out[0, len(ids):].tolist()
     print(tok.decode(new[: new.index(eot)] if eot in new else new).strip())
     return 0
 
 
 def run_eval(args) -> int:
+    from phiforge.config import check_range
     from phiforge.vision.evaluate import ABLATIONS, evaluate_file
 
+    if args.limit is not None:  # a negative one sliced records off the end
+        check_range("--limit", args.limit, 1, note=" (leave it out for every record)")
     ablations = tuple(a.strip() for a in args.ablations.split(",") if a.strip())
     bad = [a for a in ablations if a not in ABLATIONS]
     if bad or not ablations:

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import yaml
 
-from phiforge.config import apply_overrides, from_dict, read_yaml
+from phiforge.config import apply_overrides, from_dict, read_yaml, yaml_value
 from phiforge.data.mirror import (DEFAULT_MIRROR, DEFAULT_TEMPLATE, CatalogFilter, DownloadGutenberg,
                                   MirrorGutenberg, ParquetGutenberg, parse_id_ranges)
 from phiforge.data.redpajama import DEFAULT_WEIGHTS, RedPajamaSource, parse_weights
@@ -204,10 +204,7 @@ def _flag_value(tp, raw):
     true/false), so the typed loader checks it as it checks a file."""
     if not isinstance(raw, str) or _takes_text(tp):
         return raw
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
+    return yaml_value(raw, "a flag's value")
 
 
 def parse_flags(corpus: str, argv: list[str]) -> dict:

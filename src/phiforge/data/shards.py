@@ -354,6 +354,10 @@ def _check_index(index, idx_path: Path) -> None:
     tok = index.get("tokenizer")
     if not isinstance(tok, dict) or not all(isinstance(tok.get(k), int) for k in ("vocab_size", "eot_id")):
         bad("'tokenizer' needs integer 'vocab_size' and 'eot_id'")
+    if not 1 <= tok["vocab_size"] <= 2**32:
+        bad(f"'tokenizer.vocab_size' must be from 1 to 2**32 (what uint32 token ids hold), got {tok['vocab_size']}")
+    if not 0 <= tok["eot_id"] < tok["vocab_size"]:
+        bad(f"'tokenizer.eot_id' must be a token id below vocab_size {tok['vocab_size']}, got {tok['eot_id']}")
     if DTYPES[index["dtype"]].itemsize < token_dtype(tok["vocab_size"]).itemsize:
         bad(f"dtype {index['dtype']} cannot hold a vocabulary of {tok['vocab_size']}")
     splits = index.get("splits")

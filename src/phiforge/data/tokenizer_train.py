@@ -34,6 +34,9 @@ from phiforge.errors import DataError
 from phiforge.tokenizer import MIN_BPE_VOCAB
 
 KIND = "tokenizer"
+# The largest vocabulary (docs/data.md): the BPE trainer allocates tables by vocab_size up front (10**14 aborted
+# in Rust asking for petabytes), and 2**20 is four times the largest vocabularies in use.
+MAX_BPE_VOCAB = 2**20
 REPORT = "tokenizer-train.json"
 TEXT_SUFFIXES = (".txt", ".jsonl")
 COMPRESSED = ("", ".gz", ".zst")
@@ -58,7 +61,11 @@ class TokenizerTrainConfig:
             self.input = [self.input]
         check_range("vocab_size", self.vocab_size, MIN_BPE_VOCAB,
                     note=" (the 256 byte tokens and <|endoftext|> come first)")
+        check_range("vocab_size", self.vocab_size, hi=MAX_BPE_VOCAB, note=" (2**20)")
         check_range("pad_vocab_multiple", self.pad_vocab_multiple, 1)
+        if self.padded_vocab > MAX_BPE_VOCAB:
+            raise BadValue("pad_vocab_multiple", f"rounds vocab_size {self.vocab_size} up to {self.padded_vocab}, "
+                                                 f"more than the largest vocabulary, {MAX_BPE_VOCAB} (2**20)")
         check_range("min_frequency", self.min_frequency, 1)
         if self.input is not None and not self.input:
             raise BadValue("input", "needs at least one file or folder")

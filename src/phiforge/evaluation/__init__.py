@@ -48,7 +48,8 @@ def load_for_eval(checkpoint: str | Path, device: str = "auto", dtype=None, cont
         raise CheckpointError(f"the tokenizer of {ckpt} has {tokenizer.get_vocab_size()} tokens but the model's "
                               f"vocabulary only {vocab}: give the model its own tokenizer.json")
     model = load_checkpoint(ckpt, device=resolve_device(device), dtype=dtype)
-    model.eval_context = checked_context(context or trained_context(ckpt), model.cfg.max_seq_len)
+    model.eval_context = checked_context(context if context is not None else trained_context(ckpt),
+                                         model.cfg.max_seq_len)
     return model, tokenizer
 
 

@@ -123,6 +123,10 @@ def score_dataset(model, data_dir: str | Path, split: str = "val", *, stride: in
         if not isinstance(doc.get("bytes"), int):
             raise DataError(f"document {doc.get('id')!r} in {Path(data_dir) / 'documents.jsonl'} has no UTF-8 "
                             "byte count ('bytes'); prepare the dataset again with this phiforge")
+        if doc["bytes"] < 1:  # bits per byte divide by it; `prepare` never writes an empty document
+            raise DataError(f"document {doc.get('id')!r} in {Path(data_dir) / 'documents.jsonl'} has 'bytes': "
+                            f"{doc['bytes']}, but a document holds at least one byte; the record is corrupt "
+                            "(prepare the dataset again)")
         ids = tokens.tolist()
         streams.append([eot, *(ids[:-1] if ids and ids[-1] == eot else ids)])
         names.append(str(doc.get("title") or doc.get("id")))

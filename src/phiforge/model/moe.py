@@ -31,6 +31,7 @@ from phiforge.errors import ConfigError
 POSITIONS = ("after_mlp", "parallel", "replace_mlp")
 ROUTERS = ("softmax", "sigmoid")
 IMPLS = ("auto", "grouped", "padded", "loop")
+MAX_EXPERTS = 4096  # far beyond any MoE in use (DeepSeek-V3: 256), so a typo is a one-line error, not a hang
 # Each expert's rows in the grouped GEMM start on a multiple of 8 (16 bytes in bf16): the weight-gradient GEMM
 # contracts over tokens, and its TMA loads need 16-byte-aligned group starts (torchtitan pads the same way).
 GROUP_ALIGN = 8
@@ -56,11 +57,13 @@ class MoEConfig:
 
         check_fields(self)  # types, also for a MoEConfig built in Python
         check_range("num_experts", self.num_experts, 1)
+        check_range("num_experts", self.num_experts, hi=MAX_EXPERTS, note=" (phiforge's limit)")
         check_range("top_k", self.top_k, 1, self.num_experts, note=" (1 to num_experts)")
         if self.expert_hidden is not None:
             check_range("expert_hidden", self.expert_hidden, 1, note=" (or null: intermediate_size // top_k)")
+            check_range("expert_hidden", self.expert_hidden, hi=2**20, note=" (phiforge's limit)")
         check_range("every", self.every, 1)
-        check_range("shared_experts", self.shared_experts, 0)
+        check_range("shared_experts", self.shared_experts, 0, MAX_EXPERTS)
         if self.position not in POSITIONS:
             raise ConfigError(f"moe.position must be one of {', '.join(POSITIONS)}, got '{self.position}'")
         if self.router not in ROUTERS:
@@ -69,6 +72,9 @@ class MoEConfig:
             check_range(name, getattr(self, name), 0.0)
         if self.capacity_factor is not None:
             check_range("capacity_factor", self.capacity_factor, 0.0, lo_open=True, note=" (or null: dropless)")
+            # from num_experts / top_k on, every expert can take every token: larger factors drop nothing more
+            check_range("capacity_factor", self.capacity_factor, hi=float(self.num_experts),
+                        note=" (num_experts already drops nothing; null: dropless)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEConfig":

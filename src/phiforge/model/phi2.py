@@ -50,9 +50,9 @@ class Phi2Config:
         check_fields(self)  # types first (also for configs built in Python), so the checks below see numbers
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "intermediate_size", "max_seq_len",
-                     "pad_vocab_multiple"):
+        for name, most in MAX_SIZES.items():
             check_range(name, getattr(self, name), 1)
+            check_range(name, getattr(self, name), hi=most, note=" (phiforge's limit)")
         check_range("rotary_pct", self.rotary_pct, 0.0, 1.0)
         check_range("rope_theta", self.rope_theta, 0.0, lo_open=True)
         check_range("layer_norm_eps", self.layer_norm_eps, 0.0, lo_open=True)
@@ -91,6 +91,12 @@ class Phi2Config:
     def from_preset(cls, name: str, **overrides) -> "Phi2Config":
         return cls.from_dict({**preset_values(name), **overrides})
 
+
+# Sizes far beyond any model phiforge can train (phi-2: 32 layers, 2560 wide, 51200 tokens, 2048 context), so that
+# a typo such as n_layer=10**12 is a one-line error, not a hang while the model is built on the meta device or
+# an integer overflow inside torch; every product of two of them still fits in 64 bits.
+MAX_SIZES = {"vocab_size": 2**24, "n_layer": 4096, "n_embd": 2**18, "n_head": 2**14, "n_kv_head": 2**14,
+             "intermediate_size": 2**20, "max_seq_len": 2**24, "pad_vocab_multiple": 2**16}
 
 PRESETS: dict[str, dict] = {
     # microsoft/phi-2: 2,779,683,840 parameters

@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from phiforge.checkpoint import load_torch_file, read_latest, write_model_files
-from phiforge.errors import CheckpointError
+from phiforge.errors import CheckpointError, disk_full
 from phiforge.fileio import fsync_dir, plain_name, write_text_atomic
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
@@ -246,6 +246,13 @@ class Checkpointer:
         self.wait()  # one save at a time
         final = self.root / step_name(step)
         tmp = self.root / (final.name + ".tmp")
+        try:
+            return self._save(step, final, tmp, model, optimizer, train_state, export_model)
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            self._raise_if_disk_full(e, final, tmp)
+            raise
+
+    def _save(self, step: int, final: Path, tmp: Path, model, optimizer, train_state: dict, export_model) -> Path:
         self._prepare_root()
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -278,8 +285,26 @@ class Checkpointer:
             return
         fut, tmp, final, step = self.pending
         self.pending = None
-        fut.result()  # raises if the background write failed; done on rank 0 means every rank's data is written
-        self._complete(tmp, final, step, export_model=False)
+        try:
+            fut.result()  # raises if the background write failed; done on rank 0 means every rank's data is written
+            self._complete(tmp, final, step, export_model=False)
+        except BaseException as e:
+            self._raise_if_disk_full(e, final, tmp)
+            raise
+
+    def _raise_if_disk_full(self, e: BaseException, final: Path, tmp: Path) -> None:
+        """A save that ran out of disk space (or quota) becomes one line naming the checkpoint that is still
+        intact; the partial step-N.tmp is removed (it is never read, and its space is the user's)."""
+        full = disk_full(e)
+        if full is None:
+            return
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        before = self.last_complete
+        kept = (f"the previous checkpoint {before.name} is intact (free some space, then --resume auto)" if before
+                else "no earlier checkpoint was saved (free some space and start again)")
+        raise CheckpointError(f"no space left on device while saving checkpoint {final.name} in {self.run_dir} "
+                              f"({full.strerror}); {kept}") from None
 
     def _complete(self, tmp: Path, final: Path, step: int, export_model: bool) -> None:
         if self.fault is not None:

@@ -137,8 +137,10 @@ class EvalTaskConfig:
         from phiforge.evaluation.suite import TEXT_FORMAT
         from phiforge.evaluation.tasks import task_format
 
-        if not self.name or not self.path:
-            raise ConfigError("each eval_tasks entry needs a name and a path (or is a 'NAME[:FORMAT]=PATH' string)")
+        for key in ("name", "path"):
+            if not getattr(self, key):
+                raise BadValue(key, "is missing: each eval_tasks entry needs a name and a path (or is a "
+                                    "'NAME[:FORMAT]=PATH' string)")
         if self.format != TEXT_FORMAT:
             task_format(self.name, self.format)
         check_range("limit", self.limit, 1)
@@ -205,6 +207,7 @@ class TrainConfig:
         check_range("save_interval", self.save_interval, 0, note=" (0: only at the end)")
         check_range("keep_checkpoints", self.keep_checkpoints, 0, note=" (0 keeps all)")
         check_range("threads", self.threads, 0, note=" (0 keeps torch's default)")
+        check_range("threads", self.threads, hi=4096, note=" (CPU threads per process)")
         check_range("mfu_peak_tflops", self.mfu_peak_tflops, 0.0, note=" (0 looks the GPU up)")
         check_range("loss_chunk_rows", self.loss_chunk_rows, 0, note=" (0: the plain head)")
         check_range("eval_tasks_interval", self.eval_tasks_interval, 0, note=" (0: at every validation)")

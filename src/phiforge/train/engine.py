@@ -12,8 +12,8 @@ the cadence around them:
 
 Faults: a step whose loss or gradient norm is not finite on any rank is skipped (no optimizer step) and
 counted; max_bad_steps in a row halt the run naming the last good checkpoint. SIGTERM/SIGINT finish the
-current step, save a checkpoint and return normally. CUDA OOM becomes a message naming the settings that
-reduce memory. Once per step the ranks agree on (loss, stop request) with one small all-reduce.
+current step, save a checkpoint and return normally. Out of memory (CUDA or CPU) becomes a message naming the
+settings that reduce memory. Once per step the ranks agree on (loss, stop request) with one small all-reduce.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from phiforge.errors import PhiforgeError
+from phiforge.errors import OutOfMemory, PhiforgeError, out_of_memory
 from phiforge.train.distributed import DistEnv, all_reduce_, barrier
 from phiforge.train.metrics import Sinks, peak_memory
 from phiforge.train.optim import set_lr
@@ -78,13 +78,15 @@ def run_distributed(body: Callable, cfg, overwrite: bool) -> dict:
         shutdown(env)
 
 
-def oom_message(step: int, settings: dict) -> str:
+def oom_message(step: int, settings: dict, device: str = "CUDA") -> str:
+    """The settings that reduce training memory, for an out-of-memory error on `device` (CUDA, CPU, ...)."""
     shown = ", ".join(f"{k}={v}" for k, v in settings.items())
     chunk = ", set loss_chunk_rows (e.g. 4096)" if "loss_chunk_rows" in settings else ""
-    return (f"CUDA out of memory at step {step} ({shown}): lower micro_batch_size (raise grad_accum_steps to keep "
-            "the global batch), set parallel.activation_checkpointing=full (or selective), lower the sequence "
-            f"length{chunk}, use parallel.strategy=fsdp on more GPUs, or precision=bf16-mixed; `phiforge plan` "
-            "predicts what fits")
+    more = ("use parallel.strategy=fsdp on more GPUs, or precision=bf16-mixed" if device != "CPU"
+            else "or train on a machine with more memory (or a GPU)")
+    return (f"{device} out of memory at step {step} ({shown}): lower micro_batch_size (raise grad_accum_steps to "
+            "keep the global batch), set parallel.activation_checkpointing=full (or selective), lower the sequence "
+            f"length{chunk}, {more}; `phiforge plan` predicts what fits")
 
 
 class MoEBalancing:
@@ -279,8 +281,11 @@ class Loop:
                 job.save(end, final=True)
             if self.ckpt is not None:
                 self.ckpt.wait()
-        except torch.OutOfMemoryError:
-            raise PhiforgeError(oom_message(g, job.oom_settings())) from None
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError, the CPU allocator's RuntimeError
+            device = out_of_memory(e)
+            if device is None:
+                raise
+            raise OutOfMemory(oom_message(g, job.oom_settings(), device)) from None
         finally:
             bar.close()
         return False

@@ -129,6 +129,7 @@ class FinetuneConfig:
         check_range("save_interval", self.save_interval, 0, note=" (0: only at the end of each stage)")
         check_range("keep_checkpoints", self.keep_checkpoints, 0, note=" (0 keeps all)")
         check_range("threads", self.threads, 0, note=" (0 keeps torch's default)")
+        check_range("threads", self.threads, hi=4096, note=" (CPU threads per process)")
         if not self.resume:
             raise ConfigError("resume must be none, auto or a checkpoint path")
         if self.parallel.strategy not in ("auto", "none", "ddp"):

@@ -39,6 +39,8 @@ def load_visual(path: Path, cfg: EncoderConfig) -> torch.Tensor:
 
     Raises FileNotFoundError for a missing file and DataError for one that cannot be read."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not an image file")
     if not path.is_file():
         raise FileNotFoundError(path)
     if cfg.type == "features":

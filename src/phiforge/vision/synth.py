@@ -85,16 +85,22 @@ def make_example(rng: random.Random, size: int):
     return img, facts, turns
 
 
+MAX_IMAGES = 1_000_000
+MAX_SIZE = 4096  # pixels per side: the encoders resize to a few hundred; larger only fills the disk
+
+
 def synthesize(out: Path, n: int, seed: int = 0, heldout: float = 0.1, size: int = 64,
                overwrite: bool = False) -> dict:
     """Write OUT/images/*.png, OUT/train.json, OUT/heldout.json and OUT/info.json; returns the info.
     OUT must be new, empty or an earlier synth output (else `overwrite`); it is replaced whole at the end."""
     if n < 2:
         raise DataError("--n must be at least 2 (one training and one held-out image)")
+    if n > MAX_IMAGES:
+        raise DataError(f"--n must be at most {MAX_IMAGES:,} (images are numbered with 6 digits), got {n}")
     if not 0.0 < heldout < 1.0:
         raise DataError(f"--heldout must be a fraction between 0 and 1, got {heldout}")
-    if size < 32:
-        raise DataError(f"--size must be at least 32 pixels, got {size}")
+    if not 32 <= size <= MAX_SIZE:
+        raise DataError(f"--size must be from 32 to {MAX_SIZE} pixels, got {size}")
     require("PIL.Image")  # before anything is written
     with output_dir(out, "vision-synth", overwrite=overwrite) as tmp:
         return _write(tmp, n, seed, heldout, size)
