@@ -8,8 +8,13 @@ PHIFORGE_FAULT, for the training engine (`Faults`):
     oom@S          step S raises torch.OutOfMemoryError (the message must name the settings to change)
     cpu_oom@S      step S asks the CPU allocator for 4 EiB, which fails at once as a real out-of-memory does
     hang@S         step S (after its backward pass) writes RUN/fault-hang and sleeps forever (a test then kill -9s the process)
+    hang_stage@S   the save of step S writes RUN/fault-hang-stage once its RNG and train state are in step-S.tmp,
+                   before the model and optimizer state are staged or written, and sleeps forever
+    hang_write@S   the save of step S writes RUN/fault-hang-write once every rank's DCP data files are written,
+                   before DCP's .metadata (in DCP's writer on rank 0: an async save's background thread), and
+                   sleeps forever
     hang_save@S    the save of step S writes RUN/fault-hang-save once its DCP data is on disk, before the
-                   checkpoint is completed (renamed), and sleeps forever
+                   checkpoint is completed (renamed; an async save's completion thread), and sleeps forever
     sleep=SEC      sleep SEC seconds after every step (gives a test time to send a signal)
 
 PHIFORGE_PREPARE_FAULT, for `phiforge prepare` (`PrepareFaults`):
@@ -55,9 +60,10 @@ def hang_forever(marker: Path | None) -> None:
 class Faults:
     def __init__(self, spec: str, rank: int = 0):
         found, self.sleep = parse_faults(spec, "PHIFORGE_FAULT", ("nan", "oom", "cpu_oom", "raise", "hang",
-                                                                   "hang_save"))
+                                                                   "hang_stage", "hang_write", "hang_save"))
         self.nan, self.oom, self.cpu_oom, self.raise_ = found["nan"], found["oom"], found["cpu_oom"], found["raise"]
         self.hang, self.hang_save = found["hang"], found["hang_save"]
+        self.hang_stage, self.hang_write = found["hang_stage"], found["hang_write"]
         self.rank = rank
 
     @classmethod
@@ -89,6 +95,14 @@ class Faults:
     def after_step(self, step: int, run_dir: Path) -> None:
         if self.sleep:
             time.sleep(self.sleep)
+
+    def before_stage(self, step: int, run_dir: Path) -> None:
+        if step in self.hang_stage:
+            self._hang(Path(run_dir) / "fault-hang-stage")
+
+    def before_metadata(self, step: int, run_dir: Path) -> None:
+        if step in self.hang_write:
+            self._hang(Path(run_dir) / "fault-hang-write")
 
     def in_save(self, step: int, run_dir: Path) -> None:
         if step in self.hang_save:

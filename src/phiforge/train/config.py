@@ -182,7 +182,9 @@ class TrainConfig:
     threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     resume: str = "none"  # none | auto (newest complete checkpoint of out_dir, if any) | PATH to a step-N dir
-    async_checkpoint: bool = False  # dcp.async_save: write in the background while training goes on
+    # periodic saves with dcp.async_save: staged into CPU memory, written and completed in the background while
+    # training goes on (the final save is synchronous); costs a CPU copy of this rank's model + optimizer state
+    async_checkpoint: bool = True
     max_bad_steps: int = 5  # halt after this many consecutive non-finite losses / grad norms (each one is skipped)
     mfu_peak_tflops: float = 0.0  # bf16 dense peak per device for MFU; 0 = look the GPU up in the peak table
     tensorboard: bool = True  # also write RUN/tensorboard/ when the tensorboard package is installed
