@@ -292,11 +292,10 @@ class Checkpointer:
         self.stager = None
         # async saves run DCP's collectives from a background thread: they get their own gloo group
         self.group = dist.new_group(backend="gloo") if self.async_save else None
-        if env.is_main and self.root.is_dir():
-            # saves killed mid-way by an earlier process; done before the first step's all-reduce, so before any
-            # rank of this run writes into a step-N.tmp
+        if env.is_main and self.root.is_dir():  # saves killed mid-way by an earlier process
             for stale in self.root.glob("step-*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
+        self._barrier()  # at start-up: no rank writes into a step-N.tmp before the stale ones are gone
 
     def _barrier(self) -> None:
         if self.env.world_size > 1:
