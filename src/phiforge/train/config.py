@@ -110,6 +110,10 @@ class ParallelConfig:
     ac_policy: str = "layer"  # selective: layer (every ac_every-th block) | op (save matmuls, recompute the rest)
     ac_every: int = 2  # selective/layer: checkpoint blocks 0, k, 2k, ...
     compile_backend: str = "inductor"  # torch.compile backend for `compile: true` (per block)
+    # seconds any collective (and the start-up rendezvous) waits for the other ranks before failing: it must
+    # outlast the longest legitimate wait (loading or saving a checkpoint, the first compiled step); a rank that
+    # fails is found in seconds without it (docs/training.md, "When a rank fails")
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self):  # here, not in TrainConfig, so the vision fine-tune's `parallel` is checked too
         if self.strategy not in STRATEGIES:
@@ -121,6 +125,7 @@ class ParallelConfig:
             raise ConfigError(f"parallel.ac_policy must be layer or op, got '{self.ac_policy}'")
         check_range("ac_every", self.ac_every, 1)
         check_range("hsdp_replicate", self.hsdp_replicate, 0, note=" (0: one replica group per node)")
+        check_range("collective_timeout_s", self.collective_timeout_s, 1, 604800, note=" seconds")
 
 
 @dataclass

@@ -373,7 +373,7 @@ def _measure_in_process(cfg: TrainConfig, steps: int) -> int:
     from phiforge.train.optim import build_optimizer
     from phiforge.train.parallelize import autocast_for, build_mesh, resolve_precision, resolve_strategy
 
-    env = init_distributed("cpu")
+    env = init_distributed("cpu", cfg.parallel.collective_timeout_s)
     try:
         strategy = resolve_strategy(cfg, env.world_size)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
