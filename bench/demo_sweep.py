@@ -135,7 +135,7 @@ def full_book_bpb(run: Path, data: Path, seq_len: int) -> dict:
     from phiforge.checkpoint import load_checkpoint, resolve_checkpoint
     from phiforge.data.loader import eval_batches
     from phiforge.tokenizer import eot_id, load_tokenizer, token_byte_lengths
-    from phiforge.train.loop import evaluate
+    from phiforge.train.pretrain import evaluate
 
     threads = int(THREADS[0].split("=")[1])
     if threads:

@@ -128,7 +128,7 @@ def test_litgpt_pretrain_end_to_end(capsys, tmp_path, redpajama_dir, lit_dir):
     from phiforge.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
     from phiforge.data.loader import eval_batches
     from phiforge.model import Phi2, Phi2Config
-    from phiforge.train.loop import evaluate
+    from phiforge.train.pretrain import evaluate
 
     torch.manual_seed(0)
     init = Phi2(Phi2Config.from_preset(TINY["preset"], **{k: v for k, v in TINY.items() if k != "preset"}))

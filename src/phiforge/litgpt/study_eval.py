@@ -56,7 +56,7 @@ def evaluate_route(run_dir: Path, setup: EvalSetup) -> dict:
     from phiforge.data.loader import eval_batches
     from phiforge.tokenizer import eot_id, load_tokenizer, token_byte_lengths
     from phiforge.train.distributed import resolve_device
-    from phiforge.train.loop import evaluate
+    from phiforge.train.pretrain import evaluate
 
     ckpt = resolve_checkpoint(Path(run_dir))
     device = resolve_device(setup.device)
