@@ -1,7 +1,7 @@
 """Fault injection for the tests (and for trying the fault handling by hand): one spec format, a comma list of
 `KIND@N` and `NAME=VALUE` settings, read from an environment variable that is off unless set.
 
-PHIFORGE_FAULT, for the training engine (`Faults`):
+PHIFORGE_FAULT, for the training engine (`Faults`, the run's hooks: phiforge.train.hooks):
 
     nan@S          the loss of step S is NaN on every rank (the step must be skipped)
     raise@S        step S raises a plain RuntimeError (a "bug": its traceback must go to RUN/errors/rank-N.txt)
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from phiforge.errors import ConfigError
+from phiforge.train.hooks import RunHooks
 
 
 def parse_faults(spec: str, var: str, kinds: tuple[str, ...],
@@ -59,8 +60,10 @@ def hang_forever(marker: Path | None) -> None:
         time.sleep(1)
 
 
-class Faults:
-    def __init__(self, spec: str, rank: int = 0):
+class Faults(RunHooks):
+    """PHIFORGE_FAULT's injections, as the run's hooks (phiforge.train.hooks)."""
+
+    def __init__(self, spec: str, rank: int = 0, run_dir: Path | None = None):
         found, values = parse_faults(spec, "PHIFORGE_FAULT", ("nan", "oom", "cpu_oom", "raise", "hang", "hang_save"),
                                      {"sleep": float, "rank": int})
         if values.get("rank", rank) != rank:  # the faults are another rank's: this one runs clean
@@ -69,17 +72,12 @@ class Faults:
         self.marker_rank = values.get("rank", 0)  # the rank that writes the hang markers
         self.nan, self.oom, self.cpu_oom, self.raise_ = found["nan"], found["oom"], found["cpu_oom"], found["raise"]
         self.hang, self.hang_save = found["hang"], found["hang_save"]
-        self.rank = rank
+        self.rank, self.run_dir = rank, Path(run_dir) if run_dir is not None else Path(".")
 
-    @classmethod
-    def from_env(cls, rank: int = 0) -> "Faults | None":
-        spec = os.environ.get("PHIFORGE_FAULT", "")
-        return cls(spec, rank) if spec.strip() else None
+    def _hang(self, marker: str) -> None:
+        hang_forever(self.run_dir / marker if self.rank == self.marker_rank else None)
 
-    def _hang(self, marker: Path) -> None:
-        hang_forever(marker if self.rank == self.marker_rank else None)
-
-    def before_backward(self, step: int, loss):
+    def loss(self, step: int, loss):
         import torch
 
         if step in self.raise_:
@@ -92,18 +90,23 @@ class Faults:
             return loss * float("nan")
         return loss
 
-    def during_step(self, step: int, run_dir: Path) -> None:
-        """Between the backward pass and the optimizer step."""
+    def after_backward(self, step: int) -> None:
         if step in self.hang:
-            self._hang(Path(run_dir) / "fault-hang")
+            self._hang("fault-hang")
 
-    def after_step(self, step: int, run_dir: Path) -> None:
+    def after_step(self, step: int) -> None:
         if self.sleep:
             time.sleep(self.sleep)
 
-    def in_save(self, step: int, run_dir: Path) -> None:
+    def saving(self, step: int) -> None:
         if step in self.hang_save:
-            self._hang(Path(run_dir) / "fault-hang-save")
+            self._hang("fault-hang-save")
+
+
+def run_hooks(rank: int, run_dir: Path) -> RunHooks:
+    """The hooks a training run gets: PHIFORGE_FAULT's injections when the variable is set, else none."""
+    spec = os.environ.get("PHIFORGE_FAULT", "")
+    return Faults(spec, rank, run_dir) if spec.strip() else RunHooks()
 
 
 class PrepareFaults:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from phiforge.errors import ConfigError
+from phiforge.train.precision import configure_cuda
 
 RENDEZVOUS_S = 600  # the least time the launched ranks are given to arrive, whatever collective_timeout_s is
 
@@ -70,6 +71,13 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
+def cuda_allocator_defaults() -> None:
+    """Expandable segments for the CUDA caching allocator (it grows segments instead of leaving fragments between
+    fixed-size ones), unless the user configured the allocator. Read when CUDA first allocates: call before that."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def init_distributed(device_name: str = "auto", timeout_s: float = 600) -> DistEnv:
     """Initialise (or join) the default process group and pick this rank's device. A collective gives up after
     waiting `timeout_s` seconds for the other ranks."""
@@ -79,7 +87,9 @@ def init_distributed(device_name: str = "auto", timeout_s: float = 600) -> DistE
     local_world = _env_int("LOCAL_WORLD_SIZE", world) if launched else 1
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
+        cuda_allocator_defaults()  # before CUDA allocates anything
         torch.cuda.set_device(device)
+        configure_cuda()
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     owns, store, timeout = False, None, timedelta(seconds=timeout_s)
     if dist.is_initialized():  # e.g. a caller set it up already: join it as is
