@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,17 +38,16 @@ MODES = ("sync", "async")
 def cpu_info() -> dict:
     import torch
 
-    model, flags = platform.processor() or "cpu", set()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu_model": model, "cores": os.cpu_count(), "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
+    from phiforge.train.precision import cpu_model, native_bf16
+
+    return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "native_bf16": native_bf16("cpu"),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
+def _local_bytes(tensors) -> int:
+    """Bytes this rank holds of `tensors` (its shards of DTensors)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 def _train_step(train_model, optimizer, vocab: int, seq: int) -> None:
@@ -97,24 +95,26 @@ def worker(args) -> None:
     import torch
 
     from phiforge.config import load_config
-    from phiforge.train.build import build_train_model
+    from phiforge.train.build import build_text_model
     from phiforge.train.checkpointing import Checkpointer
     from phiforge.train.config import TrainConfig
     from phiforge.train.distributed import barrier, init_distributed, shutdown
     from phiforge.train.optim import build_optimizer
-    from phiforge.train.parallelize import build_mesh, resolve_strategy
+    from phiforge.train.parallelize import reshard, resolve_layout
 
     env = init_distributed("cpu")
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // env.world_size))
-    strategy = "fsdp" if env.world_size > 1 else "none"
     cfg = load_config(TrainConfig, None, [f"model.preset={args.preset}", "device=cpu", "precision=fp32",
-                                          f"parallel.strategy={strategy}", f"data.seq_len={args.seq}"])
+                                          f"data.seq_len={args.seq}"])  # parallel.strategy auto: fsdp on 2+ ranks
     mcfg = cfg.model_config()
-    model, train_model = build_train_model(cfg, mcfg, env, build_mesh(cfg, env))
-    optimizer = build_optimizer(model, cfg.optim, fused=strategy == "none")
+    layout = resolve_layout(cfg, env)
+    model, train_model = build_text_model(cfg, mcfg, env, layout)
+    if layout.fully_sharded:
+        reshard(model)  # as build_step: the optimizer holds the sharded parameters
+    optimizer = build_optimizer(model, cfg.optim)
     _train_step(train_model, optimizer, mcfg.vocab_size, args.seq)  # AdamW state exists from here on
-    state_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(),
-                      *(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))])
+    state_bytes = _local_bytes([*model.parameters(), *(v for s in optimizer.state.values() for v in s.values()
+                                                       if torch.is_tensor(v) and v.dim() > 0)])
     train_state = {"tokens": 0, "seed": cfg.seed, "world_size": env.world_size, "model": mcfg.to_dict()}
     ckpts = {}
     for mode in MODES:
@@ -129,7 +129,7 @@ def worker(args) -> None:
     for ckpt in ckpts.values():
         ckpt.close()
     with open(f"{args.out}.{env.rank}", "w") as f:
-        json.dump({"rank": env.rank, "strategy": resolve_strategy(cfg, env.world_size),
+        json.dump({"rank": env.rank, "strategy": layout.strategy,
                    "params": model.num_params(), "state_bytes_this_rank": state_bytes,
                    "threads": torch.get_num_threads(), "saves": saves}, f)
     shutdown(env)

@@ -3,8 +3,9 @@
 Errors the user can fix (PhiforgeError) print as one line `phiforge: error: ...` and exit 1. Anything else is
 a bug or a failure outside phiforge (a library crash, an NCCL timeout): its traceback goes to a file,
 RUN/errors/rank-N.txt once a run directory exists, and one line names that file. `--debug`, anywhere on the
-command line, shows the full traceback instead. Under torchrun only rank 0 prints a user error, and every rank
-writes torchelastic's error file, so torchrun's summary names the root cause.
+command line, shows the full traceback instead. With several ranks only rank 0 prints a user error, and under
+torchrun every rank writes torchelastic's error file, so torchrun's summary names the root cause. When one rank
+of a training run fails, rank 0 prints that rank's message as its own (train/fail_together.py: RankFailed).
 
 Command modules import torch and other heavy libraries only inside the functions that run a command, so
 `phiforge --help` and argument errors stay fast.
@@ -18,14 +19,13 @@ import json
 import os
 import pkgutil
 import sys
-import tempfile
 import time
 import traceback
-from pathlib import Path
 
 import phiforge.commands
 from phiforge import __version__
-from phiforge.errors import ConfigError, PhiforgeError, disk_full, error_dir, oom_error, printable
+from phiforge.errors import (ConfigError, PhiforgeError, environment_error, printable, unexpected_summary,
+                             write_traceback)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,32 +50,6 @@ def _rank() -> int:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
         return 0
-
-
-def write_traceback(e: BaseException, argv: list[str]) -> tuple[Path | None, str]:
-    """The traceback (and the command line) in RUN/errors/rank-N.txt, or a new file in the temporary directory
-    when there is no run directory or it cannot be written (a full disk). Returns (the file, a note on what failed
-    on the way); the file is None when nothing could be written."""
-    rank = _rank()
-    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-pid{os.getpid()}-rank-{rank}.txt"
-    places = [Path(tempfile.gettempdir()) / "phiforge-errors" / stamp]
-    if error_dir() is not None:
-        places.insert(0, Path(error_dir()) / f"rank-{rank}.txt")
-    text = "".join(traceback.format_exception(e))
-    data = f"phiforge {__version__}: {' '.join(['phiforge', *argv])}\n\n{text}".encode("utf-8", "backslashreplace")
-    failed = []
-    for path in places:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            return path, "; ".join(failed)
-        except OSError as err:
-            failed.append(f"cannot write {path}: {err.strerror or err}")
-            try:
-                path.unlink(missing_ok=True)  # no empty or cut-off report left behind
-            except OSError:
-                pass
-    return None, "; ".join(failed)
 
 
 def _non_utf8_argument(argv: list[str]) -> str | None:
@@ -131,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:  # a bug or a library failure (torch's CheckpointException is a BaseException)
         if debug:
             raise
-        known = _environment_error(e)
+        known = environment_error(e)
         if known is not None:
             return _user_error(known)
         return _unexpected_error(e, argv)
@@ -150,25 +124,10 @@ def _user_error(e: PhiforgeError) -> int:
     return e.exit_code
 
 
-def _environment_error(e: BaseException) -> PhiforgeError | None:
-    """A full disk or an exhausted memory that no command turned into advice of its own: still one line."""
-    full = disk_full(e)
-    if full is not None:
-        where = f" writing {printable(str(full.filename))}" if full.filename else ""
-        return PhiforgeError(f"no space left on device{where} ({full.strerror}): free some space and run the "
-                             "command again")
-    return oom_error(e, "the model or the batch does not fit in this machine's memory; use smaller settings "
-                        "(`phiforge plan` predicts what training needs) or a machine with more memory (--debug "
-                        "shows where it ran out)")
-
-
 def _unexpected_error(e: BaseException, argv: list[str]) -> int:
-    path, failed = write_traceback(e, argv)
+    path, failed = write_traceback(e, argv, _rank())
     _record_for_torchrun(e, printable("".join(traceback.format_exception(e))))
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-    where = f"traceback in {path}" if path else "no traceback file"
-    note = f"; {failed}" if failed else ""
-    _say(f"phiforge: error: {type(e).__name__}: {first} (rank {_rank()}; {where}{note}; --debug prints it)")
+    _say(f"phiforge: error: {unexpected_summary(e, path, failed, _rank())}")
     return 1
 
 

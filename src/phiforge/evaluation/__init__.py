@@ -43,14 +43,12 @@ def load_for_eval(checkpoint: str | Path, device: str = "auto", dtype=None, cont
     from phiforge.train.distributed import resolve_device
 
     ckpt = resolve_checkpoint(Path(checkpoint))
-    tokenizer, vocab = load_tokenizer(ckpt), read_config(ckpt).vocab_size
-    if tokenizer.get_vocab_size() > vocab:
+    tokenizer, mcfg = load_tokenizer(ckpt), read_config(ckpt)
+    if tokenizer.get_vocab_size() > mcfg.vocab_size:
         raise CheckpointError(f"the tokenizer of {ckpt} has {tokenizer.get_vocab_size()} tokens but the model's "
-                              f"vocabulary only {vocab}: give the model its own tokenizer.json")
-    model = load_checkpoint(ckpt, device=resolve_device(device), dtype=dtype)
-    model.eval_context = checked_context(context if context is not None else trained_context(ckpt),
-                                         model.cfg.max_seq_len)
-    return model, tokenizer
+                              f"vocabulary only {mcfg.vocab_size}: give the model its own tokenizer.json")
+    window = checked_context(context or trained_context(ckpt), mcfg.max_seq_len)
+    return load_checkpoint(ckpt, device=resolve_device(device), dtype=dtype, eval_context=window), tokenizer
 
 
 def trained_context(ckpt: Path) -> int | None:

@@ -74,12 +74,10 @@ def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, include_path: str |
     checkpoint's HF export (weights in `dtype`) on `tasks`."""
     from phiforge.checkpoint import resolve_checkpoint
     from phiforge.hf import convert_to_hf
-
-    import torch
+    from phiforge.train.distributed import resolve_device
 
     lm_eval, _ = import_lm_eval()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))
     manager = task_manager(tasks, include_path)
     kwargs = dict(tasks=tasks, task_manager=manager, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                   device=device, log_samples=log_samples, bootstrap_iters=0, fewshot_random_seed=seed)

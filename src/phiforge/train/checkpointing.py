@@ -44,7 +44,6 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -59,6 +58,7 @@ from phiforge.fileio import fsync_dir, plain_name, write_text_atomic
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
 from phiforge.train.dcp_reader import load_dcp, read_dcp_metadata
+from phiforge.train.hooks import RunHooks
 
 TRAIN_STATE = "train_state.json"
 STATE_FORMAT = "phiforge-train-state"
@@ -234,15 +234,14 @@ def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> di
 
 
 class _Writer(dcp.FileSystemWriter):
-    """DCP's file writer, with a hook between the data files and .metadata (PHIFORGE_FAULT=hang_write@S)."""
+    """DCP's file writer, calling the run's hooks between the data files and .metadata (RunHooks.writing)."""
 
-    def __init__(self, path: Path, before_metadata: Callable[[], None] | None):
+    def __init__(self, path: Path, step: int, run_hooks: RunHooks):
         super().__init__(str(path))
-        self.before_metadata = before_metadata
+        self.step, self.run_hooks = step, run_hooks
 
     def finish(self, metadata, results) -> None:  # rank 0, once every rank's data files are written
-        if self.before_metadata is not None:
-            self.before_metadata()
+        self.run_hooks.writing(self.step)
         super().finish(metadata, results)
 
 
@@ -278,11 +277,11 @@ class Checkpointer:
     """Saves and loads training checkpoints for one run; every rank makes the same calls."""
 
     def __init__(self, run_dir: Path, env, keep: int, async_save: bool = False, tokenizer_dir: Path | None = None,
-                 fault=None):
+                 run_hooks: RunHooks | None = None):
         self.run_dir, self.root = Path(run_dir), Path(run_dir) / "checkpoints"
         self.env, self.keep, self.async_save = env, keep, async_save and async_save_available()
         self.tokenizer_dir = tokenizer_dir
-        self.fault = fault
+        self.run_hooks = run_hooks or RunHooks()
         self.pending: PendingSave | None = None
         self.last_complete: Path | None = latest_checkpoint(self.run_dir)
         # background threads: completing async saves (every rank), deleting old checkpoints (rank 0)
@@ -312,7 +311,7 @@ class Checkpointer:
         try:
             self._write_small_files(step, tmp, train_state)
             sd = _state_dicts(model, optimizer)
-            writer = _Writer(tmp, self._fault_hook("before_metadata", step))
+            writer = _Writer(tmp, step, self.run_hooks)
             if self.async_save and not export_model:
                 self._start_async(step, sd, writer, tmp, final)
             else:
@@ -321,11 +320,6 @@ class Checkpointer:
             self._raise_if_disk_full(e, final, tmp)
             raise
         return final
-
-    def _fault_hook(self, name: str, step: int) -> Callable[[], None] | None:
-        if self.fault is None:
-            return None
-        return lambda: getattr(self.fault, name)(step, self.run_dir)
 
     def _write_small_files(self, step: int, tmp: Path, train_state: dict) -> None:
         (tmp / "rng").mkdir(parents=True, exist_ok=True)  # every rank: no rank waits for another to create it
@@ -336,8 +330,7 @@ class Checkpointer:
             save_tokenizer_files(tmp, source_dir=self.tokenizer_dir)
             state = {"format": STATE_FORMAT, "version": STATE_VERSION, **train_state, "saved_at": time.time()}
             (tmp / TRAIN_STATE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        if self.fault is not None:
-            self.fault.before_stage(step, self.run_dir)
+        self.run_hooks.staging(step)
 
     def _start_async(self, step: int, sd: dict, writer: _Writer, tmp: Path, final: Path) -> None:
         kwargs = {}
@@ -422,8 +415,7 @@ class Checkpointer:
                               f"({full.strerror}); {kept}") from None
 
     def _complete(self, tmp: Path, final: Path, step: int) -> None:
-        if self.fault is not None:
-            self.fault.in_save(step, self.run_dir)
+        self.run_hooks.saving(step)
         if self.env.is_main:
             publish(tmp, final, self.run_dir)
             if self.keep > 0:
