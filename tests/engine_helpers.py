@@ -149,10 +149,16 @@ def kill9(proc: subprocess.Popen) -> None:
     proc.communicate(timeout=60)
 
 
+def no_save_in_flight(run: Path) -> bool:
+    """No step-N.tmp in the run: an async save started before has been completed (in the background)."""
+    return not any((Path(run) / "checkpoints").glob("step-*.tmp"))
+
+
 def kill9_inside(step: int, data: Path, run: Path, *sets: str) -> None:
-    """Start a 1-process run that hangs inside `step` (after its backward pass), wait for the hang, kill -9 it."""
+    """Start a 1-process run that hangs inside `step` (after its backward pass), wait for the hang and for the
+    async save before it to complete in the background, kill -9 it (kills during a save: test_engine_resume)."""
     proc = start_train(1, data, run, *sets, fault=f"hang@{step}")
-    wait_for(run / "fault-hang", proc)
+    wait_for(lambda: (run / "fault-hang").exists() and no_save_in_flight(run), proc)
     kill9(proc)
 
 

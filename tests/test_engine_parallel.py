@@ -6,6 +6,7 @@ r, r+2, ..., so the two ranks' batches together are exactly the 1-rank batch of 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -49,8 +50,8 @@ def ref1(data, runs):
 
 @pytest.fixture(scope="module")
 def fsdp2(data, runs):
-    """2 processes, FSDP2, micro-batch 4 each; checkpoints written with dcp.async_save."""
-    run_train(2, data, runs / "fsdp2", "parallel.strategy=fsdp", "async_checkpoint=true")
+    """2 processes, FSDP2, micro-batch 4 each; checkpoints written with dcp.async_save (the default)."""
+    run_train(2, data, runs / "fsdp2", "parallel.strategy=fsdp")
     return runs / "fsdp2"
 
 
@@ -136,15 +137,20 @@ def test_checkpoint_two_ranks_resumes_on_one_and_reverse(data, runs, ref1, fsdp2
 
 
 def test_consolidate_round_trip(capsys, fsdp2, tmp_path):
-    from phiforge.checkpoint import load_checkpoint
+    from phiforge.checkpoint import INDEX_NAME, load_checkpoint, load_state_dict
 
     final = fsdp2 / "checkpoints" / "step-00000020"
     assert (fsdp2 / "latest").read_text().strip() == final.name
     code, out, err = run_cli(capsys, "checkpoint", "consolidate", final, tmp_path / "m20")
     assert code == 0, err
     assert "saved by 2 rank(s)" in out
-    mine, theirs = load_file(tmp_path / "m20" / "model.safetensors"), load_file(final / "model.safetensors")
-    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    # the final checkpoint's model files: each rank wrote a share of the tensors, in parallel
+    index = json.loads((final / INDEX_NAME).read_text())["weight_map"]
+    assert sorted(set(index.values())) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert not (final / "model.safetensors").exists()
+    mine, theirs = load_file(tmp_path / "m20" / "model.safetensors"), load_state_dict(final)
+    assert mine.keys() == theirs.keys() == index.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert load_checkpoint(final).cfg == load_checkpoint(tmp_path / "m20").cfg  # and the directory loads as a model
     # a mid-run checkpoint has no model files: generate explains, consolidate makes a usable model directory
     mid = fsdp2 / "checkpoints" / "step-00000010"
     assert not (mid / "config.json").exists()

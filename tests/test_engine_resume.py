@@ -66,24 +66,40 @@ def test_exact_resume_with_moe_and_bias_balancing(data, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_kill_during_save_leaves_previous_checkpoint_usable(data, straight, tmp_path):
+# where a kill lands in the save of step 20: what step-00000020.tmp holds then
+KILLS_IN_SAVE = {
+    "staging (async)": ("hang_stage@20", [], "fault-hang-stage", ["train_state.json"], [".metadata", "__0_0.distcp"]),
+    "writing (async)": ("hang_write@20", [], "fault-hang-write", ["__0_0.distcp"], [".metadata"]),
+    "completing (async)": ("hang_save@20", [], "fault-hang-save", [".metadata"], ["files.json"]),
+    "writing (sync)": ("hang_write@20", ["async_checkpoint=false"], "fault-hang-write", ["__0_0.distcp"],
+                       [".metadata"]),
+}
+
+
+@pytest.mark.parametrize("moment", list(KILLS_IN_SAVE))
+def test_kill_during_save_leaves_previous_checkpoint_usable(data, straight, tmp_path, moment):
+    """kill -9 while step 20 is being saved (staged, written, completed; in the background by default) leaves
+    step 10, the checkpoint before, named by `latest` and complete, and the resumed run is bit-identical."""
+    fault, sets, marker, there, missing = KILLS_IN_SAVE[moment]
     run = tmp_path / "killed-in-save"
-    proc = start_train(1, data, run, *LONG, fault="hang_save@20")  # step 20's DCP files written, not completed
-    wait_for(run / "fault-hang-save", proc)
+    proc = start_train(1, data, run, *LONG, *sets, fault=fault)
+    wait_for(run / marker, proc)
     kill9(proc)
     ckpts = run / "checkpoints"
     assert (run / "latest").read_text().strip() == "step-00000010"
-    assert (ckpts / "step-00000020.tmp" / ".metadata").exists() and not (ckpts / "step-00000020").exists()
+    half = ckpts / "step-00000020.tmp"
+    assert [n for n in there if not (half / n).exists()] == [] and [n for n in missing if (half / n).exists()] == []
+    assert not (ckpts / "step-00000020").exists()
     # the previous checkpoint is complete and loads
-    from phiforge.train.checkpointing import consolidate, latest_checkpoint
+    from phiforge.train.checkpointing import consolidate, latest_checkpoint, verify_checkpoint
 
-    assert latest_checkpoint(run) == ckpts / "step-00000010"
+    assert latest_checkpoint(run) == ckpts / "step-00000010" and verify_checkpoint(ckpts / "step-00000010") is None
     consolidate(run, tmp_path / "m10")  # the run directory resolves to step-10, never the .tmp
     assert load_file(tmp_path / "m10" / "model.safetensors")
-    run_train(1, data, run, *LONG, resume="auto")
+    run_train(1, data, run, *LONG, *sets, resume="auto")
     start = [e for e in metrics(run) if e["event"] == "start"][-1]
     assert start["resumed_from"].endswith("step-00000010")
-    assert not (ckpts / "step-00000020.tmp").exists()  # the half save was cleaned up
+    assert not half.exists()  # the half save was cleaned up
     a, b = losses(straight), losses(run)
     assert [b[s] for s in range(11, 41)] == [a[s] for s in range(11, 41)]
     assert (run / "latest").read_text().strip() == "step-00000040"

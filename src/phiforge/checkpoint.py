@@ -95,10 +95,20 @@ def save_state_dict(state: dict[str, torch.Tensor], out_dir: Path, max_shard_byt
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        name = shard_name(i, len(shards))
         save_file(shard, str(out_dir / name), metadata=meta)
         weight_map.update({k: name for k in shard})
-    write_json_atomic(out_dir / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_index(out_dir, weight_map, total)
+
+
+def shard_name(i: int, n: int) -> str:
+    """The HF-style name of weight file i (1-based) of n."""
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def write_index(out_dir: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    """model.safetensors.index.json: which shard holds each tensor."""
+    write_json_atomic(Path(out_dir) / INDEX_NAME, {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
 
 
 def weight_files(src_dir: Path) -> list[Path]:
@@ -251,8 +261,13 @@ def write_model_files(out_dir: Path, state: dict[str, torch.Tensor], cfg: Phi2Co
     for name, extra_state in (extra_weights or {}).items():
         save_file({k: v.detach().contiguous().cpu() for k, v in extra_state.items()}, str(out_dir / name))
     save_tokenizer_files(out_dir, source_dir=tokenizer_dir)
-    write_json_atomic(out_dir / "config.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                                "model": cfg.to_dict(), **(extra or {})})
+    write_model_config(out_dir, cfg, extra)
+
+
+def write_model_config(out_dir: Path, cfg: Phi2Config, extra: dict | None = None) -> None:
+    """config.json, written last: a directory with it holds a whole model."""
+    write_json_atomic(Path(out_dir) / "config.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                      "model": cfg.to_dict(), **(extra or {})})
 
 
 def load_checkpoint(ckpt_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

@@ -8,8 +8,13 @@ PHIFORGE_FAULT, for the training engine (`Faults`, the run's hooks: phiforge.tra
     oom@S          step S raises torch.OutOfMemoryError (the message must name the settings to change)
     cpu_oom@S      step S asks the CPU allocator for 4 EiB, which fails at once as a real out-of-memory does
     hang@S         step S (after its backward pass) writes RUN/fault-hang and sleeps forever (a test then kill -9s the process)
+    hang_stage@S   the save of step S writes RUN/fault-hang-stage once its RNG and train state are in step-S.tmp,
+                   before the model and optimizer state are staged or written, and sleeps forever
+    hang_write@S   the save of step S writes RUN/fault-hang-write once every rank's DCP data files are written,
+                   before DCP's .metadata (in DCP's writer on rank 0: an async save's background thread), and
+                   sleeps forever
     hang_save@S    the save of step S writes RUN/fault-hang-save once its DCP data is on disk, before the
-                   checkpoint is completed (renamed), and sleeps forever
+                   checkpoint is completed (renamed; an async save's completion thread), and sleeps forever
     sleep=SEC      sleep SEC seconds after every step (gives a test time to send a signal)
     rank=R         the faults above fire on global rank R only (default: on every rank), e.g.
                    `raise@3,rank=1`: rank 1 fails alone, as one GPU running out of memory does
@@ -64,14 +69,15 @@ class Faults(RunHooks):
     """PHIFORGE_FAULT's injections, as the run's hooks (phiforge.train.hooks)."""
 
     def __init__(self, spec: str, rank: int = 0, run_dir: Path | None = None):
-        found, values = parse_faults(spec, "PHIFORGE_FAULT", ("nan", "oom", "cpu_oom", "raise", "hang", "hang_save"),
-                                     {"sleep": float, "rank": int})
+        kinds = ("nan", "oom", "cpu_oom", "raise", "hang", "hang_stage", "hang_write", "hang_save")
+        found, values = parse_faults(spec, "PHIFORGE_FAULT", kinds, {"sleep": float, "rank": int})
         if values.get("rank", rank) != rank:  # the faults are another rank's: this one runs clean
             found = {kind: set() for kind in found}
         self.sleep = values.get("sleep", 0.0)
         self.marker_rank = values.get("rank", 0)  # the rank that writes the hang markers
         self.nan, self.oom, self.cpu_oom, self.raise_ = found["nan"], found["oom"], found["cpu_oom"], found["raise"]
         self.hang, self.hang_save = found["hang"], found["hang_save"]
+        self.hang_stage, self.hang_write = found["hang_stage"], found["hang_write"]
         self.rank, self.run_dir = rank, Path(run_dir) if run_dir is not None else Path(".")
 
     def _hang(self, marker: str) -> None:
@@ -97,6 +103,14 @@ class Faults(RunHooks):
     def after_step(self, step: int) -> None:
         if self.sleep:
             time.sleep(self.sleep)
+
+    def staging(self, step: int) -> None:
+        if step in self.hang_stage:
+            self._hang("fault-hang-stage")
+
+    def writing(self, step: int) -> None:
+        if step in self.hang_write:
+            self._hang("fault-hang-write")
 
     def saving(self, step: int) -> None:
         if step in self.hang_save:

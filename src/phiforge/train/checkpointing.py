@@ -9,13 +9,16 @@ A run directory:
         train_state.json                      step, tokens seen, data-loader state, schedule, model config
         tokenizer.json, tokenizer_config.json
         config.json, model.safetensors        only in the final checkpoint: the single-directory model format
+                                              (N ranks: model-0000k-of-0000N.safetensors + index, one per rank)
         files.json                            every file's size, written last: a later load checks them first
     RUN/checkpoints/step-00000030.tmp/      a save in progress (or one killed mid-way): never read
 
-Atomicity: every rank writes into step-N.tmp; only when DCP has finished (data and .metadata, files fsynced)
-does rank 0 rename step-N.tmp to step-N and then rewrite RUN/latest (tmp file + os.replace). A kill at any
-moment leaves `latest` naming a complete checkpoint, and `resume: auto` only ever picks complete ones (those
-with train_state.json outside a .tmp directory). Old checkpoints beyond keep_checkpoints are deleted after.
+Atomicity: every rank writes into step-N.tmp; only when DCP has finished on every rank (data and .metadata,
+files fsynced) does rank 0 rename step-N.tmp to step-N and then rewrite RUN/latest (tmp file + os.replace). A
+kill at any moment leaves `latest` naming a complete checkpoint, and `resume: auto` only ever picks complete
+ones (those with train_state.json outside a .tmp directory). Old checkpoints beyond keep_checkpoints are
+deleted after, in the background. With async_checkpoint the write and the completion run in background
+threads while training goes on (the save pipeline: the comment above `Checkpointer`).
 
 Damage after the fact (a deleted or truncated shard): files.json records each file's size when the checkpoint
 is completed, and `verify_checkpoint` compares them before any load. `resume: auto` then falls back to the
@@ -31,20 +34,25 @@ to the new world size (docs/training.md, "Resuming on another number of ranks").
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import shutil
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 
-from phiforge.checkpoint import load_torch_file, read_latest, write_model_files
+from phiforge.checkpoint import (load_torch_file, read_latest, shard_name, write_index, write_model_config,
+                                 write_model_files)
 from phiforge.errors import CheckpointError, disk_full
 from phiforge.fileio import fsync_dir, plain_name, write_text_atomic
 from phiforge.model import Phi2, Phi2Config
@@ -205,6 +213,17 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Save and load
+#
+# The save pipeline (docs/training.md, "The save pipeline"). On the training thread of every rank: wait for
+# the save before (one at a time), write this rank's RNG state (rank 0: also the train state and tokenizer)
+# into step-N.tmp, then
+#   async (periodic saves with async_checkpoint): stage the model + optimizer state into CPU memory and return;
+#          DCP writes it from a background thread on a gloo group of its own, and a second background thread
+#          completes the save when DCP is done (rank 0: fsync, files.json, rename, `latest`);
+#   sync (the final save, async_checkpoint false): DCP writes; the final save's model files are exported by
+#          every rank, a share each; rank 0 completes the save.
+# Deleting old checkpoints always happens on rank 0's pruning thread. Nothing in the background makes another
+# rank wait: DCP's own collectives run on its gloo group between the background threads.
 
 
 def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -214,51 +233,96 @@ def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> di
     return {"model": msd, "optim": osd}
 
 
+class _Writer(dcp.FileSystemWriter):
+    """DCP's file writer, calling the run's hooks between the data files and .metadata (RunHooks.writing)."""
+
+    def __init__(self, path: Path, step: int, run_hooks: RunHooks):
+        super().__init__(str(path))
+        self.step, self.run_hooks = step, run_hooks
+
+    def finish(self, metadata, results) -> None:  # rank 0, once every rank's data files are written
+        self.run_hooks.writing(self.step)
+        super().finish(metadata, results)
+
+
+def _stager(device: torch.device):
+    """A stager kept for the whole run: its CPU buffers (pinned on CUDA, for a fast device-to-host copy) are
+    allocated at the first save and reused. None where the installed torch has no DefaultStager (DCP then stages
+    with the writer, into new buffers each time)."""
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:
+        return None
+    return DefaultStager(StagingOptions(use_pinned_memory=device.type == "cuda", use_shared_memory=False,
+                                        use_async_staging=False, use_non_blocking_copy=False))
+
+
+def async_save_available() -> bool:
+    return hasattr(dcp, "async_save")
+
+
+@dataclass
+class PendingSave:
+    """A save being written in the background. `done` resolves when it is complete: on rank 0 renamed and named by
+    `latest`; on the other ranks, once every rank's data and DCP's .metadata are written."""
+
+    step: int
+    tmp: Path
+    final: Path
+    done: Future
+    started: float = field(default_factory=time.perf_counter)
+
+
 class Checkpointer:
     """Saves and loads training checkpoints for one run; every rank makes the same calls."""
 
     def __init__(self, run_dir: Path, env, keep: int, async_save: bool = False, tokenizer_dir: Path | None = None,
                  run_hooks: RunHooks | None = None):
         self.run_dir, self.root = Path(run_dir), Path(run_dir) / "checkpoints"
-        self.env, self.keep, self.async_save = env, keep, async_save
+        self.env, self.keep, self.async_save = env, keep, async_save and async_save_available()
         self.tokenizer_dir = tokenizer_dir
         self.run_hooks = run_hooks or RunHooks()
-        self.pending: tuple | None = None  # (future, tmp dir, final dir) of an async save in flight
+        self.pending: PendingSave | None = None
         self.last_complete: Path | None = latest_checkpoint(self.run_dir)
-        # async saves run collectives from a background thread: give them their own gloo group
-        self.group = dist.new_group(backend="gloo") if async_save else None
-        self._ready = False  # nothing is written before the first save
-
-    def _prepare_root(self) -> None:
-        if self.env.is_main and not self._ready:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob("step-*.tmp"):  # saves killed mid-way by an earlier process
+        # background threads: completing async saves (every rank), deleting old checkpoints (rank 0)
+        self.completer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phiforge-save")
+        self.pruner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phiforge-prune")
+        self.pruning: Future | None = None
+        self.stager = None
+        # async saves run DCP's collectives from a background thread: they get their own gloo group
+        self.group = dist.new_group(backend="gloo") if self.async_save else None
+        if env.is_main and self.root.is_dir():  # saves killed mid-way by an earlier process
+            for stale in self.root.glob("step-*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
-        self._ready = True
+        self._barrier()  # at start-up: no rank writes into a step-N.tmp before the stale ones are gone
 
     def _barrier(self) -> None:
         if self.env.world_size > 1:
             dist.barrier()
 
-    def save(self, step: int, model, optimizer, train_state: dict, export_model: bool = False) -> Path:
-        """Write checkpoint step-N (sync, or async when configured and not exporting); returns its final path.
-        export_model: True adds the single-directory Phi2 model files; a callable(dir) writes its own instead
-        (the vision fine-tune's model files), on rank 0, into the checkpoint before it is completed."""
-        self.wait()  # one save at a time
+    def save(self, step: int, model, optimizer, train_state: dict, export_model=False) -> Path:
+        """Write checkpoint step-N; returns its final path. Async (when configured, and not exporting): returns
+        once the state is staged in CPU memory; `poll`/`wait` complete it. Otherwise returns on every rank once
+        it is complete. export_model: True adds the single-directory Phi2 model files (a share written by every
+        rank); a callable(dir) writes its own instead (the vision fine-tune's model files, on rank 0)."""
+        self.wait()  # one save at a time: the staging buffers and the background threads are reused
         final = self.root / step_name(step)
         tmp = self.root / (final.name + ".tmp")
         try:
-            return self._save(step, final, tmp, model, optimizer, train_state, export_model)
+            self._write_small_files(step, tmp, train_state)
+            sd = _state_dicts(model, optimizer)
+            writer = _Writer(tmp, step, self.run_hooks)
+            if self.async_save and not export_model:
+                self._start_async(step, sd, writer, tmp, final)
+            else:
+                self._save_sync(step, sd, writer, tmp, final, export_model)
         except BaseException as e:  # DCP's CheckpointException is a BaseException
             self._raise_if_disk_full(e, final, tmp)
             raise
+        return final
 
-    def _save(self, step: int, final: Path, tmp: Path, model, optimizer, train_state: dict, export_model) -> Path:
-        self._prepare_root()
-        if self.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
-        self._barrier()
+    def _write_small_files(self, step: int, tmp: Path, train_state: dict) -> None:
+        (tmp / "rng").mkdir(parents=True, exist_ok=True)  # every rank: no rank waits for another to create it
         torch.save(rng_state(self.env.device), tmp / "rng" / f"rank-{self.env.rank:05d}.pt")
         if self.env.is_main:
             from phiforge.tokenizer import save_tokenizer_files
@@ -266,32 +330,75 @@ class Checkpointer:
             save_tokenizer_files(tmp, source_dir=self.tokenizer_dir)
             state = {"format": STATE_FORMAT, "version": STATE_VERSION, **train_state, "saved_at": time.time()}
             (tmp / TRAIN_STATE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        sd = _state_dicts(model, optimizer)
-        if self.async_save and not export_model:
-            fut = dcp.async_save(sd, checkpoint_id=str(tmp), process_group=self.group)
-            self.pending = (fut, tmp, final, step)
-            return final
-        dcp.save(sd, checkpoint_id=str(tmp))
-        self._complete(tmp, final, step, export_model)
-        self._barrier()
-        return final
+        self.run_hooks.staging(step)
+
+    def _start_async(self, step: int, sd: dict, writer: _Writer, tmp: Path, final: Path) -> None:
+        kwargs = {}
+        if self.stager is None:
+            self.stager = _stager(self.env.device)
+        if self.stager is not None:
+            kwargs["async_stager"] = self.stager
+        # returns once the state is copied to CPU memory; the write runs in DCP's thread
+        response = dcp.async_save(sd, storage_writer=writer, process_group=self.group, **kwargs)
+        written = getattr(response, "upload_completion", response)
+        done = self.completer.submit(self._complete_async, written, step, tmp, final)
+        self.pending = PendingSave(step, tmp, final, done)
+
+    def _complete_async(self, written: Future, step: int, tmp: Path, final: Path) -> None:
+        # DCP's write ends with a gather of every rank's results on rank 0, which then writes .metadata, and a
+        # broadcast: when it returns on any rank, every rank's data and the .metadata are on disk. That is the
+        # agreement rank 0 needs to complete the save, made between background threads only.
+        written.result()
+        self._complete(tmp, final, step)
+
+    def _save_sync(self, step: int, sd: dict, writer: _Writer, tmp: Path, final: Path, export_model) -> None:
+        dcp.save(sd, storage_writer=writer)
+        if callable(export_model):
+            if self.env.is_main:
+                export_model(tmp)
+        elif export_model:
+            self._export_model_files(tmp)
+        self._complete(tmp, final, step)
+        self.last_complete = final
+        self._barrier()  # a sync save returns complete on every rank
+
+    def _export_model_files(self, tmp: Path) -> None:
+        """The single-directory model files, read back from the DCP files just written: on N ranks each writes a
+        share of the tensors (model-0000r-of-0000N.safetensors) at the same time, so no rank waits on one alone."""
+        if self.env.world_size == 1:
+            export_model_files(tmp, tmp)
+            return
+        export_model_shard(tmp, self.env.rank, self.env.world_size)
+        self._barrier()  # every share is written (and fsynced)
+        if self.env.is_main:
+            write_shard_index(tmp, self.env.world_size)
 
     def poll(self) -> None:
-        """Finish an async save whose writes are done (rank 0 renames; cheap, no collective)."""
-        if self.pending is not None and self.pending[0].done():
+        """At a step boundary: take note of an async save that has completed (raising its error, if it failed).
+        Cheap, and no collective."""
+        if self.pending is not None and self.pending.done.done():
             self.wait()
 
     def wait(self) -> None:
-        if self.pending is None:
+        """Block until the async save in flight (if any) is complete."""
+        pending, self.pending = self.pending, None
+        if pending is None:
             return
-        fut, tmp, final, step = self.pending
-        self.pending = None
         try:
-            fut.result()  # raises if the background write failed; done on rank 0 means every rank's data is written
-            self._complete(tmp, final, step, export_model=False)
+            pending.done.result()
         except BaseException as e:
-            self._raise_if_disk_full(e, final, tmp)
+            self._raise_if_disk_full(e, pending.final, pending.tmp)
             raise
+        self.last_complete = pending.final
+
+    def close(self) -> None:
+        """At the end of the run: the save in flight completed, old checkpoints deleted, staging memory freed."""
+        self.wait()
+        if self.pruning is not None:
+            self.pruning.result()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
 
     def _raise_if_disk_full(self, e: BaseException, final: Path, tmp: Path) -> None:
         """A save that ran out of disk space (or quota) becomes one line naming the checkpoint that is still
@@ -307,44 +414,12 @@ class Checkpointer:
         raise CheckpointError(f"no space left on device while saving checkpoint {final.name} in {self.run_dir} "
                               f"({full.strerror}); {kept}") from None
 
-    def _complete(self, tmp: Path, final: Path, step: int, export_model: bool) -> None:
+    def _complete(self, tmp: Path, final: Path, step: int) -> None:
         self.run_hooks.saving(step)
-        if not self.env.is_main:
-            self.last_complete = final
-            return
-        if callable(export_model):
-            export_model(tmp)
-        elif export_model:  # the single-directory model format, read back from the DCP files just written
-            export_model_files(tmp, tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file() and f.suffix in (".json", ".pt", ".safetensors"):
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        write_text_atomic(tmp / MANIFEST, json.dumps({"files": sizes}, indent=0) + "\n")
-        fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. a resumed run that stopped at once)
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(self.root)
-        write_text_atomic(self.run_dir / "latest", final.name + "\n")
-        self.last_complete = final
-        self.prune()
-
-    def prune(self) -> None:
-        if self.keep <= 0:
-            return
-        done = complete_checkpoints(self.run_dir)
-        for old in done[: -self.keep]:
-            if old != self.last_complete:
-                shutil.rmtree(old, ignore_errors=True)
-        for old in self.root.glob("step-*.old"):
-            shutil.rmtree(old, ignore_errors=True)
+        if self.env.is_main:
+            publish(tmp, final, self.run_dir)
+            if self.keep > 0:
+                self.pruning = self.pruner.submit(prune, self.run_dir, self.keep, final)
 
     def load(self, ckpt: Path, model, optimizer, model_cfg: Phi2Config) -> dict:
         """Load model + optimizer (resharded to this run's layout), this rank's RNG; return train_state.json."""
@@ -377,17 +452,58 @@ class Checkpointer:
         return state
 
 
+def publish(tmp: Path, final: Path, run_dir: Path) -> None:
+    """Complete a checkpoint (rank 0, once every rank's files are written): fsync its files, record their sizes in
+    files.json, rename step-N.tmp to step-N, then point `latest` at it (temp file + os.replace). A kill at any
+    moment leaves `latest` naming a complete checkpoint."""
+    for f in tmp.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".pt", ".safetensors"):  # DCP fsyncs its own files
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    write_text_atomic(tmp / MANIFEST, json.dumps({"files": sizes}, indent=0) + "\n")
+    fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. a resumed run that stopped at once)
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+    write_text_atomic(Path(run_dir) / "latest", final.name + "\n")
+
+
+def prune(run_dir: Path, keep: int, newest: Path) -> None:
+    """Delete all but the `keep` newest complete checkpoints, never `newest` (rank 0's pruning thread). Each is
+    renamed to step-N.old first, so a kill mid-way never leaves a half-deleted checkpoint that looks complete;
+    .old directories left by such a kill go too."""
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        if old != newest:
+            trash = old.with_name(old.name + ".old")
+            shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.replace(old, trash)
+            except OSError:
+                continue
+    for trash in (Path(run_dir) / "checkpoints").glob("step-*.old"):
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Consolidation to the single-directory model format
 
 
-def _model_from_dcp(ckpt: Path) -> tuple[Phi2, dict]:
+def _model_specs(ckpt: Path) -> tuple[Phi2Config, dict, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+    """The model config and train state of DCP checkpoint `ckpt`, and {weight name: (shape, dtype)} of the model
+    weights it holds, each checked against the model that config describes."""
     state = read_train_state(ckpt)
     cfg = Phi2Config.from_dict(state["model"])
     meta = read_dcp_metadata(ckpt)
     with on_meta():
         model = Phi2(cfg)
-    sd = {}
+    specs = {}
     for k, want in model.state_dict().items():
         md = meta.state_dict_metadata.get(f"model.{k}")
         if md is None or not hasattr(md, "size"):
@@ -395,20 +511,76 @@ def _model_from_dcp(ckpt: Path) -> tuple[Phi2, dict]:
         if tuple(md.size) != tuple(want.shape):
             raise CheckpointError(f"{ckpt} holds model weight {k} of shape {tuple(md.size)}, but the model its "
                                   f"{TRAIN_STATE} describes has {tuple(want.shape)}")
-        sd[k] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        specs[k] = (tuple(md.size), md.properties.dtype)
+    return cfg, state, specs
+
+
+def _read_weights(ckpt: Path, specs: dict) -> dict[str, torch.Tensor]:
+    """The model weights `specs` names, read from the DCP files of `ckpt` by this process alone."""
+    sd = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in specs.items()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process.*")
         load_dcp({"model": sd}, ckpt, no_dist=True)
-    model.load_state_dict(sd, strict=True, assign=True)
+    return sd
+
+
+def _model_from_dcp(ckpt: Path) -> tuple[Phi2, dict]:
+    cfg, state, specs = _model_specs(ckpt)
+    with on_meta():
+        model = Phi2(cfg)
+    model.load_state_dict(_read_weights(ckpt, specs), strict=True, assign=True)
     model.reset_rope()
     return model.eval(), state
+
+
+def _train_info(state: dict) -> dict:
+    return {"train": {"step": state["step"], "tokens": state["tokens"]}}
 
 
 def export_model_files(ckpt: Path, out_dir: Path) -> None:
     """Write config.json + safetensors + tokenizer for DCP checkpoint `ckpt` into existing directory out_dir."""
     model, state = _model_from_dcp(ckpt)
-    extra = {"train": {"step": state["step"], "tokens": state["tokens"]}}
-    write_model_files(out_dir, model.state_dict(), model.cfg, tokenizer_dir=ckpt, extra=extra)
+    write_model_files(out_dir, model.state_dict(), model.cfg, tokenizer_dir=ckpt, extra=_train_info(state))
+
+
+def _nbytes(spec: tuple) -> int:
+    shape, dtype = spec
+    return math.prod(shape) * dtype.itemsize
+
+
+def shard_plan(specs: dict, n_files: int) -> list[list[str]]:
+    """The weight names in at most n_files groups of about equal bytes, whole tensors only (largest first, each
+    into the lightest group): the same on every rank."""
+    groups: list[list[str]] = [[] for _ in range(max(1, min(n_files, len(specs))))]
+    loads = [0] * len(groups)
+    for k in sorted(specs, key=lambda k: (-_nbytes(specs[k]), k)):
+        i = loads.index(min(loads))
+        groups[i].append(k)
+        loads[i] += _nbytes(specs[k])
+    return groups
+
+
+def export_model_shard(ckpt: Path, rank: int, world: int) -> None:
+    """Rank `rank`'s share of the model files of DCP checkpoint `ckpt` (every rank at once): whole tensors, read
+    back from its DCP files into model-0000{rank+1}-of-0000N.safetensors, fsynced. write_shard_index, once every
+    share is written, makes the set a model directory."""
+    _, _, specs = _model_specs(ckpt)
+    groups = shard_plan(specs, world)
+    if rank >= len(groups):
+        return
+    path = Path(ckpt) / shard_name(rank + 1, len(groups))
+    save_file(_read_weights(ckpt, {k: specs[k] for k in groups[rank]}), str(path), metadata={"format": "pt"})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_shard_index(ckpt: Path, world: int) -> None:
+    """After every rank's export_model_shard (rank 0): model.safetensors.index.json, then config.json."""
+    cfg, state, specs = _model_specs(ckpt)
+    groups = shard_plan(specs, world)
+    weight_map = {k: shard_name(i + 1, len(groups)) for i, keys in enumerate(groups) for k in keys}
+    write_index(ckpt, weight_map, sum(_nbytes(spec) for spec in specs.values()))
+    write_model_config(ckpt, cfg, _train_info(state))
 
 
 def consolidate(src: Path, out: Path, overwrite: bool = False) -> Path:

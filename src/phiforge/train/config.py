@@ -234,7 +234,9 @@ class TrainConfig(EngineConfig):
     # > 0: the loss through the chunked linear + cross-entropy, this many rows of logits at a time (saves the
     # [tokens, vocab] fp32 logits: GPU memory; on CPU the plain path is a little faster). 0: the plain head
     loss_chunk_rows: int = 0
-    async_checkpoint: bool = False  # dcp.async_save: write in the background while training goes on
+    # periodic saves with dcp.async_save: staged into CPU memory, written and completed in the background while
+    # training goes on (the final save is synchronous); costs a CPU copy of this rank's model + optimizer state
+    async_checkpoint: bool = True
     mfu_peak_tflops: float = 0.0  # bf16 dense peak per device for MFU; 0 = look the GPU up in the peak table
     # local tasks and text files scored at every validation (docs/evaluation.md): 'NAME[:FORMAT]=PATH' strings or
     # {name, path, format, limit, num_fewshot}; metrics task/NAME/acc, text/NAME/bpb, ... in metrics.jsonl

@@ -304,6 +304,8 @@ class Loop:
         """After the last step, on every rank: the "end" event (the run's summary, written on rank 0) and the
         sinks closed; returns the summary with this rank's number."""
         barrier(self.env)
+        if self.ckpt is not None:  # after the barrier, so no rank waits for rank 0's deletion of old checkpoints
+            self.ckpt.close()
         summary = {"event": "end", "steps": self.step, **fields, "elapsed_s": time.perf_counter() - self.t0,
                    "skipped_steps": self.bad_total}
         if self.stopped_by:

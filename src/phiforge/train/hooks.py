@@ -19,5 +19,14 @@ class RunHooks:
     def after_step(self, step: int) -> None:
         """After optimizer step `step` and its cadence (log, validation, save)."""
 
+    def staging(self, step: int) -> None:
+        """The save of step `step` has its small files (RNG states, train state) in step-N.tmp; the model and
+        optimizer state are about to be staged (async) or written (sync). Every rank, on the training thread."""
+
+    def writing(self, step: int) -> None:
+        """Every rank's data files of the save of step `step` are written; DCP's .metadata is next. Rank 0 only,
+        in DCP's writer: for an async save, a background thread."""
+
     def saving(self, step: int) -> None:
-        """The checkpoint of step `step` has its data on disk and is about to be completed."""
+        """The checkpoint of step `step` has its data on disk and is about to be completed (renamed, `latest`).
+        Every rank; for an async save, in the save's completion thread."""
