@@ -47,7 +47,7 @@ def load_for_eval(checkpoint: str | Path, device: str = "auto", dtype=None, cont
     if tokenizer.get_vocab_size() > mcfg.vocab_size:
         raise CheckpointError(f"the tokenizer of {ckpt} has {tokenizer.get_vocab_size()} tokens but the model's "
                               f"vocabulary only {mcfg.vocab_size}: give the model its own tokenizer.json")
-    window = checked_context(context or trained_context(ckpt), mcfg.max_seq_len)
+    window = checked_context(context if context is not None else trained_context(ckpt), mcfg.max_seq_len)
     return load_checkpoint(ckpt, device=resolve_device(device), dtype=dtype, eval_context=window), tokenizer
 
 
