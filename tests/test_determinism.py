@@ -84,3 +84,16 @@ def test_two_deterministic_runs_give_identical_losses_with_the_flag_in_force(cap
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(a) == list(range(1, 7)) and a == b
     assert not torch.are_deterministic_algorithms_enabled() and CUBLAS_ENV not in os.environ
+
+
+def test_warns_when_cuda_was_initialised_before_the_workspace_was_set(capsys, monkeypatch):
+    monkeypatch.delenv(CUBLAS_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with deterministic_mode(True):
+        pass
+    err = capsys.readouterr().err
+    assert err.startswith("phiforge: warning: deterministic: CUDA was initialised before CUBLAS_WORKSPACE_CONFIG")
+    monkeypatch.setenv(CUBLAS_ENV, ":4096:8")  # set by the user beforehand: nothing to say
+    with deterministic_mode(True):
+        pass
+    assert capsys.readouterr().err == ""

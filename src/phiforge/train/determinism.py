@@ -63,6 +63,11 @@ def deterministic_mode(enabled: bool = True):
         yield _current()
         return
     before = _current()
+    if before["cublas_env"] is None and torch.cuda.is_initialized():
+        from phiforge.train.rundir import warn
+
+        warn(f"deterministic: CUDA was initialised before {CUBLAS_ENV} was set, so cuBLAS may keep its default "
+             f"workspaces; set {CUBLAS_ENV}={CUBLAS_WORKSPACE} in the environment before starting Python")
     _apply({"algorithms": True, "warn_only": False, "cublas_env": before["cublas_env"] or CUBLAS_WORKSPACE,
             "cudnn_deterministic": True, "cudnn_benchmark": False, "cudnn_sdp": False})
     try:
