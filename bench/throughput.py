@@ -2,7 +2,9 @@
 
 Every implementation does the same work: random-init weights, AdamW (fused on GPU), micro-batch x seq_len of
 random tokens, forward + backward + optimizer step; bf16 parameters on GPU, fp32 on CPU. Implementations
-that are not installed are skipped and say so. Results go to bench/results/throughput-<device>.json.
+that are not installed are skipped and say so. Results go to bench/results/throughput-<device>.json. No data
+path is timed: the batch is made on the device before timing, for every implementation (docs/performance.md,
+"The data path").
 
 MFU = tokens/s x (6 x N_matmul + 12 x L x d x T) / peak, N_matmul = parameters except the input embedding
 (PaLM convention, as in ../shared/ANCHORS.md); peak = the card's dense bf16 figure. No MFU on CPU.

@@ -194,3 +194,8 @@ def test_litgpt_example_config_loads(capsys):
     y = litgpt_yaml(cfg, Path("runs/x"), None)
     assert y["model_config"]["n_layer"] == 4 and y["train"]["max_seq_length"] == 128
     assert y["train"]["max_tokens"] == 300 * 8 * 128
+    # phiforge's data path on LitGPT's side: one background worker, and (on this CPU) no pinning, as Prefetcher does
+    from phiforge.data.prefetch import Prefetcher
+
+    with Prefetcher(lambda: torch.zeros(1), "cpu") as ours:
+        assert y["data"]["init_args"]["num_workers"] == 1 and y["data"]["init_args"]["pin_memory"] is ours.pin is False

@@ -62,15 +62,16 @@ def test_litgpt_reads_phiforges_batches(redpajama_dir, lit_dir):
     m = json.loads((lit_dir / "litgpt-data.json").read_text())
     assert m["seq_len"] == T and m["splits"]["train"]["epochs"] == 2
     assert m["prepared"]["corpus"] == "redpajama"
-    dm = PhiforgeLitData(data_path=lit_dir, split_names=("train", "val"), num_workers=0)
-    dm.connect(batch_size=MB, max_seq_length=T)
-    dm.setup()
-    loader = PackedLoader(redpajama_dir, "train", T, MB, seed=0)
-    n = loader.batches_per_epoch + 3  # into the second epoch
-    for i, batch in enumerate(itertools.islice(dm.train_dataloader(), n)):
-        x, y = loader.next_batch()
-        assert torch.equal(batch[:, :-1].long(), x) and torch.equal(batch[:, 1:].long(), y), i
-    assert i == n - 1 and loader.epoch == 1
+    for workers in (0, 1):  # 1: `litgpt pretrain`'s default, a worker building batches ahead as phiforge's thread
+        dm = PhiforgeLitData(data_path=lit_dir, split_names=("train", "val"), num_workers=workers)
+        dm.connect(batch_size=MB, max_seq_length=T)
+        dm.setup()
+        loader = PackedLoader(redpajama_dir, "train", T, MB, seed=0)
+        n = loader.batches_per_epoch + 3  # into the second epoch
+        for i, batch in enumerate(itertools.islice(dm.train_dataloader(), n)):
+            x, y = loader.next_batch()
+            assert torch.equal(batch[:, :-1].long(), x) and torch.equal(batch[:, 1:].long(), y), (workers, i)
+        assert i == n - 1 and loader.epoch == 1
     val = eval_batches(redpajama_dir, "val", T, MB, 1000)
     got = list(dm.val_dataloader())
     assert len(got) == len(val)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from litgpt.data import LitData
 from torch.utils.data import DataLoader
 
+from phiforge.data.prefetch import DEPTH as PREFETCH_FACTOR
+
 
 @dataclass
 class PhiforgeLitData(LitData):
@@ -22,12 +24,15 @@ class PhiforgeLitData(LitData):
     shuffle: bool = False
     """False: read the training windows in the order they were written (phiforge's). True: litdata shuffles."""
     pin_memory: bool = False
-    """Pin host memory for faster GPU copies (stock LitData always pins)."""
+    """Pin host memory for asynchronous GPU copies (stock LitData always pins); `phiforge litgpt pretrain` pins on
+    CUDA only, as phiforge's own trainer does."""
 
     def _dataloader(self, input_dir: str, train: bool) -> DataLoader:
         from litdata.streaming import StreamingDataLoader, StreamingDataset, TokensLoader
 
         dataset = StreamingDataset(input_dir=input_dir, item_loader=TokensLoader(block_size=self.seq_length),
                                    shuffle=train and self.shuffle, seed=self.seed)
+        # with workers: PREFETCH_FACTOR batches built ahead per worker, as phiforge's Prefetcher builds DEPTH
+        ahead = {"prefetch_factor": PREFETCH_FACTOR} if self.num_workers > 0 else {}
         return StreamingDataLoader(dataset, batch_size=self.batch_size, pin_memory=self.pin_memory,
-                                   num_workers=self.num_workers, drop_last=True)
+                                   num_workers=self.num_workers, drop_last=True, **ahead)

@@ -57,7 +57,9 @@ class LitDataConfig:
     seq_len: int = 256
     seed: int = 0  # litdata's shuffling seed (only with shuffle: true; the written order came from prepare's --seed)
     shuffle: bool = False  # false: phiforge's order, as written by `phiforge litgpt prepare`
-    num_workers: int = 0  # DataLoader workers; 0 reads in the training process (as phiforge does)
+    # DataLoader workers. 1 (default): one background producer building 2 batches ahead, pinned on CUDA, which is
+    # phiforge's own data path (data.prefetch.Prefetcher); 0 reads on the training thread, with no prefetch
+    num_workers: int = 1
 
 
 @dataclass

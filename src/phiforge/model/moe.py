@@ -89,8 +89,12 @@ class MoEConfig:
 
 def _grouped_mm_ok(x: torch.Tensor, dtype: torch.dtype) -> bool:
     # torch._grouped_mm's fast kernel wants bf16 on Hopper or newer; elsewhere the padded bmm is the safe choice.
+    # Not under torch.use_deterministic_algorithms (deterministic: true) either: torch documents index_put and
+    # gather's backward as deterministic there (and bmm is cuBLAS), not _grouped_mm's backward (torch.compile
+    # guards on the flag)
     return (x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 class _AddExpertBias(torch.autograd.Function):

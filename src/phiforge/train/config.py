@@ -215,6 +215,9 @@ class EngineConfig(RunConfig):
     tensorboard: bool = True  # also write RUN/tensorboard/ when the tensorboard package is installed
     wandb_project: str | None = None  # also log to this W&B project when wandb is installed
     progress_bar: bool = True  # rank 0 only
+    # true: deterministic algorithms (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG, no cuDNN attention,
+    # the padded MoE path), so a GPU run, and its resume, is bit-exact as on a CPU; slower (train/determinism.py)
+    deterministic: bool = False
 
     def __post_init__(self):
         super().__post_init__()

@@ -67,27 +67,30 @@ class StopRequest:
 
 
 def run_distributed(body: Callable, cfg, overwrite: bool) -> dict:
-    """Run `body(cfg, env, stop, overwrite)` in the process group with SIGTERM/SIGINT caught; always cleaned up.
-    A failure on any rank ends every rank, with the failing rank's message (fail_together.py)."""
+    """Run `body(cfg, env, stop, overwrite)` in the process group with SIGTERM/SIGINT caught, under
+    deterministic_mode(cfg.deterministic); always cleaned up. A failure on any rank ends every rank, with the
+    failing rank's message (fail_together.py)."""
+    from phiforge.train.determinism import deterministic_mode
     from phiforge.train.distributed import init_distributed, shutdown
     from phiforge.train.fail_together import FailTogether
 
-    env = init_distributed(cfg.device, cfg.parallel.collective_timeout_s)
-    together = FailTogether(env, cfg.parallel.collective_timeout_s).start()
-    stop = StopRequest().install()
-    try:
-        result = body(cfg, env, stop, overwrite)
-        together.close()  # done: stop watching before rank 0, which may host the store, exits
-        return result
-    except BaseException as e:
-        instead = together.failed(e)
-        if instead is None:
-            raise
-        raise instead from e
-    finally:
-        stop.restore()
-        shutdown(env)
-        together.close()  # after a failure only now: a teardown that hangs is ended by the watchdog
+    with deterministic_mode(cfg.deterministic):  # before any CUDA work: cuBLAS reads its workspace setting once
+        env = init_distributed(cfg.device, cfg.parallel.collective_timeout_s)
+        together = FailTogether(env, cfg.parallel.collective_timeout_s).start()
+        stop = StopRequest().install()
+        try:
+            result = body(cfg, env, stop, overwrite)
+            together.close()  # done: stop watching before rank 0, which may host the store, exits
+            return result
+        except BaseException as e:
+            instead = together.failed(e)
+            if instead is None:
+                raise
+            raise instead from e
+        finally:
+            stop.restore()
+            shutdown(env)
+            together.close()  # after a failure only now: a teardown that hangs is ended by the watchdog
 
 
 def oom_message(step: int, settings: dict, device: str = "CUDA") -> str:

@@ -23,6 +23,7 @@ import torch
 from phiforge.checkpoint import resolve_checkpoint
 from phiforge.config import to_dict
 from phiforge.data.loader import PackedLoader, eval_batches
+from phiforge.data.prefetch import Prefetcher
 from phiforge.data.shards import open_token_dataset
 from phiforge.errors import ConfigError
 from phiforge.evaluation.suite import EvalSuite
@@ -47,10 +48,10 @@ class TextJob(Job):
 
     units = "tokens"
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, layout: Layout, model, train_model, optimizer, loader, val,
-                 ckpt, tokenizer_dir: Path, suite: EvalSuite | None = None):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, layout: Layout, model, train_model, optimizer,
+                 batches: Prefetcher, val, ckpt, tokenizer_dir: Path, suite: EvalSuite | None = None):
         self.cfg, self.env, self.model, self.train_model, self.optimizer = cfg, env, model, train_model, optimizer
-        self.layout, self.loader, self.val, self.ckpt = layout, loader, val, ckpt
+        self.layout, self.batches, self.val, self.ckpt = layout, batches, val, ckpt
         self.tokenizer_dir, self.suite = tokenizer_dir, suite
         tok = load_tokenizer(tokenizer_dir)
         self.token_bytes, self.eot = torch.tensor(token_byte_lengths(tok), dtype=torch.float64), eot_id(tok)
@@ -58,8 +59,7 @@ class TextJob(Job):
         self.loop: Loop | None = None  # set by train(): the state it counts goes into every checkpoint
 
     def next_batch(self):
-        x, y = self.loader.next_batch()
-        return x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
+        return self.batches.next()
 
     def loss(self, model, batch):
         return model(*batch)
@@ -83,7 +83,7 @@ class TextJob(Job):
                 "strategy": self.layout.strategy, "precision": self.layout.precision.name,
                 "micro_batch_size": cfg.micro_batch_size, "grad_accum_steps": cfg.grad_accum_steps,
                 "seq_len": cfg.data.seq_len, "global_batch": cfg.micro_batch_size * cfg.grad_accum_steps * world,
-                "loader": self.loader.state_dict(), "bad_steps": self.loop.bad_total, "max_steps": cfg.max_steps,
+                "loader": self.batches.state_dict(), "bad_steps": self.loop.bad_total, "max_steps": cfg.max_steps,
                 "schedule": asdict(cfg.optim), "model": self.model.cfg.to_dict(),
                 "tokenizer_dir": str(self.tokenizer_dir)}
 
@@ -171,14 +171,17 @@ def _start(cfg: TrainConfig, env: DistEnv, stop: StopRequest, run: RunDir, layou
     state = ckpt.load(Path(run.checkpoint), train_model, step_fn.optimizer, mcfg) if run.checkpoint else None
     if state:
         loader.load_state_dict(state["loader"])
-    job = TextJob(cfg, env, layout, model, train_model, step_fn.optimizer, loader, val, ckpt, tokenizer_dir, suite)
-    run.start(to_dict(cfg))  # everything is checked: from here on the run directory is written
-    try:
-        return _run(cfg, env, stop, run, job, step_fn, dataset, state)
-    except BaseException:
-        if job.loop is None or job.loop.step == 0:
-            run.discard_if_new()  # a new run that failed before its first step leaves no directory behind
-        raise
+    # the next batches are built (and pinned, on CUDA) while a step runs; checkpoints hold the consumed ones' state
+    with Prefetcher(loader.next_batch, env.device, state=loader.state_dict) as batches:
+        job = TextJob(cfg, env, layout, model, train_model, step_fn.optimizer, batches, val, ckpt, tokenizer_dir,
+                      suite)
+        run.start(to_dict(cfg))  # everything is checked: from here on the run directory is written
+        try:
+            return _run(cfg, env, stop, run, job, step_fn, dataset, state)
+        except BaseException:
+            if job.loop is None or job.loop.step == 0:
+                run.discard_if_new()  # a new run that failed before its first step leaves no directory behind
+            raise
 
 
 def _run(cfg: TrainConfig, env: DistEnv, stop: StopRequest, run: RunDir, job: TextJob, step_fn: TrainStep,

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from phiforge.checkpoint import load_checkpoint
 from phiforge.config import to_dict
+from phiforge.data.prefetch import Prefetcher
 from phiforge.errors import CheckpointError, ConfigError
 from phiforge.faults import run_hooks
 from phiforge.model import Phi2
@@ -110,8 +111,8 @@ class VisionStage(Job):
         self.optimizer = None
 
     def next_batch(self):
-        self.run.consumed += 1
-        return tuple(t.to(self.run.env.device, non_blocking=True) for t in next(self.run.batches))
+        self.run.consumed += 1  # counted here, on the training thread: the batches consumed, not those built ahead
+        return self.run.batches.next()
 
     def loss(self, model, batch) -> LossOutput:
         out = model(*batch)
@@ -184,13 +185,15 @@ class VisionRun:
                                  run_hooks=self.hooks)
         self.resumed = _resume_point(cfg, Path(run.checkpoint), self.global_batch) if run.checkpoint else None
         self.consumed = int(self.resumed["batches"]) if self.resumed else 0
-        self.batches = self.train_set.shuffled_batches(cfg.micro_batch_size, seed=cfg.seed, start=self.consumed,
-                                                       rank=env.rank, world_size=env.world_size)
         self.loop: Loop | None = None
         self.ddp_parts = getattr(cfg, self.resumed["stage"] if self.resumed else STAGES[0]).train
         make = partial(_skeleton, source, self.ddp_parts)
         self.model, self.train_model = build_model(make, cfg, self.layout, partial(copy_from, source, device=env.device),
                                                    body=lambda m: m.lm)
+        shuffled = self.train_set.shuffled_batches(cfg.micro_batch_size, seed=cfg.seed, start=self.consumed,
+                                                   rank=env.rank, world_size=env.world_size)
+        # last, so nothing can fail with the thread running before _start's `finally` closes it
+        self.batches = Prefetcher(partial(next, shuffled), env.device)  # built (and pinned, on CUDA) ahead
 
     def step_fn(self, stage: VisionStage) -> TrainStep:
         """The stage's optimizer and train step over the parameters it trains (set_trainable first)."""
@@ -225,19 +228,20 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv, stop: StopRequest, overwrite: b
 def _start(cfg: FinetuneConfig, env: DistEnv, stop: StopRequest, source: VisionLM, tok, run: RunDir) -> dict:
     vr = VisionRun(cfg, env, source, tok, run)
     del source
-    for name in ("train", "val"):
-        ds = getattr(vr, f"{name}_set")
-        skipped = {k: v for k, v in (ds.stats if ds else {}).items() if k not in ("records", "used") and v}
-        if skipped and env.is_main:
-            tqdm.write(f"{name} data: skipped {sum(skipped.values())} of {ds.stats['records']} records: {skipped}")
-    # written when training starts: the encoder fills in what it resolved (image size, mean/std, HF config)
-    run.start(to_dict(replace(cfg, vision=vr.model.vcfg)))
-    try:
-        return _run_stages(cfg, env, stop, vr)
-    except BaseException:
-        if vr.loop is None or vr.loop.step == 0:
-            run.discard_if_new()  # a new run that failed before its first step leaves no directory behind
-        raise
+    with vr.batches:  # the prefetch thread stops however the run ends
+        for name in ("train", "val"):
+            ds = getattr(vr, f"{name}_set")
+            skipped = {k: v for k, v in (ds.stats if ds else {}).items() if k not in ("records", "used") and v}
+            if skipped and env.is_main:
+                tqdm.write(f"{name} data: skipped {sum(skipped.values())} of {ds.stats['records']} records: {skipped}")
+        # written when training starts: the encoder fills in what it resolved (image size, mean/std, HF config)
+        run.start(to_dict(replace(cfg, vision=vr.model.vcfg)))
+        try:
+            return _run_stages(cfg, env, stop, vr)
+        except BaseException:
+            if vr.loop is None or vr.loop.step == 0:
+                run.discard_if_new()  # a new run that failed before its first step leaves no directory behind
+            raise
 
 
 def _run_stages(cfg: FinetuneConfig, env: DistEnv, stop: StopRequest, vr: VisionRun) -> dict:
