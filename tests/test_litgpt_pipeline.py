@@ -255,7 +255,7 @@ def test_study_checks_compare_like_with_like():
     """LitGPT is checked on loss gap and speed; an MoE variant with the dense model's active parameters on loss."""
     from types import SimpleNamespace
 
-    from phiforge.litgpt.report import _checks
+    from phiforge.study.results import _checks
 
     def route(trainer, loss, tps, params=100, active=100, tokens=1000):
         return {"trainer": trainer, "val_loss": loss, "steady_tokens_per_s": tps, "params": params,

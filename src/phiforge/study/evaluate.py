@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phiforge.evaluation import evaluate_task, load_task, make_cloze, score_dataset
-from phiforge.litgpt.study import CLOZE_TASK, cloze_path
+from phiforge.study.config import CLOZE_TASK, cloze_path
 
 CLOZE_ITEMS = 500  # at most: the bundled books' held-out Persuasion gives about 330 that pass the filter
 
