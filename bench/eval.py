@@ -57,7 +57,7 @@ def make_task(work: Path, n: int, seed: int) -> Path:
 
 
 def checkpoint(work: Path, given: str | None) -> Path:
-    from phiforge.checkpoint import resolve_checkpoint, save_checkpoint
+    from phiforge.model_files import resolve_checkpoint, save_checkpoint
     from phiforge.model import Phi2, Phi2Config
 
     if given:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from phiforge.checkpoint import load_state_dict, save_checkpoint, save_state_dict
+from phiforge.model_files import load_state_dict, save_checkpoint, save_state_dict
 from phiforge.cli import main
 from phiforge.errors import CheckpointError
 from phiforge.hf import config_from_hf, config_to_hf, state_dict_to_hf

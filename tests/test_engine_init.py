@@ -41,7 +41,7 @@ def test_fixed_seed_gives_the_same_weights_under_none_ddp_and_fsdp2(tmp_path):
 
 
 def test_init_from_loads_straight_into_fsdp_shards(tmp_path):
-    from phiforge.checkpoint import save_checkpoint
+    from phiforge.model_files import save_checkpoint
     from phiforge.model import Phi2, Phi2Config
 
     torch.manual_seed(3)

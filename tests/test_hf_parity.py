@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM
 
-from phiforge.checkpoint import load_checkpoint, load_state_dict, read_config, save_checkpoint
+from phiforge.model_files import load_checkpoint, load_state_dict, read_config, save_checkpoint
 from phiforge.cli import main
 from phiforge.errors import CheckpointError
 from phiforge.generate import generate

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from phiforge.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
+from phiforge.model_files import load_checkpoint, load_state_dict, save_checkpoint
 from phiforge.litgpt.convert import (
     config_from_litgpt,
     config_to_litgpt,

@@ -124,7 +124,7 @@ def test_prepare_refuses_what_it_cannot_do(capsys, tmp_path, redpajama_dir):
 
 def test_litgpt_pretrain_end_to_end(capsys, tmp_path, redpajama_dir, lit_dir):
     """The CI run of `phiforge litgpt pretrain`: tiny Phi-2-family model, phiforge init, RedPajama fixture."""
-    from phiforge.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+    from phiforge.model_files import load_checkpoint, resolve_checkpoint, save_checkpoint
     from phiforge.data.loader import eval_batches
     from phiforge.model import Phi2, Phi2Config
     from phiforge.train.loop import evaluate
@@ -210,7 +210,7 @@ def test_study_seeds_on_redpajama_fixture(capsys, tmp_path, redpajama_dir):
     for s, vals in starts.items():  # one init per seed: step 0 is the same function (zero-output experts)
         assert max(vals) - min(vals) < 1e-3, (s, vals)
     assert abs(starts["3"][0] - starts["5"][0]) > 1e-4  # and the seeds differ
-    from phiforge.checkpoint import load_checkpoint, resolve_checkpoint
+    from phiforge.model_files import load_checkpoint, resolve_checkpoint
     from phiforge.evaluation import score_dataset
 
     for name in ("dense", "moe"):  # evaluate_route: the trainer's last validation on the same windows, and

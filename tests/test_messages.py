@@ -32,7 +32,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A text checkpoint with a 32-token context (GPT-2's tokenizer)."""
-    from phiforge.checkpoint import save_checkpoint
+    from phiforge.model_files import save_checkpoint
     from phiforge.model import Phi2, Phi2Config
 
     torch.manual_seed(0)
@@ -300,7 +300,7 @@ def test_cpu_out_of_memory_in_eval_and_generate(ckpt, tmp_path, capsys, monkeypa
 
 def test_out_of_memory_anywhere_else_is_one_line(ckpt, tmp_path, capsys, monkeypatch):
     """Out of memory where no command gives advice of its own (here: loading the checkpoint)."""
-    from phiforge import checkpoint
+    from phiforge import model_files as checkpoint
 
     def load(*a, **k):
         raise MemoryError()

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from phiforge.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from phiforge.model_files import load_checkpoint, resolve_checkpoint, save_checkpoint
 from phiforge.cli import main
 from phiforge.config import load_config
 from phiforge.errors import ConfigError

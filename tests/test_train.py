@@ -4,7 +4,7 @@ import math
 import pytest
 import yaml
 
-from phiforge.checkpoint import load_checkpoint
+from phiforge.model_files import load_checkpoint
 from phiforge.config import load_config
 from phiforge.errors import ConfigError
 from phiforge.train.config import OptimConfig, TrainConfig

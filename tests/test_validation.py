@@ -71,7 +71,7 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     """CKPT, VCKPT, IMG and HF, built once; each row works on copies."""
     from PIL import Image
 
-    from phiforge.checkpoint import save_checkpoint, save_state_dict
+    from phiforge.model_files import save_checkpoint, save_state_dict
     from phiforge.hf import config_to_hf, state_dict_to_hf
     from phiforge.model import Phi2, Phi2Config
     from phiforge.vision.config import VisionConfig

@@ -92,7 +92,7 @@ def test_exact_resume_after_kill9_across_stages(config, tmp_path):
         wa = load_file(straight / "checkpoints" / "step-00000010" / name)
         wb = load_file(run / "checkpoints" / "step-00000010" / name)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    from phiforge.checkpoint import resolve_checkpoint
+    from phiforge.model_files import resolve_checkpoint
     from phiforge.vision.model import load_vision_checkpoint
 
     assert resolve_checkpoint(run) == run / "checkpoints" / "step-00000010"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phiforge.checkpoint import load_checkpoint, save_checkpoint
+from phiforge.model_files import load_checkpoint, save_checkpoint
 from phiforge.errors import ConfigError
 from phiforge.generate import generate, generate_uncached
 from phiforge.model import Phi2, Phi2Config

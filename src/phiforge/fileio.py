@@ -136,7 +136,7 @@ def _names_in(d: Path, names=(), suffixes=(), tokenizer: bool = False, weights: 
 
 # Outputs written before the marker existed, recognised by their files so earlier users are not locked out.
 
-def _old_model(d: Path) -> bool:  # "phiforge": phiforge.checkpoint.FORMAT (not imported: it needs torch)
+def _old_model(d: Path) -> bool:  # "phiforge": phiforge.model_files.FORMAT (not imported: it needs torch)
     return _json(d / "config.json").get("format") == "phiforge" and \
         _names_in(d, ["config.json"], tokenizer=True, weights=True)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from phiforge.checkpoint import check_state_dict, load_state_dict, read_config, resolve_checkpoint, save_checkpoint
+from phiforge.model_files import check_state_dict, load_state_dict, read_config, resolve_checkpoint, save_checkpoint
 from phiforge.config import apply_overrides
 from phiforge.errors import CheckpointError, ConfigError
 from phiforge.fileio import claim_output_dir

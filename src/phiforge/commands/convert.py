@@ -72,7 +72,7 @@ def _upcycle(args) -> dict:
     from pathlib import Path
 
     from phiforge.config import check_range, check_seed
-    from phiforge.hf import _summary
+    from phiforge.model_files import conversion_summary
     from phiforge.upcycle import parse_moe_spec, upcycle
 
     check_range("--noise", args.noise, 0.0, note=" (0: exact copies)")
@@ -80,7 +80,7 @@ def _upcycle(args) -> dict:
 
     model = upcycle(args.src, args.out, parse_moe_spec(args.moe), init=args.init, noise=args.noise, seed=args.seed,
                     overwrite=args.overwrite)
-    return _summary(model.state_dict(), Path(args.out))
+    return conversion_summary(model.state_dict(), Path(args.out))
 
 
 def _from_litgpt_args(p) -> None:

@@ -37,7 +37,7 @@ def load_for_eval(checkpoint: str | Path, device: str = "auto", dtype=None, cont
     device auto|cpu|cuda|cuda:N, dtype a torch dtype (None: as saved). The model's `eval_context` (the window every
     evaluation uses, scoring.eval_context) is `context`, else the sequence length the checkpoint was trained with
     (its train_state.json), else its max_seq_len."""
-    from phiforge.checkpoint import load_checkpoint, read_config, resolve_checkpoint
+    from phiforge.model_files import load_checkpoint, read_config, resolve_checkpoint
     from phiforge.errors import CheckpointError
     from phiforge.tokenizer import load_tokenizer
     from phiforge.train.distributed import resolve_device

@@ -284,7 +284,7 @@ def pretrain(cfg: LitPretrainConfig) -> dict:
     except ImportError as e:
         raise PhiforgeError(f"litgpt is not installed ({e.name}); install the extra: pip install 'phiforge[litgpt]'") \
             from None
-    from phiforge.checkpoint import load_checkpoint
+    from phiforge.model_files import load_checkpoint
     from phiforge.model import count_params_meta
     from phiforge.litgpt.convert import LIT_WEIGHTS, convert_from_litgpt
     from phiforge.train.metrics import Sinks

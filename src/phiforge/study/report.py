@@ -45,7 +45,7 @@ def _machine() -> dict:
 def _samples(study, ckpt: Path) -> list[dict]:
     import torch
 
-    from phiforge.checkpoint import load_checkpoint
+    from phiforge.model_files import load_checkpoint
     from phiforge.generate import generate
     from phiforge.tokenizer import eot_id, load_tokenizer
 

@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from phiforge.checkpoint import read_config, resolve_checkpoint
+from phiforge.model_files import read_config, resolve_checkpoint
 from phiforge.study.config import CLOZE_TASK, run_key
 from phiforge.study.stats import compare, describe
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from phiforge.checkpoint import load_weights_, read_config, resolve_checkpoint
+from phiforge.model_files import load_weights_, read_config, resolve_checkpoint
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import init_weights_, on_meta
 

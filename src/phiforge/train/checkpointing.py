@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from phiforge.checkpoint import load_torch_file, read_latest, write_model_files
+from phiforge.model_files import load_torch_file, read_latest, write_model_files
 from phiforge.errors import CheckpointError, disk_full
 from phiforge.fileio import fsync_dir, plain_name, write_text_atomic
 from phiforge.model import Phi2, Phi2Config

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from phiforge.checkpoint import resolve_checkpoint
+from phiforge.model_files import resolve_checkpoint
 from phiforge.config import to_dict
 from phiforge.data.loader import PackedLoader, eval_batches
 from phiforge.data.shards import open_token_dataset

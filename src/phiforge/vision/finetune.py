@@ -25,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from phiforge.checkpoint import load_checkpoint
+from phiforge.model_files import load_checkpoint
 from phiforge.config import to_dict
 from phiforge.errors import CheckpointError, ConfigError
 from phiforge.model import Phi2
