@@ -2,7 +2,7 @@
 
 Errors the user can fix (PhiforgeError) print as one line `phiforge: error: ...` and exit 1. Anything else is
 a bug or a failure outside phiforge (a library crash, an NCCL timeout): its traceback goes to a file,
-RUN/errors/rank-N.txt once a run directory exists, and one line names that file. `--debug`, anywhere on the
+RUN/errors/rank-N.txt once a run directory exists (phiforge.tracebacks), and one line names that file. `--debug`, anywhere on the
 command line, shows the full traceback instead. Under torchrun only rank 0 prints a user error, and every rank
 writes torchelastic's error file, so torchrun's summary names the root cause.
 
@@ -18,14 +18,13 @@ import json
 import os
 import pkgutil
 import sys
-import tempfile
 import time
 import traceback
-from pathlib import Path
 
 import phiforge.commands
 from phiforge import __version__
-from phiforge.errors import ConfigError, PhiforgeError, disk_full, error_dir, oom_error, printable
+from phiforge.errors import ConfigError, PhiforgeError, disk_full, oom_error, printable
+from phiforge.tracebacks import write_traceback
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,32 +49,6 @@ def _rank() -> int:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
         return 0
-
-
-def write_traceback(e: BaseException, argv: list[str]) -> tuple[Path | None, str]:
-    """The traceback (and the command line) in RUN/errors/rank-N.txt, or a new file in the temporary directory
-    when there is no run directory or it cannot be written (a full disk). Returns (the file, a note on what failed
-    on the way); the file is None when nothing could be written."""
-    rank = _rank()
-    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-pid{os.getpid()}-rank-{rank}.txt"
-    places = [Path(tempfile.gettempdir()) / "phiforge-errors" / stamp]
-    if error_dir() is not None:
-        places.insert(0, Path(error_dir()) / f"rank-{rank}.txt")
-    text = "".join(traceback.format_exception(e))
-    data = f"phiforge {__version__}: {' '.join(['phiforge', *argv])}\n\n{text}".encode("utf-8", "backslashreplace")
-    failed = []
-    for path in places:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            return path, "; ".join(failed)
-        except OSError as err:
-            failed.append(f"cannot write {path}: {err.strerror or err}")
-            try:
-                path.unlink(missing_ok=True)  # no empty or cut-off report left behind
-            except OSError:
-                pass
-    return None, "; ".join(failed)
 
 
 def _non_utf8_argument(argv: list[str]) -> str | None:
@@ -163,7 +136,7 @@ def _environment_error(e: BaseException) -> PhiforgeError | None:
 
 
 def _unexpected_error(e: BaseException, argv: list[str]) -> int:
-    path, failed = write_traceback(e, argv)
+    path, failed = write_traceback(e, argv, _rank())
     _record_for_torchrun(e, printable("".join(traceback.format_exception(e))))
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     where = f"traceback in {path}" if path else "no traceback file"

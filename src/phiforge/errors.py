@@ -21,20 +21,6 @@ class DataError(PhiforgeError):
     """A data directory, shard or record that cannot be used."""
 
 
-# Where an unexpected error's traceback goes: RUN/errors/ once a command's run directory exists (set by the
-# training engine), else a file in the temporary directory. The CLI names the file in its one-line message.
-_error_dir = None
-
-
-def set_error_dir(path) -> None:
-    global _error_dir
-    _error_dir = path
-
-
-def error_dir():
-    return _error_dir
-
-
 class OutOfMemory(PhiforgeError):
     """An allocation the machine could not serve (CPU or GPU), with the settings that reduce memory."""
 
