@@ -143,8 +143,10 @@ def _load(args):
     import torch
 
     from phiforge.evaluation import load_for_eval
+    from phiforge.train.distributed import resolve_device
 
-    return load_for_eval(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype), context=args.context)
+    return load_for_eval(args.checkpoint, device=resolve_device(args.device), dtype=getattr(torch, args.dtype),
+                         context=args.context)
 
 
 def _run_builtin(args) -> dict:

@@ -42,8 +42,9 @@ from phiforge.model_files import (
     load_torch_file,
     save_checkpoint,
 )
+from phiforge.config import read_user_mapping
 from phiforge.errors import CheckpointError, ConfigError
-from phiforge.fileio import claim_output_dir, output_dir, read_user_mapping
+from phiforge.fileio import claim_output_dir, output_dir
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
 from phiforge.tokenizer import save_tokenizer_files

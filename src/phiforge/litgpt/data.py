@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phiforge.data.loader import PackedLoader, _count_windows, eval_batches
+from phiforge.data.loader import PackedLoader, count_windows, eval_batches
 from phiforge.data.shards import INDEX, open_token_dataset
 from phiforge.errors import DataError
-from phiforge.fileio import read_user_mapping, write_json_atomic
+from phiforge.config import read_user_mapping
+from phiforge.fileio import write_json_atomic
 
 MANIFEST = "litgpt-data.json"
 FORMAT = "phiforge-litdata"
@@ -124,7 +125,7 @@ def prepare_litdata(dataset_dir: str | Path, out_dir: str | Path, seq_len: int, 
                 yield from torch.cat([x, y[:, -1:]], dim=1).numpy()
             return
         stream = ds.stream("val")
-        for w in range(_count_windows(stream, T, f"split 'val' of {src}")):
+        for w in range(count_windows(stream, T, f"split 'val' of {src}")):
             yield stream.read(w * T, T + 1)
 
     out.mkdir(parents=True, exist_ok=True)
