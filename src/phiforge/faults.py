@@ -12,7 +12,7 @@ PHIFORGE_FAULT, for the training engine (`Faults`):
                    checkpoint is completed (renamed), and sleeps forever
     sleep=SEC      sleep SEC seconds after every step (gives a test time to send a signal)
 
-PHIFORGE_PREPARE_FAULT, for `phiforge prepare` (`PrepareFaults`):
+PHIFORGE_PREPARE_FAULT, for `phiforge prepare` (`PrepareFaults`, its hooks: phiforge.hooks.PrepareHooks):
 
     hang@K         once the first results of input unit K are written (past the last checkpoint) and flushed,
                    write WORK/fault-hang and sleep forever (a test then kill -9s the process)
@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 from phiforge.errors import ConfigError
+from phiforge.hooks import PrepareHooks
+
+PREPARE_HANG = "fault-hang"  # WORK/fault-hang: a prepare hangs (hang@K)
 
 
 def parse_faults(spec: str, var: str, kinds: tuple[str, ...]) -> tuple[dict[str, set[int]], float]:
@@ -95,16 +98,27 @@ class Faults:
             self._hang(Path(run_dir) / "fault-hang-save")
 
 
-class PrepareFaults:
-    def __init__(self, spec: str):
+class PrepareFaults(PrepareHooks):
+    """PHIFORGE_PREPARE_FAULT's injections, as the hooks of a prepare whose work directory is `work`."""
+
+    def __init__(self, spec: str, work: Path):
         found, self.sleep = parse_faults(spec, "PHIFORGE_PREPARE_FAULT", ("hang",))
-        self.hang = found["hang"]
+        self.hang, self.work = found["hang"], Path(work)
 
-    @classmethod
-    def from_env(cls) -> "PrepareFaults":
-        return cls(os.environ.get("PHIFORGE_PREPARE_FAULT", ""))
-
-    def written(self, unit: int, work: Path, writer) -> None:
+    def written(self, unit: int, writer) -> None:
         if unit in self.hang:
             writer.flush()  # what was written past the checkpoint reaches the files, as a crash may leave it
-            hang_forever(work / "fault-hang")
+            hang_forever(self.work / PREPARE_HANG)
+
+    def unit_done(self, unit: int) -> None:
+        if self.sleep:
+            time.sleep(self.sleep)
+
+
+def prepare_hooks(work: Path) -> PrepareHooks:
+    """The hooks of a prepare whose work directory is `work`: PHIFORGE_PREPARE_FAULT's injections when the
+    variable is set, else none. Either way the marker a faulted run left in `work` goes, so that a resumed run's
+    output holds only the dataset."""
+    (Path(work) / PREPARE_HANG).unlink(missing_ok=True)
+    spec = os.environ.get("PHIFORGE_PREPARE_FAULT", "")
+    return PrepareFaults(spec, work) if spec.strip() else PrepareHooks()
