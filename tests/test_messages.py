@@ -32,8 +32,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A text checkpoint with a 32-token context (GPT-2's tokenizer)."""
-    from phiforge.model_files import save_checkpoint
     from phiforge.model import Phi2, Phi2Config
+    from phiforge.model_files import save_checkpoint
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("ckpt") / "CKPT"

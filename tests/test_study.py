@@ -16,10 +16,10 @@ import torch
 import yaml
 
 from conftest import assert_one_line_error, run_cli
+from phiforge.model import Phi2, Phi2Config
 from phiforge.model_files import save_checkpoint
 from phiforge.study import stats
 from phiforge.study.report import README_END, README_START
-from phiforge.model import Phi2, Phi2Config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -113,9 +113,9 @@ def test_activation_checkpointing_and_compile_change_nothing():
     """AC (full, every 2nd block, op-level SAC) and per-block compile on the LM blocks give the plain model's loss
     and gradients, in stage 1 (LM frozen: only the xattn weights inside the blocks train) and stage 2."""
     from phiforge.config import load_config
+    from phiforge.train.parallelize import apply_activation_checkpointing, apply_compile
     from phiforge.vision.config import FinetuneConfig
     from phiforge.vision.finetune import build_vision_model
-    from phiforge.train.parallelize import apply_activation_checkpointing, apply_compile
 
     model_sets = ["model=" + json.dumps({**TINY, "n_layer": 4}),  # JSON is YAML
                   "vision.encoder={type: conv, image_size: 32, dim: 32}",

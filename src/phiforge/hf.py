@@ -13,21 +13,13 @@ from pathlib import Path
 
 import torch
 
-from phiforge.model_files import (
-    ExportSource,
-    check_state_dict,
-    conversion_summary,
-    export_model,
-    load_state_dict,
-    read_json,
-    save_checkpoint,
-    save_state_dict,
-)
 from phiforge.config import BadValue, load_yaml
 from phiforge.errors import CheckpointError, ConfigError
 from phiforge.fileio import claim_output_dir, write_json_atomic
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
+from phiforge.model_files import (ExportSource, check_state_dict, conversion_summary, export_model, load_state_dict,
+                                  read_json, save_checkpoint, save_state_dict)
 from phiforge.tokenizer import EOT, EOT_ID, load_tokenizer, save_tokenizer_files
 
 HF_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB"

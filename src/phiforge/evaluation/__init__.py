@@ -39,8 +39,8 @@ def load_for_eval(checkpoint: str | Path, device="cpu", dtype=None, context: int
     dtype (None: as saved). The model's `eval_context` (the window every
     evaluation uses, scoring.eval_context) is `context`, else the sequence length the checkpoint was trained with
     (its train_state.json), else its max_seq_len."""
-    from phiforge.model_files import load_checkpoint, read_config, resolve_checkpoint
     from phiforge.errors import CheckpointError
+    from phiforge.model_files import load_checkpoint, read_config, resolve_checkpoint
     from phiforge.tokenizer import load_tokenizer
 
     ckpt = resolve_checkpoint(Path(checkpoint))

@@ -72,8 +72,8 @@ def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, include_path: str |
                 device: str = "cpu", seed: int = 1234, dtype: str = "float32", log_samples: bool = False) -> dict:
     """lm_eval.simple_evaluate's result (JSON-safe: results, configs, n-shot, samples with log_samples) for the
     checkpoint's HF export (weights in `dtype`) on `tasks`."""
-    from phiforge.model_files import resolve_checkpoint
     from phiforge.hf import convert_to_hf
+    from phiforge.model_files import resolve_checkpoint
 
     import torch
 

@@ -97,8 +97,8 @@ def score_documents(model, tokenizer, texts: Sequence[str], *, names: Sequence[s
 def check_dataset_tokenizer(checkpoint: str | Path, data_dir: str | Path, allow: bool = False) -> None:
     """The tokenizer that made the dataset's tokens must be the checkpoint's (a run directory: its latest), by
     identity (phiforge.tokenizer.tokenizer_identity): DataError otherwise, or with `allow` a warning."""
-    from phiforge.model_files import resolve_checkpoint
     from phiforge.data.shards import open_token_dataset
+    from phiforge.model_files import resolve_checkpoint
     from phiforge.tokenizer import check_same_tokenizer, tokenizer_identity
 
     ckpt = resolve_checkpoint(Path(checkpoint))

@@ -34,19 +34,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from phiforge.model_files import (
-    ExportSource,
-    check_state_dict,
-    conversion_summary,
-    export_model,
-    load_torch_file,
-    save_checkpoint,
-)
 from phiforge.config import read_user_mapping
 from phiforge.errors import CheckpointError, ConfigError
 from phiforge.fileio import claim_output_dir, output_dir
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
+from phiforge.model_files import (ExportSource, check_state_dict, conversion_summary, export_model, load_torch_file,
+                                  save_checkpoint)
 from phiforge.tokenizer import save_tokenizer_files
 
 LIT_WEIGHTS = "lit_model.pth"

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from phiforge.config import read_user_mapping
 from phiforge.data.loader import PackedLoader, count_windows, eval_batches
 from phiforge.data.shards import INDEX, open_token_dataset
 from phiforge.errors import DataError
-from phiforge.config import read_user_mapping
 from phiforge.fileio import write_json_atomic
 
 MANIFEST = "litgpt-data.json"

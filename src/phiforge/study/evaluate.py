@@ -52,8 +52,8 @@ def evaluate_route(run_dir: Path, setup: EvalSetup) -> dict:
     is plugged in, cloze_acc."""
     import torch
 
-    from phiforge.model_files import load_checkpoint, resolve_checkpoint
     from phiforge.data.loader import eval_batches
+    from phiforge.model_files import load_checkpoint, resolve_checkpoint
     from phiforge.tokenizer import eot_id, load_tokenizer, token_byte_lengths
     from phiforge.train.distributed import resolve_device
     from phiforge.train.loop import evaluate

@@ -45,8 +45,8 @@ def _machine() -> dict:
 def _samples(study, ckpt: Path) -> list[dict]:
     import torch
 
-    from phiforge.model_files import load_checkpoint
     from phiforge.generate import generate
+    from phiforge.model_files import load_checkpoint
     from phiforge.tokenizer import eot_id, load_tokenizer
 
     model = load_checkpoint(ckpt)

@@ -118,8 +118,8 @@ def make_inits(study: StudyConfig, work: Path, trains: dict[str, dict], seed: in
     drawn with torch.manual_seed(seed); MoE routes get theirs upcycled with zero-output experts."""
     import torch
 
-    from phiforge.model_files import save_checkpoint
     from phiforge.model import Phi2
+    from phiforge.model_files import save_checkpoint
     from phiforge.upcycle import upcycle
 
     paths = init_paths(study, work, trains, seed, names)
