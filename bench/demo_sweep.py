@@ -128,14 +128,12 @@ def train(run: Path, data: Path, vocab: int | None, sets: list[str], cpu_clock: 
 
 def full_book_bpb(run: Path, data: Path, seq_len: int) -> dict:
     """Bits per byte (and nats per token) of the final checkpoint over every full window of the val split."""
-    from contextlib import nullcontext
-
     import torch
 
     from phiforge.model_files import load_checkpoint, resolve_checkpoint
     from phiforge.data.loader import eval_batches
     from phiforge.tokenizer import eot_id, load_tokenizer, token_byte_lengths
-    from phiforge.train.loop import evaluate
+    from phiforge.train.validation import evaluate
 
     threads = int(THREADS[0].split("=")[1])
     if threads:
@@ -144,7 +142,7 @@ def full_book_bpb(run: Path, data: Path, seq_len: int) -> dict:
     batches = eval_batches(data, "val", seq_len, 8, 10**6)
     tok = load_tokenizer(data)
     token_bytes = torch.tensor(token_byte_lengths(tok), dtype=torch.float64)
-    val = evaluate(model, batches, torch.device("cpu"), nullcontext, None, token_bytes, eot_id(tok))
+    val = evaluate(model, batches, None, token_bytes, eot_id(tok))
     tokens = sum(int(y.numel()) for _, y in batches)
     return {"val_bpb": round(val["val_bpb"], 4), "val_loss_per_token": round(val["val_loss"], 4),
             "val_tokens": tokens}

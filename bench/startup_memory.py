@@ -40,19 +40,19 @@ def worker(mode: str, preset: str, out: str) -> None:
 
     from phiforge.config import load_config
     from phiforge.model import Phi2
-    from phiforge.train.build import build_train_model
+    from phiforge.train.build import build_text_model
     from phiforge.train.config import TrainConfig
     from phiforge.train.distributed import init_distributed, shutdown
-    from phiforge.train.parallelize import build_mesh, parallelize
+    from phiforge.train.parallelize import parallelize, resolve_layout
 
     cfg = load_config(TrainConfig, None, [f"model.preset={preset}", "device=cpu", "parallel.strategy=fsdp"])
     env = init_distributed("cpu")
     base = _status_kib("VmRSS")
-    mesh = build_mesh(cfg, env)
+    layout = resolve_layout(cfg, env)
     if mode == "full":  # every rank builds and initialises the whole model, then FSDP shards it
-        model = parallelize(Phi2(cfg.model_config()), cfg, mesh, env)
+        model = parallelize(Phi2(cfg.model_config()), cfg, layout)
     else:
-        model, _ = build_train_model(cfg, cfg.model_config(), env, mesh)
+        model, _ = build_text_model(cfg, cfg.model_config(), env, layout)
     peak = _status_kib("VmHWM")
     params = sum(p.numel() for p in model.parameters())
     with open(f"{out}.{env.rank}", "w") as f:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -92,6 +93,41 @@ def start_train(nproc: int, data: Path, out: Path, *sets: str, fault: str | None
     env = child_env(**({"PHIFORGE_FAULT": fault} if fault else {}))
     return subprocess.Popen(train_cmd(nproc, data, out, *sets, resume=resume), env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def start_direct(nproc: int, data: Path, out: Path, logs: Path, *sets: str,
+                 fault: str | None = None) -> list[subprocess.Popen]:
+    """`nproc` ranks of `phiforge train` started directly from RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT, as `srun` starts them (no torchrun: rank 0 hosts the store); rank N's stdout and stderr go to
+    LOGS/rank-N.out and .err."""
+    with socket.socket() as s:  # a free port for rank 0's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for rank in range(nproc):
+        env = child_env(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **({"PHIFORGE_FAULT": fault} if fault else {}))
+        with open(logs / f"rank-{rank}.out", "w") as o, open(logs / f"rank-{rank}.err", "w") as e:
+            procs.append(subprocess.Popen(train_cmd(1, data, out, *sets), env=env, cwd=ROOT, stdout=o, stderr=e))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[float]:
+    """The wall-clock time (time.time()) at which each process was seen to end; kills them all past `timeout`."""
+    ends: list[float | None] = [None] * len(procs)
+    t0 = time.monotonic()
+    while None in ends:
+        for i, p in enumerate(procs):
+            if ends[i] is None and p.poll() is not None:
+                ends[i] = time.time()
+        if time.monotonic() - t0 > timeout:
+            for p in procs:
+                p.kill()
+            left = [i for i, e in enumerate(ends) if e is None]
+            raise AssertionError(f"still running after {timeout} s: ranks {left}")
+        time.sleep(0.05)
+    return ends
 
 
 def wait_for(path_or_fn, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:

@@ -127,7 +127,7 @@ def test_litgpt_pretrain_end_to_end(capsys, tmp_path, redpajama_dir, lit_dir):
     from phiforge.model_files import load_checkpoint, resolve_checkpoint, save_checkpoint
     from phiforge.data.loader import eval_batches
     from phiforge.model import Phi2, Phi2Config
-    from phiforge.train.loop import evaluate
+    from phiforge.train.validation import evaluate
 
     torch.manual_seed(0)
     init = Phi2(Phi2Config.from_preset(TINY["preset"], **{k: v for k, v in TINY.items() if k != "preset"}))
@@ -150,16 +150,14 @@ def test_litgpt_pretrain_end_to_end(capsys, tmp_path, redpajama_dir, lit_dir):
     assert all(e["tokens_per_s"] > 0 and e["loss"] > 0 for e in trains)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3  # it learns
     # same weights, same validation windows: LitGPT's initial validation is phiforge's (printed to 3 decimals)
-    ours = evaluate(init.eval(), eval_batches(redpajama_dir, "val", T, MB, 4), torch.device("cpu"),
-                    lambda: torch.autocast("cpu", enabled=False))["val_loss"]
+    ours = evaluate(init.eval(), eval_batches(redpajama_dir, "val", T, MB, 4))["val_loss"]
     assert abs(evals[0]["val_loss"] - ours) <= 6e-4
     # the result is a phiforge checkpoint too (converted from LitGPT's lit_model.pth)
     assert (run / "latest").read_text().strip() == "step-00000012"
     assert (run / "litgpt" / "final" / "lit_model.pth").is_file()
     final = load_checkpoint(resolve_checkpoint(run))
     assert final.cfg.to_dict() == init.cfg.to_dict()
-    vl = evaluate(final, eval_batches(redpajama_dir, "val", T, MB, 4), torch.device("cpu"),
-                  lambda: torch.autocast("cpu", enabled=False))["val_loss"]
+    vl = evaluate(final, eval_batches(redpajama_dir, "val", T, MB, 4))["val_loss"]
     assert vl == pytest.approx(evals[-1]["val_loss"], rel=1e-4)
     code, out, err = run_cli(capsys, "generate", "--checkpoint", run, "--prompt", "def main", "--max-new-tokens", "5",
                              "--temperature", "0")

@@ -70,7 +70,7 @@ def test_activation_checkpointing_and_compile_change_nothing():
             for layer in model.moe_layers().values():
                 layer.w2.normal_(0, 0.02)
         keys = list(model.state_dict())
-        loss = parallelize(model, cfg, mesh=None)(x, x).loss
+        loss = parallelize(model, cfg)(x, x).loss
         loss.backward()
         assert list(model.state_dict()) == keys, name
         grads = {k.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): p.grad

@@ -2,9 +2,11 @@
 
 Errors the user can fix (PhiforgeError) print as one line `phiforge: error: ...` and exit 1. Anything else is
 a bug or a failure outside phiforge (a library crash, an NCCL timeout): its traceback goes to a file,
-RUN/errors/rank-N.txt once a run directory exists (phiforge.tracebacks), and one line names that file. `--debug`, anywhere on the
-command line, shows the full traceback instead. Under torchrun only rank 0 prints a user error, and every rank
-writes torchelastic's error file, so torchrun's summary names the root cause.
+RUN/errors/rank-N.txt once a run directory exists (phiforge.tracebacks), and one line names that file. `--debug`,
+anywhere on the command line, shows the full traceback instead. With several ranks only rank 0 prints a user
+error, and under torchrun every rank writes torchelastic's error file, so torchrun's summary names the root cause.
+When one rank of a training run fails, rank 0 prints that rank's message as its own (train/fail_together.py:
+RankFailed).
 
 Command modules import torch and other heavy libraries only inside the functions that run a command, so
 `phiforge --help` and argument errors stay fast.
@@ -23,8 +25,8 @@ import traceback
 
 import phiforge.commands
 from phiforge import __version__
-from phiforge.errors import ConfigError, PhiforgeError, disk_full, oom_error, printable
-from phiforge.tracebacks import write_traceback
+from phiforge.errors import ConfigError, PhiforgeError, environment_error, printable
+from phiforge.tracebacks import unexpected_summary, write_traceback
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:  # a bug or a library failure (torch's CheckpointException is a BaseException)
         if debug:
             raise
-        known = _environment_error(e)
+        known = environment_error(e)
         if known is not None:
             return _user_error(known)
         return _unexpected_error(e, argv)
@@ -123,25 +125,10 @@ def _user_error(e: PhiforgeError) -> int:
     return e.exit_code
 
 
-def _environment_error(e: BaseException) -> PhiforgeError | None:
-    """A full disk or an exhausted memory that no command turned into advice of its own: still one line."""
-    full = disk_full(e)
-    if full is not None:
-        where = f" writing {printable(str(full.filename))}" if full.filename else ""
-        return PhiforgeError(f"no space left on device{where} ({full.strerror}): free some space and run the "
-                             "command again")
-    return oom_error(e, "the model or the batch does not fit in this machine's memory; use smaller settings "
-                        "(`phiforge plan` predicts what training needs) or a machine with more memory (--debug "
-                        "shows where it ran out)")
-
-
 def _unexpected_error(e: BaseException, argv: list[str]) -> int:
     path, failed = write_traceback(e, argv, _rank())
     _record_for_torchrun(e, printable("".join(traceback.format_exception(e))))
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-    where = f"traceback in {path}" if path else "no traceback file"
-    note = f"; {failed}" if failed else ""
-    _say(f"phiforge: error: {type(e).__name__}: {first} (rank {_rank()}; {where}{note}; --debug prints it)")
+    _say(f"phiforge: error: {unexpected_summary(e, path, failed, _rank())}")
     return 1
 
 

@@ -1,4 +1,8 @@
-"""User-facing errors. The CLI prints these as one line and exits non-zero (traceback only with --debug)."""
+"""User-facing errors. The CLI prints these as one line and exits non-zero (traceback only with --debug).
+
+Also the full disk / out-of-memory advice for an error no command turned into a message of its own
+(`environment_error`), which the CLI and the training engine both give. Where the traceback of any other error
+goes is phiforge.tracebacks."""
 
 from contextlib import contextmanager
 
@@ -23,6 +27,18 @@ class DataError(PhiforgeError):
 
 class OutOfMemory(PhiforgeError):
     """An allocation the machine could not serve (CPU or GPU), with the settings that reduce memory."""
+
+
+def environment_error(e: BaseException) -> "PhiforgeError | None":
+    """A full disk or an exhausted memory that no command turned into advice of its own: still one line."""
+    full = disk_full(e)
+    if full is not None:
+        where = f" writing {printable(str(full.filename))}" if full.filename else ""
+        return PhiforgeError(f"no space left on device{where} ({full.strerror}): free some space and run the "
+                             "command again")
+    return oom_error(e, "the model or the batch does not fit in this machine's memory; use smaller settings "
+                        "(`phiforge plan` predicts what training needs) or a machine with more memory (--debug "
+                        "shows where it ran out)")
 
 
 def printable(text: str) -> str:

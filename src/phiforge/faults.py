@@ -1,7 +1,7 @@
 """Fault injection for the tests (and for trying the fault handling by hand): one spec format, a comma list of
-`KIND@N` and `sleep=SECONDS`, read from an environment variable that is off unless set.
+`KIND@N` and `NAME=VALUE` settings, read from an environment variable that is off unless set.
 
-PHIFORGE_FAULT, for the training engine (`Faults`):
+PHIFORGE_FAULT, for the training engine (`Faults`, its hooks: phiforge.hooks.RunHooks):
 
     nan@S          the loss of step S is NaN on every rank (the step must be skipped)
     raise@S        step S raises a plain RuntimeError (a "bug": its traceback must go to RUN/errors/rank-N.txt)
@@ -11,6 +11,8 @@ PHIFORGE_FAULT, for the training engine (`Faults`):
     hang_save@S    the save of step S writes RUN/fault-hang-save once its DCP data is on disk, before the
                    checkpoint is completed (renamed), and sleeps forever
     sleep=SEC      sleep SEC seconds after every step (gives a test time to send a signal)
+    rank=R         the faults above fire on global rank R only (default: on every rank), e.g.
+                   `raise@3,rank=1`: rank 1 fails alone, as one GPU running out of memory does
 
 PHIFORGE_PREPARE_FAULT, for `phiforge prepare` (`PrepareFaults`, its hooks: phiforge.hooks.PrepareHooks):
 
@@ -26,26 +28,31 @@ import time
 from pathlib import Path
 
 from phiforge.errors import ConfigError
-from phiforge.hooks import PrepareHooks
+from phiforge.hooks import PrepareHooks, RunHooks
 
 PREPARE_HANG = "fault-hang"  # WORK/fault-hang: a prepare hangs (hang@K)
 
 
-def parse_faults(spec: str, var: str, kinds: tuple[str, ...]) -> tuple[dict[str, set[int]], float]:
-    """({kind: {N, ...}}, sleep seconds) from "kind@N,...,sleep=S"; a one-line error naming `var` otherwise."""
+def parse_faults(spec: str, var: str, kinds: tuple[str, ...],
+                 settings: dict[str, type] | None = None) -> tuple[dict[str, set[int]], dict]:
+    """({kind: {N, ...}}, {setting: value}) from "kind@N,...,name=value"; `settings` names the settings allowed
+    and their types (default: sleep, in seconds); a one-line error naming `var` otherwise."""
+    settings = settings or {"sleep": float}
     found: dict[str, set[int]] = {k: set() for k in kinds}
-    sleep = 0.0
+    values: dict = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         try:
-            if item.startswith("sleep="):
-                sleep = float(item.split("=", 1)[1])
+            if "=" in item:
+                name, value = item.split("=", 1)
+                values[name] = settings[name](value)
                 continue
             kind, n = item.split("@", 1)
             found[kind].add(int(n))
         except (ValueError, KeyError):
-            raise ConfigError(f"{var}: cannot parse '{item}' (kinds: {', '.join(kinds)}, sleep=SECONDS; "
+            shown = ", ".join(f"{name}={typ.__name__.upper()}" for name, typ in settings.items())
+            raise ConfigError(f"{var}: cannot parse '{item}' (kinds: {', '.join(kinds)}, {shown}; "
                               "see phiforge/faults.py)") from None
-    return found, sleep
+    return found, values
 
 
 def hang_forever(marker: Path | None) -> None:
@@ -55,23 +62,24 @@ def hang_forever(marker: Path | None) -> None:
         time.sleep(1)
 
 
-class Faults:
-    def __init__(self, spec: str, rank: int = 0):
-        found, self.sleep = parse_faults(spec, "PHIFORGE_FAULT", ("nan", "oom", "cpu_oom", "raise", "hang",
-                                                                   "hang_save"))
+class Faults(RunHooks):
+    """PHIFORGE_FAULT's injections, as the run's hooks (phiforge.hooks.RunHooks)."""
+
+    def __init__(self, spec: str, rank: int = 0, run_dir: Path | None = None):
+        found, values = parse_faults(spec, "PHIFORGE_FAULT", ("nan", "oom", "cpu_oom", "raise", "hang", "hang_save"),
+                                     {"sleep": float, "rank": int})
+        if values.get("rank", rank) != rank:  # the faults are another rank's: this one runs clean
+            found = {kind: set() for kind in found}
+        self.sleep = values.get("sleep", 0.0)
+        self.marker_rank = values.get("rank", 0)  # the rank that writes the hang markers
         self.nan, self.oom, self.cpu_oom, self.raise_ = found["nan"], found["oom"], found["cpu_oom"], found["raise"]
         self.hang, self.hang_save = found["hang"], found["hang_save"]
-        self.rank = rank
+        self.rank, self.run_dir = rank, Path(run_dir) if run_dir is not None else Path(".")
 
-    @classmethod
-    def from_env(cls, rank: int = 0) -> "Faults | None":
-        spec = os.environ.get("PHIFORGE_FAULT", "")
-        return cls(spec, rank) if spec.strip() else None
+    def _hang(self, marker: str) -> None:
+        hang_forever(self.run_dir / marker if self.rank == self.marker_rank else None)
 
-    def _hang(self, marker: Path) -> None:
-        hang_forever(marker if self.rank == 0 else None)
-
-    def before_backward(self, step: int, loss):
+    def loss(self, step: int, loss):
         import torch
 
         if step in self.raise_:
@@ -84,25 +92,31 @@ class Faults:
             return loss * float("nan")
         return loss
 
-    def during_step(self, step: int, run_dir: Path) -> None:
-        """Between the backward pass and the optimizer step."""
+    def after_backward(self, step: int) -> None:
         if step in self.hang:
-            self._hang(Path(run_dir) / "fault-hang")
+            self._hang("fault-hang")
 
-    def after_step(self, step: int, run_dir: Path) -> None:
+    def after_step(self, step: int) -> None:
         if self.sleep:
             time.sleep(self.sleep)
 
-    def in_save(self, step: int, run_dir: Path) -> None:
+    def saving(self, step: int) -> None:
         if step in self.hang_save:
-            self._hang(Path(run_dir) / "fault-hang-save")
+            self._hang("fault-hang-save")
+
+
+def run_hooks(rank: int, run_dir: Path) -> RunHooks:
+    """The hooks a training run gets: PHIFORGE_FAULT's injections when the variable is set, else none."""
+    spec = os.environ.get("PHIFORGE_FAULT", "")
+    return Faults(spec, rank, run_dir) if spec.strip() else RunHooks()
 
 
 class PrepareFaults(PrepareHooks):
     """PHIFORGE_PREPARE_FAULT's injections, as the hooks of a prepare whose work directory is `work`."""
 
     def __init__(self, spec: str, work: Path):
-        found, self.sleep = parse_faults(spec, "PHIFORGE_PREPARE_FAULT", ("hang",))
+        found, values = parse_faults(spec, "PHIFORGE_PREPARE_FAULT", ("hang",))
+        self.sleep = values.get("sleep", 0.0)
         self.hang, self.work = found["hang"], Path(work)
 
     def written(self, unit: int, writer) -> None:

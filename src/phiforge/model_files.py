@@ -259,11 +259,13 @@ def write_model_files(out_dir: Path, state: dict[str, torch.Tensor], cfg: Phi2Co
                                                 "model": cfg.to_dict(), **(extra or {})})
 
 
-def load_checkpoint(ckpt_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Phi2:
-    """Build the model from config.json and load its weights, checking every key and shape."""
+def load_checkpoint(ckpt_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    eval_context: int | None = None) -> Phi2:
+    """Build the model from config.json and load its weights, checking every key and shape. eval_context: the
+    model's context in evaluations (Phi2's run option; None: max_seq_len)."""
     cfg = read_config(ckpt_dir)
     with on_meta():
-        model = Phi2(cfg)
+        model = Phi2(cfg, eval_context=eval_context)
     state = load_state_dict(ckpt_dir)
     check_state_dict(model, state, str(ckpt_dir))
     model.load_state_dict(state, strict=True, assign=True)

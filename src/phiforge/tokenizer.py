@@ -20,7 +20,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
 
-from phiforge.errors import CheckpointError, DataError
+from phiforge.errors import CheckpointError, ConfigError, DataError
 
 ASSETS = Path(__file__).parent / "assets" / "gpt2"
 EOT = "<|endoftext|>"
@@ -200,6 +200,13 @@ def check_same_tokenizer(model_sha: str | None, model_what: str, data_sha: str |
         refuse_tokenizer_mismatch(f"{data_what} was made by another tokenizer than {model_what} (tokenizer sha256 "
                                   f"{data_sha[:12]} vs {model_sha[:12]}): the same token ids stand for other text",
                                   fix, allow)
+
+
+def check_vocab_fits(n_tokens: int, vocab_size: int, source: str) -> None:
+    """Refuse to train a model whose embedding has fewer rows than the tokenizer (of `source`) has tokens."""
+    if n_tokens > vocab_size:
+        raise ConfigError(f"{source} has {n_tokens} tokens but the model's vocabulary has {vocab_size}; choose a "
+                          "larger preset or set model.vocab_size")
 
 
 def eot_id(tok: Tokenizer) -> int:

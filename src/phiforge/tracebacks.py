@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 
 from phiforge import __version__
+from phiforge.errors import printable
 
 _error_dir: Path | None = None  # this process's RUN/errors while a run directory holds its training
 
@@ -44,3 +45,13 @@ def write_traceback(e: BaseException, argv: list[str], rank: int) -> tuple[Path 
             except OSError:
                 pass
     return None, "; ".join(failed)
+
+
+def unexpected_summary(e: BaseException, path: Path | None, note: str, rank: int | None = None) -> str:
+    """One line for an unexpected error whose traceback went to `path`: 'RuntimeError: what (rank N; traceback in
+    FILE; --debug prints it)'."""
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    where = f"traceback in {path}" if path else "no traceback file"
+    shown_rank = f"rank {rank}; " if rank is not None else ""
+    return printable(f"{type(e).__name__}: {first} ({shown_rank}{where}{f'; {note}' if note else ''}; "
+                     "--debug prints it)")

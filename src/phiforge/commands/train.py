@@ -16,7 +16,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from phiforge.train.config import TrainConfig
-    from phiforge.train.loop import train
+    from phiforge.train.pretrain import train
 
     cfg = load_command_config(TrainConfig, args)
     if cfg is None:

@@ -36,22 +36,20 @@ def load_for_eval(checkpoint: str | Path, device="cpu", dtype=None, context: int
     """(model in eval mode, its tokenizer) from a checkpoint directory or a run directory (its latest checkpoint);
     device a torch device or its name (`phiforge eval --device auto` resolves auto with
     train.distributed.resolve_device: evaluation sits below training and imports nothing of it), dtype a torch
-    dtype (None: as saved). The model's `eval_context` (the window every
-    evaluation uses, scoring.eval_context) is `context`, else the sequence length the checkpoint was trained with
-    (its train_state.json), else its max_seq_len."""
+    dtype (None: as saved). The model's `eval_context` (the window every evaluation uses, scoring.eval_context) is
+    `context`, else the sequence length the checkpoint was trained with (its train_state.json), else its
+    max_seq_len."""
     from phiforge.errors import CheckpointError
     from phiforge.model_files import load_checkpoint, read_config, resolve_checkpoint
     from phiforge.tokenizer import load_tokenizer
 
     ckpt = resolve_checkpoint(Path(checkpoint))
-    tokenizer, vocab = load_tokenizer(ckpt), read_config(ckpt).vocab_size
-    if tokenizer.get_vocab_size() > vocab:
+    tokenizer, mcfg = load_tokenizer(ckpt), read_config(ckpt)
+    if tokenizer.get_vocab_size() > mcfg.vocab_size:
         raise CheckpointError(f"the tokenizer of {ckpt} has {tokenizer.get_vocab_size()} tokens but the model's "
-                              f"vocabulary only {vocab}: give the model its own tokenizer.json")
-    model = load_checkpoint(ckpt, device=device, dtype=dtype)
-    model.eval_context = checked_context(context if context is not None else trained_context(ckpt),
-                                         model.cfg.max_seq_len)
-    return model, tokenizer
+                              f"vocabulary only {mcfg.vocab_size}: give the model its own tokenizer.json")
+    window = checked_context(context if context is not None else trained_context(ckpt), mcfg.max_seq_len)
+    return load_checkpoint(ckpt, device=device, dtype=dtype, eval_context=window), tokenizer
 
 
 def trained_context(ckpt: Path) -> int | None:

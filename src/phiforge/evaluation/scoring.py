@@ -29,10 +29,10 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def eval_context(model: torch.nn.Module) -> int:
-    """The tokens of context an evaluation gives the model: `model.eval_context` when set (load_for_eval sets the
-    context the checkpoint was trained with, the trainer its data.seq_len: a model trained on 128-token windows
-    has not learnt the positions beyond), else the model's max_seq_len."""
-    return getattr(model, "eval_context", None) or model.cfg.max_seq_len
+    """The tokens of context an evaluation gives the model: its `eval_context` when it was built with one
+    (load_for_eval gives the context the checkpoint was trained with, the trainer its data.seq_len: a model
+    trained on 128-token windows has not learnt the positions beyond), else the model's max_seq_len."""
+    return model.eval_context or model.cfg.max_seq_len
 
 
 @contextmanager

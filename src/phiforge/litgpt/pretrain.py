@@ -27,7 +27,6 @@ console output in RUN/litgpt.log.
 from __future__ import annotations
 
 import csv
-import math
 import os
 import re
 import subprocess
@@ -35,14 +34,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
-from phiforge.config import to_dict
+from phiforge.config import check_range, to_dict
 from phiforge.errors import ConfigError, PhiforgeError
 from phiforge.litgpt.convert import config_to_litgpt, write_litgpt_checkpoint
 from phiforge.litgpt.data import check_manifest_fits, read_manifest
-from phiforge.train.config import OptimConfig, model_config_from_spec
+from phiforge.model import count_params_meta
+from phiforge.tokenizer import check_vocab_fits
+from phiforge.train.config import RunConfig, model_config_from_spec
+from phiforge.train.metrics import perplexity
+from phiforge.train.precision import resolve_precision
 
 PRECISION = {"fp32": "32-true", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true"}
 
@@ -57,41 +61,30 @@ class LitDataConfig:
 
 
 @dataclass
-class LitPretrainConfig:
-    model: dict = field(default_factory=lambda: {"preset": "small"})  # preset + Phi2Config overrides (no moe/xattn)
-    init_from: str | None = None  # a phiforge checkpoint to start from (else LitGPT's GPT-NeoX init)
+class LitPretrainConfig(RunConfig):
+    """`phiforge litgpt pretrain`'s config: train.config.RunConfig's keys (model: preset + Phi2Config overrides, no
+    moe/xattn; init_from: else LitGPT's GPT-NeoX init; save_interval: LitGPT checkpoints, 0: only the final one)
+    and LitGPT's own."""
+
+    PRECISIONS: ClassVar[tuple[str, ...]] = ("auto", *PRECISION)
+
     data: LitDataConfig = field(default_factory=LitDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
-    max_steps: int = 1000
-    eval_interval: int = 100
-    eval_batches: int = 20
-    initial_validation: bool = True  # validate before the first step (as phiforge does)
-    save_interval: int = 0  # steps between LitGPT checkpoints; 0: only the final one
-    log_interval: int = 10
     out_dir: str = "runs/litgpt"
     device: str = "auto"  # auto | cpu | cuda
+    max_steps: int = 1000
+    initial_validation: bool = True  # validate before the first step (as phiforge does)
     devices: int = 1  # GPUs per node (LitGPT uses FSDP when devices x num_nodes > 1)
     num_nodes: int = 1
-    precision: str = "auto"  # auto (bf16-mixed on GPU, fp32 on CPU) | fp32 | bf16-mixed | bf16-true
-    seed: int = 1337
     litgpt_args: list[str] = field(default_factory=list)  # extra `litgpt pretrain` arguments, e.g. [--train.max_time, "3600"]
     echo: bool = True  # copy LitGPT's console output to ours as it runs
 
     def __post_init__(self):
-        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_batches",
-                     "log_interval", "devices", "num_nodes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
-        if self.save_interval < 0:
-            raise ConfigError("save_interval must be 0 or more")
-        if self.precision not in ("auto", *PRECISION):
-            raise ConfigError(f"precision must be auto, {', '.join(PRECISION)}; got '{self.precision}'")
+        super().__post_init__()
+        for name in ("max_steps", "devices", "num_nodes"):
+            check_range(name, getattr(self, name), 1)
         if self.optim.schedule != "cosine":
             raise ConfigError(f"optim.schedule '{self.optim.schedule}': litgpt pretrain only has cosine decay")
-        if self.data.num_workers < 0:
-            raise ConfigError("data.num_workers must be 0 or more")
+        check_range("data.num_workers", self.data.num_workers, 0)
 
     @property
     def world(self) -> int:
@@ -102,20 +95,19 @@ class LitPretrainConfig:
         return self.micro_batch_size * self.grad_accum_steps * self.world * self.data.seq_len
 
 
-def _device(cfg: LitPretrainConfig) -> str:
-    import torch
+def device_type(cfg: LitPretrainConfig) -> str:
+    """cpu or cuda: LitGPT takes a device type and a count (`devices`)."""
+    from phiforge.train.distributed import resolve_device
 
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device.split(":")[0]
+    return resolve_device(cfg.device).type
 
 
 def litgpt_yaml(cfg: LitPretrainConfig, run_dir: Path, initial_dir: Path | None, mcfg=None) -> dict:
     """The `litgpt pretrain --config` YAML for this run (mcfg: the Phi2Config, default from cfg.model)."""
     mcfg = mcfg or model_config_from_spec(cfg.model)
     lit_cfg = config_to_litgpt(mcfg)
-    device = _device(cfg)
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if device == "cuda" else "fp32")
+    device = device_type(cfg)
+    precision = resolve_precision(cfg.precision, device).name
     o = cfg.optim
     T = cfg.data.seq_len
     if T > mcfg.max_seq_len:
@@ -213,12 +205,12 @@ def events_from_litgpt(csv_path: Path | None, console: str, cfg: LitPretrainConf
             it = int(_num(row, "step")) + 1  # LitGPT logs validation at step=iter_num - 1
             step = it // accum
             events.append({"event": "eval", "step": step, "tokens": step * tps, "val_loss": val,
-                           "val_ppl": math.exp(min(val, 50)), "elapsed_s": eval_time(step)})
+                           "val_ppl": perplexity(val), "elapsed_s": eval_time(step)})
     # console: the initial validation (printed with 3 decimals) and a final one the CSV may not have flushed
     m = _ITER_VAL.search(console)
     if cfg.initial_validation and m and m.group(3) != "n/a":
         v = float(m.group(3))
-        events.insert(0, {"event": "eval", "step": 0, "tokens": 0, "val_loss": v, "val_ppl": math.exp(min(v, 50)),
+        events.insert(0, {"event": "eval", "step": 0, "tokens": 0, "val_loss": v, "val_ppl": perplexity(v),
                           "elapsed_s": 0.0, "precision_decimals": 3})
     evals = {e["step"] for e in events if e["event"] == "eval"}
     for line in console.splitlines():
@@ -227,13 +219,13 @@ def events_from_litgpt(csv_path: Path | None, console: str, cfg: LitPretrainConf
             step = int(v.group(1)) // accum
             val_loss = float(v.group(2))
             events.append({"event": "eval", "step": step, "tokens": step * tps, "val_loss": val_loss,
-                           "val_ppl": math.exp(min(val_loss, 50)), "elapsed_s": eval_time(step)})
+                           "val_ppl": perplexity(val_loss), "elapsed_s": eval_time(step)})
             evals.add(step)
     f = _FINAL.search(console)
     if f and cfg.max_steps not in evals:
         v = float(f.group(1))
         events.append({"event": "eval", "step": cfg.max_steps, "tokens": cfg.max_steps * tps, "val_loss": v,
-                       "val_ppl": math.exp(min(v, 50)), "elapsed_s": eval_time(cfg.max_steps),
+                       "val_ppl": perplexity(v), "elapsed_s": eval_time(cfg.max_steps),
                        "precision_decimals": 3})
     events.sort(key=lambda e: (e["step"], e["event"] != "train"))
     return events
@@ -284,73 +276,90 @@ def pretrain(cfg: LitPretrainConfig) -> dict:
     except ImportError as e:
         raise PhiforgeError(f"litgpt is not installed ({e.name}); install the extra: pip install 'phiforge[litgpt]'") \
             from None
-    from phiforge.model_files import load_checkpoint
-    from phiforge.model import count_params_meta
-    from phiforge.litgpt.convert import LIT_WEIGHTS, convert_from_litgpt
     from phiforge.train.metrics import Sinks
 
-    run_dir = Path(cfg.out_dir)
-    data_dir = Path(cfg.data.dir)
+    run_dir, data_dir = Path(cfg.out_dir), Path(cfg.data.dir)
     manifest = read_manifest(data_dir)
     notes = check_manifest_fits(manifest, data_dir, cfg.data.seq_len, cfg.micro_batch_size)
     mcfg = model_config_from_spec(cfg.model)
     config_to_litgpt(mcfg)  # refuses moe / xattn before anything runs
-    vocab = int(manifest["tokenizer"]["vocab_size"])
-    if vocab > mcfg.vocab_size and not cfg.init_from:
-        raise ConfigError(f"data in {data_dir} uses a tokenizer of {vocab} tokens but the model's vocabulary has "
-                          f"{mcfg.vocab_size}; choose a larger preset or set model.vocab_size")
+    if not cfg.init_from:
+        check_vocab_fits(int(manifest["tokenizer"]["vocab_size"]), mcfg.vocab_size,
+                         f"the tokenizer of the data in {data_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    initial = None
-    if cfg.init_from:
-        model = load_checkpoint(cfg.init_from)
-        mcfg = model.cfg  # the checkpoint's architecture wins, as in `phiforge train`
-        config_to_litgpt(mcfg)
-        initial = run_dir / "initial"
-        write_litgpt_checkpoint(model.state_dict(), mcfg, initial, tokenizer_dir=Path(cfg.init_from))
-        del model
+    initial, mcfg = initial_checkpoint(cfg, run_dir, mcfg)
     lit_yaml = litgpt_yaml(cfg, run_dir, initial, mcfg)
-    lit_out = Path(lit_yaml["out_dir"])
-    if lit_out.exists():  # a fresh run: LitGPT would otherwise add a new CSV version next to old ones
-        import shutil
-
-        shutil.rmtree(lit_out)
-    cfg_path = run_dir / "litgpt-pretrain.yaml"
-    cfg_path.write_text(yaml.safe_dump(lit_yaml, sort_keys=False), encoding="utf-8")
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "litgpt", "pretrain", "--config", str(write_litgpt_config(run_dir, lit_yaml)),
+           *cfg.litgpt_args]
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     log = Sinks(run_dir, True, tensorboard=False)
-    cmd = [sys.executable, "-m", "litgpt", "pretrain", "--config", str(cfg_path), *cfg.litgpt_args]
-    train_tokens = int(manifest["splits"]["train"]["tokens"])
     log.write(event="start", trainer="litgpt", litgpt_version=_litgpt_version(), command=" ".join(cmd),
-              params=count_params_meta(mcfg)[0], device=_device(cfg), world_size=cfg.world,
-              precision=lit_yaml["precision"], tokens_per_step=cfg.tokens_per_step, train_tokens=train_tokens,
+              params=count_params_meta(mcfg)[0], device=device_type(cfg), world_size=cfg.world,
+              precision=lit_yaml["precision"], tokens_per_step=cfg.tokens_per_step,
+              train_tokens=int(manifest["splits"]["train"]["tokens"]),
               val_tokens=int(manifest["splits"]["val"]["tokens"]), notes=notes, init_from=cfg.init_from)
     for n in notes:
         print(f"note: {n}")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    code, console, wall, rss = run_litgpt(cmd, run_dir / "litgpt.log", cfg.echo, env)
+    code, console, wall, rss = run_litgpt(cmd, run_dir / "litgpt.log", cfg.echo, {**os.environ, "PYTHONUNBUFFERED": "1"})
     if code != 0:
         log.close()
         tail = [line for line in console.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
         raise PhiforgeError(f"litgpt pretrain failed with exit code {code}: {tail[0][:300]} "
                             f"(full output in {run_dir / 'litgpt.log'})")
+    end = finish_run(cfg, run_dir, Path(lit_yaml["out_dir"]), console, log)
+    end.update(wall_s=wall, peak_rss_gib=rss / 2**30)
+    log.write(**end)
+    log.close()
+    return end
+
+
+def initial_checkpoint(cfg: LitPretrainConfig, run_dir: Path, mcfg) -> tuple[Path | None, object]:
+    """init_from as a LitGPT checkpoint in RUN/initial, and its architecture (which wins over `model:`, as in
+    `phiforge train`); (None, mcfg) without init_from."""
+    if not cfg.init_from:
+        return None, mcfg
+    from phiforge.model_files import load_checkpoint
+
+    model = load_checkpoint(cfg.init_from)
+    config_to_litgpt(model.cfg)
+    initial = run_dir / "initial"
+    write_litgpt_checkpoint(model.state_dict(), model.cfg, initial, tokenizer_dir=Path(cfg.init_from))
+    return initial, model.cfg
+
+
+def write_litgpt_config(run_dir: Path, lit_yaml: dict) -> Path:
+    """RUN/litgpt-pretrain.yaml, with LitGPT's output directory emptied first (a fresh run: LitGPT would
+    otherwise add a new CSV version next to old ones)."""
+    import shutil
+
+    lit_out = Path(lit_yaml["out_dir"])
+    if lit_out.exists():
+        shutil.rmtree(lit_out)
+    path = run_dir / "litgpt-pretrain.yaml"
+    path.write_text(yaml.safe_dump(lit_yaml, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def finish_run(cfg: LitPretrainConfig, run_dir: Path, lit_out: Path, console: str, log) -> dict:
+    """After LitGPT ran: its events into metrics.jsonl, its final weights as the run's phiforge checkpoint (and
+    RUN/latest); returns the `end` event's fields."""
+    from phiforge.litgpt.convert import LIT_WEIGHTS, convert_from_litgpt
+
     events = events_from_litgpt(metrics_csv(lit_out), console, cfg)
     for e in events:
         log.write(**e)
     final = lit_out / "final"
     ckpt_name = f"step-{cfg.max_steps:08d}"
     ckpt = run_dir / "checkpoints" / ckpt_name
+    data_dir = Path(cfg.data.dir)
     tok_dir = data_dir if (data_dir / "tokenizer.json").is_file() else None
     summary = convert_from_litgpt(final, ckpt, tokenizer_dir=tok_dir)
     (run_dir / "latest").write_text(ckpt_name + "\n", encoding="utf-8")
     evals = [e for e in events if e["event"] == "eval"]
     trains = [e for e in events if e["event"] == "train"]
-    end = {"event": "end", "trainer": "litgpt", "steps": cfg.max_steps, "tokens": cfg.max_steps * cfg.tokens_per_step,
-           "params": summary["params"], "val_loss_start": evals[0]["val_loss"] if evals else None,
-           "val_loss_end": evals[-1]["val_loss"] if evals else None,
-           "elapsed_s": trains[-1]["elapsed_s"] if trains else None, "wall_s": wall, "peak_rss_gib": rss / 2**30,
-           "checkpoint": str(ckpt), "litgpt_checkpoint": str(final / LIT_WEIGHTS), "world_size": cfg.world}
-    log.write(**end)
-    log.close()
-    return end
+    return {"event": "end", "trainer": "litgpt", "steps": cfg.max_steps, "tokens": cfg.max_steps * cfg.tokens_per_step,
+            "params": summary["params"], "val_loss_start": evals[0]["val_loss"] if evals else None,
+            "val_loss_end": evals[-1]["val_loss"] if evals else None,
+            "elapsed_s": trains[-1]["elapsed_s"] if trains else None, "checkpoint": str(ckpt),
+            "litgpt_checkpoint": str(final / LIT_WEIGHTS), "world_size": cfg.world}

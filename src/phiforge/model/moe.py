@@ -14,7 +14,8 @@ Three ways to run the experts, all giving the same result (`MoE.impl`):
   loop     a Python loop over experts: the reference the tests compare the other two against
 
 The forward never calls .item(): losses and statistics stay on the device as tensors. The one exception is
-the dropless padded path, which must read the largest expert's token count to size its buffer.
+the dropless padded path, which must read the largest expert's token count to size its buffer (torch.compile
+captures it as an unbacked size: one graph for every count, no graph break, no recompile).
 """
 
 from __future__ import annotations
@@ -274,12 +275,17 @@ class MoE(nn.Module):
         return y
 
     def _experts_padded(self, x, expert, pos, counts, C):
-        """Scatter assignments into an [E, C, d] buffer (C = capacity, or the largest expert's count when
-        dropless), two batched matmuls, gather back. Assignments past C are written to a spare row that is
+        """Scatter assignments into an [E, C, d] buffer (C = capacity, or the largest expert's count rounded up to
+        GROUP_ALIGN when dropless), two batched matmuls, gather back. Assignments past C are written to a spare row that is
         never computed and read from row 0: their weight is 0, so what they read does not matter."""
         E, d = self.cfg.num_experts, x.size(1)
         if C is None:
-            C = int(counts.max())  # the one host sync: the buffer's size must be known on the host
+            # dropless: the one host sync, the buffer's size. Under torch.compile it is an unbacked size (one graph
+            # for every value, not a recompile each); rounded up to GROUP_ALIGN rows, so it is never 1 (a size the
+            # compiler would have to guard on) and each expert's rows start aligned
+            most = counts.max().item()
+            torch._check(most >= 1)
+            C = (most + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
         keep = pos < C
         slot = expert * C + pos
         xa = x.repeat_interleave(self.cfg.top_k, dim=0)  # [A, d]: each token once per choice

@@ -138,11 +138,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, hd]; cos/sin: [T, rotary_dim]. Dims past rotary_dim pass through unchanged."""
+    """x: [B, H, T, hd]; cos/sin: [T, rotary_dim] fp32. Dims past rotary_dim pass through unchanged. The rotation
+    runs in fp32 whatever x's dtype (a bf16 angle table is off by up to 2^-8 of a turn), then casts back."""
     r = cos.size(-1)
-    x_rot, x_pass = x[..., :r], x[..., r:]
+    x_rot, x_pass = x[..., :r].float(), x[..., r:]
     x_rot = x_rot * cos + rotate_half(x_rot) * sin
-    return torch.cat((x_rot, x_pass), dim=-1)
+    return torch.cat((x_rot.to(x.dtype), x_pass), dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,18 +256,20 @@ class Block(nn.Module):
 
 
 class Phi2(nn.Module):
-    def __init__(self, cfg: Phi2Config):
+    """The model. Two run options that are not architecture (not in Phi2Config, not saved with the weights):
+    loss_chunk_rows > 0 computes the training loss with the chunked linear + cross-entropy (model/fused.py), this
+    many rows at a time: no [tokens, vocab] fp32 logits (GPU memory; on CPU the plain path is a little faster).
+    eval_context: the tokens of context evaluations give the model (evaluation.scoring.eval_context), e.g. the
+    sequence length it was trained with; None: max_seq_len."""
+
+    def __init__(self, cfg: Phi2Config, loss_chunk_rows: int = 0, eval_context: int | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.loss_chunk_rows, self.eval_context = cfg, loss_chunk_rows, eval_context
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.embed_drop = nn.Dropout(cfg.embd_pdrop)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.final_layernorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
-        # >0: compute the training loss with the chunked linear+cross-entropy (model/fused.py), this many
-        # rows at a time. It saves GPU memory (no fp32 logits); on CPU the plain path is a little faster.
-        # The training engine sets it from the config key `loss_chunk_rows`.
-        self.loss_chunk_rows = 0
         self._init_rope(device=None)
         if not self.lm_head.weight.is_meta:  # on the meta device the engine initialises after parallelize()
             init_weights_(self, random_seed())
@@ -325,8 +328,7 @@ class Phi2(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos = self.rope_cos[start : start + T].to(self.lm_head.weight.dtype)
-        sin = self.rope_sin[start : start + T].to(self.lm_head.weight.dtype)
+        cos, sin = self.rope_cos[start : start + T].float(), self.rope_sin[start : start + T].float()
         x = self.embed_drop(self.embed_tokens(idx))
         for block in self.layers:
             x = block(x, cos, sin, cache, context)

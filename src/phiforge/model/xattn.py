@@ -6,7 +6,8 @@
 Both gates start at `gate_init` (0 by default), so adding these sublayers to a text-only model leaves its
 outputs exactly unchanged until training opens the gates. The context is attended to without a mask: every
 text position may look at every context token. During generation the context's K/V is computed once per
-sequence and kept in the KVCache (`cache.context_kv`).
+sequence and kept in the KVCache (`cache.context_kv`). Each gate is a one-element vector, not a scalar: FSDP2
+shards every parameter on its first dimension.
 """
 
 from __future__ import annotations
@@ -83,12 +84,12 @@ class GatedCrossAttention(nn.Module):
         self.layer_idx, self.gate_init = layer_idx, cfg.gate_init
         self.attn_norm = nn.LayerNorm(dim, eps=eps)
         self.attn = CrossAttention(dim, cfg.context_dim or dim, cfg.heads or n_head)
-        self.attn_gate = nn.Parameter(torch.tensor(float(cfg.gate_init)))
+        self.attn_gate = nn.Parameter(torch.full((1,), float(cfg.gate_init)))
         self.ff = None
         if cfg.ff is not False:
             self.ff_norm = nn.LayerNorm(dim, eps=eps)
             self.ff = feed_forward(dim, int(dim * cfg.ff_mult))
-            self.ff_gate = nn.Parameter(torch.tensor(float(cfg.gate_init)))
+            self.ff_gate = nn.Parameter(torch.full((1,), float(cfg.gate_init)))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, cache=None) -> torch.Tensor:
         kv = cache.context_kv.get(self.layer_idx) if cache is not None else None

@@ -15,7 +15,6 @@ The report reads val_bpb and cloze_acc; a key that is absent shows as "-".
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,16 +55,16 @@ def evaluate_route(run_dir: Path, setup: EvalSetup) -> dict:
     from phiforge.model_files import load_checkpoint, resolve_checkpoint
     from phiforge.tokenizer import eot_id, load_tokenizer, token_byte_lengths
     from phiforge.train.distributed import resolve_device
-    from phiforge.train.loop import evaluate
+    from phiforge.train.validation import evaluate
 
     ckpt = resolve_checkpoint(Path(run_dir))
-    device = resolve_device(setup.device)
-    model, tok = load_checkpoint(ckpt, device=device), load_tokenizer(ckpt)
-    model.eval_context = setup.seq_len  # every route is scored in the context it trained with
+    # every route is scored in the context it trained with
+    model = load_checkpoint(ckpt, device=resolve_device(setup.device), eval_context=setup.seq_len)
+    tok = load_tokenizer(ckpt)
     batches = eval_batches(setup.dataset, "val", setup.seq_len, setup.micro_batch_size, setup.eval_batches,
                            mixture=setup.mixture)
-    val = evaluate(model, batches, device, contextlib.nullcontext,
-                   token_bytes=torch.tensor(token_byte_lengths(tok), dtype=torch.float64), eot=eot_id(tok))
+    val = evaluate(model, batches, token_bytes=torch.tensor(token_byte_lengths(tok), dtype=torch.float64),
+                   eot=eot_id(tok))
     out = {"val_loss": val["val_loss"], "val_bpb": val.get("val_bpb"), "val_bpb_on": "validation windows"}
     # `phiforge eval`: bits per byte of the whole held-out split (every document scored whole, sliding windows)
     # and gutenberg-cloze accuracy

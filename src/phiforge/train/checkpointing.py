@@ -50,6 +50,7 @@ from phiforge.fileio import fsync_dir, plain_name, write_text_atomic
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
 from phiforge.train.dcp_reader import load_dcp, read_dcp_metadata
+from phiforge.hooks import RunHooks
 
 TRAIN_STATE = "train_state.json"
 STATE_FORMAT = "phiforge-train-state"
@@ -217,11 +218,11 @@ class Checkpointer:
     """Saves and loads training checkpoints for one run; every rank makes the same calls."""
 
     def __init__(self, run_dir: Path, env, keep: int, async_save: bool = False, tokenizer_dir: Path | None = None,
-                 fault=None):
+                 run_hooks: RunHooks | None = None):
         self.run_dir, self.root = Path(run_dir), Path(run_dir) / "checkpoints"
         self.env, self.keep, self.async_save = env, keep, async_save
         self.tokenizer_dir = tokenizer_dir
-        self.fault = fault
+        self.run_hooks = run_hooks or RunHooks()
         self.pending: tuple | None = None  # (future, tmp dir, final dir) of an async save in flight
         self.last_complete: Path | None = latest_checkpoint(self.run_dir)
         # async saves run collectives from a background thread: give them their own gloo group
@@ -307,8 +308,7 @@ class Checkpointer:
                               f"({full.strerror}); {kept}") from None
 
     def _complete(self, tmp: Path, final: Path, step: int, export_model: bool) -> None:
-        if self.fault is not None:
-            self.fault.in_save(step, self.run_dir)
+        self.run_hooks.saving(step)
         if not self.env.is_main:
             self.last_complete = final
             return

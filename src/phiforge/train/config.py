@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from phiforge.config import BadValue, check_range, normalized
 from phiforge.errors import ConfigError
@@ -35,6 +36,7 @@ class DataConfig:
 
 
 OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
 ADJUST_LR_FNS = ("match_rms_adamw", "original", "spectral_unclamped")
 
 
@@ -47,8 +49,9 @@ class MuonConfig:
     nesterov: bool = True
     ns_steps: int = 5  # Newton-Schulz iterations
     # bf16: torch.optim.Muon's own Newton-Schulz (fast on GPUs and bf16 CPUs); fp32: the same iteration in fp32
-    # (slower; rounding no longer amplifies tiny gradient differences, e.g. between 1 rank and N)
-    ns_dtype: str = "bf16"
+    # (rounding no longer amplifies tiny gradient differences, e.g. between 1 rank and N); auto: bf16 where the
+    # device computes bf16 natively (GPUs; CPUs with AMX or AVX512-BF16), else fp32 (train/precision.py)
+    ns_dtype: str = "auto"
     adjust_lr_fn: str = "match_rms_adamw"  # match_rms_adamw | original | spectral_unclamped (torch.optim.Muon's)
 
     def __post_init__(self):
@@ -56,8 +59,8 @@ class MuonConfig:
             check_range("lr", self.lr, 0.0, lo_open=True)
         check_range("momentum", self.momentum, 0.0, 1.0, hi_open=True)
         check_range("ns_steps", self.ns_steps, 1, 99)
-        if self.ns_dtype not in ("bf16", "fp32"):
-            raise BadValue("ns_dtype", f"must be bf16 or fp32, got '{self.ns_dtype}'")
+        if self.ns_dtype not in ("auto", "bf16", "fp32"):
+            raise BadValue("ns_dtype", f"must be bf16 or fp32 (or auto: the device's fast one), got '{self.ns_dtype}'")
         if self.adjust_lr_fn not in ADJUST_LR_FNS:
             raise BadValue("adjust_lr_fn", f"must be one of {', '.join(ADJUST_LR_FNS)}, got '{self.adjust_lr_fn}'")
 
@@ -78,6 +81,8 @@ class OptimConfig:
     muon: MuonConfig | None = None  # Muon's keys; only with name=muon (filled with the defaults when not given)
 
     def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be cosine, linear, wsd or constant, got '{self.schedule}'")
         if self.name not in OPTIMIZERS:
             raise BadValue("name", f"must be one of {', '.join(OPTIMIZERS)}, got '{self.name}'")
         if self.name == "muon" and self.muon is None:
@@ -110,6 +115,10 @@ class ParallelConfig:
     ac_policy: str = "layer"  # selective: layer (every ac_every-th block) | op (save matmuls, recompute the rest)
     ac_every: int = 2  # selective/layer: checkpoint blocks 0, k, 2k, ...
     compile_backend: str = "inductor"  # torch.compile backend for `compile: true` (per block)
+    # seconds any collective (and the start-up rendezvous) waits for the other ranks before failing: it must
+    # outlast the longest legitimate wait (loading or saving a checkpoint, the first compiled step); a rank that
+    # fails is found in seconds without it (docs/training.md, "When a rank fails")
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self):  # here, not in TrainConfig, so the vision fine-tune's `parallel` is checked too
         if self.strategy not in STRATEGIES:
@@ -121,6 +130,7 @@ class ParallelConfig:
             raise ConfigError(f"parallel.ac_policy must be layer or op, got '{self.ac_policy}'")
         check_range("ac_every", self.ac_every, 1)
         check_range("hsdp_replicate", self.hsdp_replicate, 0, note=" (0: one replica group per node)")
+        check_range("collective_timeout_s", self.collective_timeout_s, 1, 604800, note=" seconds")
 
 
 @dataclass
@@ -158,36 +168,74 @@ class EvalTaskConfig:
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """The keys every run config has, and their checks: `phiforge train` (TrainConfig), `phiforge vision finetune`
+    (vision.config.FinetuneConfig) and `phiforge litgpt pretrain` (litgpt.pretrain.LitPretrainConfig) extend it."""
+
+    PRECISIONS: ClassVar[tuple[str, ...]] = PRECISIONS  # the precision values a trainer takes
+    SAVE_NOTE: ClassVar[str] = " (0: only at the end)"
+
     model: dict = field(default_factory=lambda: {"preset": "small"})  # preset name + Phi2Config overrides
     init_from: str | None = None  # start from a phiforge checkpoint instead of random weights
-    data: DataConfig = field(default_factory=DataConfig)
+    data: object = None  # each trainer's own data section (a dataclass its config declares here)
     optim: OptimConfig = field(default_factory=OptimConfig)
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
-    max_steps: int = 1000
     eval_interval: int = 100  # steps between validation runs (also at step 0 and the end)
     eval_batches: int = 20
-    save_interval: int = 500  # steps between checkpoints (also at the end); 0: only at the end
-    keep_checkpoints: int = 2
+    save_interval: int = 0  # steps between checkpoints (also at the end); 0: only at the end
     log_interval: int = 10
     out_dir: str = "runs/default"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16-mixed on GPU, fp32 on CPU) | fp32 | bf16-mixed | bf16-true
     seed: int = 1337
-    compile: bool = False  # torch.compile each block (after activation checkpointing, before FSDP)
-    # > 0: the loss through the chunked linear + cross-entropy, this many rows of logits at a time (saves the
-    # [tokens, vocab] fp32 logits: GPU memory; on CPU the plain path is a little faster). 0: the plain head
-    loss_chunk_rows: int = 0
+
+    def __post_init__(self):
+        if self.precision not in self.PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(self.PRECISIONS)}, got '{self.precision}'")
+        for name in ("micro_batch_size", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval"):
+            check_range(name, getattr(self, name), 1)
+        check_range("save_interval", self.save_interval, 0, note=self.SAVE_NOTE)
+        self.model = checked_model_spec(self.model)
+
+    def model_config(self) -> Phi2Config:
+        return model_config_from_spec(self.model)
+
+
+@dataclass
+class EngineConfig(RunConfig):
+    """The keys of a run on phiforge's own training engine (train/engine.py): text and vision."""
+
+    keep_checkpoints: int = 2
     threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     resume: str = "none"  # none | auto (newest complete checkpoint of out_dir, if any) | PATH to a step-N dir
-    async_checkpoint: bool = False  # dcp.async_save: write in the background while training goes on
+    compile: bool = False  # torch.compile each block (after activation checkpointing, before FSDP)
     max_bad_steps: int = 5  # halt after this many consecutive non-finite losses / grad norms (each one is skipped)
-    mfu_peak_tflops: float = 0.0  # bf16 dense peak per device for MFU; 0 = look the GPU up in the peak table
     tensorboard: bool = True  # also write RUN/tensorboard/ when the tensorboard package is installed
     wandb_project: str | None = None  # also log to this W&B project when wandb is installed
     progress_bar: bool = True  # rank 0 only
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("max_bad_steps", self.max_bad_steps, 1)
+        check_range("keep_checkpoints", self.keep_checkpoints, 0, note=" (0 keeps all)")
+        check_range("threads", self.threads, 0, note=" (0 keeps torch's default)")
+        check_range("threads", self.threads, hi=4096, note=" (CPU threads per process)")
+        if not self.resume:
+            raise ConfigError("resume must be none, auto or a checkpoint path")
+
+
+@dataclass
+class TrainConfig(EngineConfig):
+    data: DataConfig = field(default_factory=DataConfig)
+    max_steps: int = 1000
+    save_interval: int = 500
+    # > 0: the loss through the chunked linear + cross-entropy, this many rows of logits at a time (saves the
+    # [tokens, vocab] fp32 logits: GPU memory; on CPU the plain path is a little faster). 0: the plain head
+    loss_chunk_rows: int = 0
+    async_checkpoint: bool = False  # dcp.async_save: write in the background while training goes on
+    mfu_peak_tflops: float = 0.0  # bf16 dense peak per device for MFU; 0 = look the GPU up in the peak table
     # local tasks and text files scored at every validation (docs/evaluation.md): 'NAME[:FORMAT]=PATH' strings or
     # {name, path, format, limit, num_fewshot}; metrics task/NAME/acc, text/NAME/bpb, ... in metrics.jsonl
     eval_tasks: list[str | EvalTaskConfig] = field(default_factory=list)
@@ -197,30 +245,15 @@ class TrainConfig:
     allow_tokenizer_mismatch: bool = False
 
     def __post_init__(self):
-        if self.optim.schedule not in ("cosine", "linear", "wsd", "constant"):
-            raise ConfigError(f"optim.schedule must be cosine, linear, wsd or constant, got '{self.optim.schedule}'")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
-        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_batches",
-                     "log_interval", "max_bad_steps"):
-            check_range(name, getattr(self, name), 1)
-        check_range("save_interval", self.save_interval, 0, note=" (0: only at the end)")
-        check_range("keep_checkpoints", self.keep_checkpoints, 0, note=" (0 keeps all)")
-        check_range("threads", self.threads, 0, note=" (0 keeps torch's default)")
-        check_range("threads", self.threads, hi=4096, note=" (CPU threads per process)")
+        super().__post_init__()
+        check_range("max_steps", self.max_steps, 1)
         check_range("mfu_peak_tflops", self.mfu_peak_tflops, 0.0, note=" (0 looks the GPU up)")
         check_range("loss_chunk_rows", self.loss_chunk_rows, 0, note=" (0: the plain head)")
         check_range("eval_tasks_interval", self.eval_tasks_interval, 0, note=" (0: at every validation)")
-        if not self.resume:
-            raise ConfigError("resume must be none, auto or a checkpoint path")
-        self.model = checked_model_spec(self.model)
         self.eval_tasks = [EvalTaskConfig.parse(e) for e in self.eval_tasks]
         names = [e.name for e in self.eval_tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"eval_tasks names must differ (their metrics are named after them): {names}")
-
-    def model_config(self) -> Phi2Config:
-        return model_config_from_spec(self.model)
 
 
 def model_config_from_spec(spec: dict, prefix: str = "model.") -> Phi2Config:

@@ -4,17 +4,26 @@ Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR in the environment) the d
 initialised from the environment: `cpu:gloo,cuda:nccl` on GPUs (NCCL for tensors on the GPU, gloo for CPU
 tensors such as checkpoint bookkeeping), gloo on CPUs. Without torchrun a world of one is initialised on an
 in-process store, so FSDP, DCP and the collectives below run unchanged.
+
+Launched ranks meet through env:// (MASTER_ADDR/MASTER_PORT: torchrun's agent store, or rank 0's TCPStore when
+the ranks are started directly, as `srun` starts them); that store is kept in DistEnv.store, where a failing
+rank leaves its message for the others (fail_together.py). A collective waits at most `timeout_s` for its
+peers (parallel.collective_timeout_s).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from phiforge.errors import ConfigError
+from phiforge.train.precision import configure_cuda
+
+RENDEZVOUS_S = 600  # the least time the launched ranks are given to arrive, whatever collective_timeout_s is
 
 
 @dataclass
@@ -26,6 +35,7 @@ class DistEnv:
     device: torch.device
     launched: bool  # started by torchrun (or another launcher that sets RANK/WORLD_SIZE)
     owns_group: bool  # we initialised the default process group, so we destroy it
+    store: "dist.Store | None" = None  # the launched ranks' rendezvous store (None: a world of one, or joined)
 
     @property
     def is_main(self) -> bool:
@@ -61,27 +71,42 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_distributed(device_name: str = "auto") -> DistEnv:
-    """Initialise (or join) the default process group and pick this rank's device."""
+def cuda_allocator_defaults() -> None:
+    """Expandable segments for the CUDA caching allocator (it grows segments instead of leaving fragments between
+    fixed-size ones), unless the user configured the allocator. Read when CUDA first allocates: call before that."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
+def init_distributed(device_name: str = "auto", timeout_s: float = 600) -> DistEnv:
+    """Initialise (or join) the default process group and pick this rank's device. A collective gives up after
+    waiting `timeout_s` seconds for the other ranks."""
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (_env_int("RANK", 0), _env_int("WORLD_SIZE", 1)) if launched else (0, 1)
     local_rank = _env_int("LOCAL_RANK", 0) if launched else 0
     local_world = _env_int("LOCAL_WORLD_SIZE", world) if launched else 1
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
+        cuda_allocator_defaults()  # before CUDA allocates anything
         torch.cuda.set_device(device)
+        configure_cuda()
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-    owns = False
+    owns, store, timeout = False, None, timedelta(seconds=timeout_s)
     if dist.is_initialized():  # e.g. a caller set it up already: join it as is
         rank, world = dist.get_rank(), dist.get_world_size()
     elif launched:
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        # env:// as init_process_group does it, keeping the store (the group's keys under their own prefix). The
+        # ranks may arrive minutes apart (nodes that start late): the store waits RENDEZVOUS_S at least
+        arrive = timedelta(seconds=max(timeout_s, RENDEZVOUS_S))
+        store, rank, world = next(dist.rendezvous("env://", timeout=arrive))
+        dist.init_process_group(backend=backend, store=dist.PrefixStore("default_pg", store), rank=rank,
+                                world_size=world, timeout=timeout, **kwargs)
         owns = True
     else:
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         owns = True
-    return DistEnv(rank, world, local_rank, local_world, device, launched, owns)
+    return DistEnv(rank, world, local_rank, local_world, device, launched, owns, store)
 
 
 def shutdown(env: DistEnv | None) -> None:

@@ -7,7 +7,7 @@ the cadence around them:
 
     for each step:  lr -> TrainStep (micro-batches, clip, optimizer step or skip, hooks) -> count tokens
                     -> log every log_interval -> validate every eval_interval -> stop on a signal (save first)
-                    -> save every save_interval -> faults (tests)
+                    -> save every save_interval -> the run's hooks (RunHooks: fault injection in tests)
     at the end:     a final save, unless the last step was just saved
 
 Faults: a step whose loss or gradient norm is not finite on any rank is skipped (no optimizer step) and
@@ -31,9 +31,10 @@ from tqdm import tqdm
 
 from phiforge.errors import OutOfMemory, PhiforgeError, out_of_memory
 from phiforge.train.distributed import DistEnv, all_reduce_, barrier
-from phiforge.train.metrics import Sinks, peak_memory
+from phiforge.hooks import RunHooks
+from phiforge.train.metrics import Sinks, peak_memory, reset_peak_memory
 from phiforge.train.optim import set_lr
-from phiforge.train.parallelize import clip_grad_norm_, grad_sync
+from phiforge.train.parallelize import Layout, clip_grad_norm_, grad_sync
 
 
 class TrainingHalted(PhiforgeError):
@@ -66,16 +67,27 @@ class StopRequest:
 
 
 def run_distributed(body: Callable, cfg, overwrite: bool) -> dict:
-    """Run `body(cfg, env, stop, overwrite)` in the process group with SIGTERM/SIGINT caught; always cleaned up."""
+    """Run `body(cfg, env, stop, overwrite)` in the process group with SIGTERM/SIGINT caught; always cleaned up.
+    A failure on any rank ends every rank, with the failing rank's message (fail_together.py)."""
     from phiforge.train.distributed import init_distributed, shutdown
+    from phiforge.train.fail_together import FailTogether
 
-    env = init_distributed(cfg.device)
+    env = init_distributed(cfg.device, cfg.parallel.collective_timeout_s)
+    together = FailTogether(env, cfg.parallel.collective_timeout_s).start()
     stop = StopRequest().install()
     try:
-        return body(cfg, env, stop, overwrite)
+        result = body(cfg, env, stop, overwrite)
+        together.close()  # done: stop watching before rank 0, which may host the store, exits
+        return result
+    except BaseException as e:
+        instead = together.failed(e)
+        if instead is None:
+            raise
+        raise instead from e
     finally:
         stop.restore()
         shutdown(env)
+        together.close()  # after a failure only now: a teardown that hangs is ended by the watchdog
 
 
 def oom_message(step: int, settings: dict, device: str = "CUDA") -> str:
@@ -120,14 +132,15 @@ class StepResult:
 
 class TrainStep:
     """One optimizer step: grad_accum_steps micro-batches (gradients communicated on the last one only), the
-    global grad-norm clip, the optimizer step unless the loss or the norm is non-finite, then the hooks."""
+    global grad-norm clip, the optimizer step unless the loss or the norm is non-finite, then the hooks
+    (`hooks`: step hooks such as MoEBalancing; `run_hooks`: the run's RunHooks)."""
 
-    def __init__(self, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, strategy: str,
-                 autocast: Callable, grad_accum_steps: int, grad_clip: float, defer_grad_sync: bool = True,
-                 hooks: list | tuple = (), faults=None, run_dir: Path | None = None):
-        self.model, self.optimizer, self.env, self.strategy = train_model, optimizer, env, strategy
-        self.autocast, self.accum, self.grad_clip, self.defer = autocast, grad_accum_steps, grad_clip, defer_grad_sync
-        self.hooks, self.faults, self.run_dir = list(hooks), faults, run_dir
+    def __init__(self, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, layout: Layout,
+                 grad_accum_steps: int, grad_clip: float, defer_grad_sync: bool = True, hooks: list | tuple = (),
+                 run_hooks: RunHooks | None = None):
+        self.model, self.optimizer, self.env, self.layout = train_model, optimizer, env, layout
+        self.accum, self.grad_clip, self.defer = grad_accum_steps, grad_clip, defer_grad_sync
+        self.hooks, self.run_hooks = list(hooks), run_hooks or RunHooks()
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def __call__(self, step: int, job: "Job", stop_requested: bool) -> StepResult:
@@ -135,14 +148,12 @@ class TrainStep:
         acc = torch.zeros(2, device=device)  # [loss with aux terms, language-model loss]
         for micro in range(n):
             batch = job.next_batch()
-            with grad_sync(self.model, self.strategy, micro == n - 1, self.defer):
-                with self.autocast():
-                    out = job.loss(self.model, batch)
-                loss = out.loss if self.faults is None else self.faults.before_backward(step, out.loss)
+            with grad_sync(self.model, self.layout, micro == n - 1, self.defer):
+                out = job.loss(self.model, batch)
+                loss = self.run_hooks.loss(step, out.loss)
                 (loss / n).backward()
             acc += torch.stack([loss.detach().float(), out.lm_loss.detach().float()]) / n
-        if self.faults is not None:
-            self.faults.during_step(step, self.run_dir)
+        self.run_hooks.after_backward(step)
         norm = clip_grad_norm_(self.params, self.grad_clip)
         stop = torch.tensor([float(stop_requested)], device=device)
         total, lm, votes = all_reduce_(torch.cat([acc, stop]), self.env).tolist()
@@ -219,10 +230,10 @@ class Loop:
     fine-tune's stages), keeping the counts, the clock and the validation result across them."""
 
     def __init__(self, env: DistEnv, cadence: Cadence, sinks: Sinks, stop: StopRequest, checkpointer=None,
-                 faults=None, run_dir: Path | None = None, flops_per_unit: float | None = None,
+                 run_hooks: RunHooks | None = None, flops_per_unit: float | None = None,
                  peak_flops: float | None = None, units_done: int = 0, bad_total: int = 0):
         self.env, self.cadence, self.sinks, self.stop = env, cadence, sinks, stop
-        self.ckpt, self.faults, self.run_dir = checkpointer, faults, run_dir
+        self.ckpt, self.run_hooks = checkpointer, run_hooks or RunHooks()
         self.flops_per_unit, self.peak_flops = flops_per_unit, peak_flops
         self.units_done, self.bad_total = units_done, bad_total
         self.consecutive_bad, self.first_bad = 0, 0
@@ -275,8 +286,7 @@ class Loop:
                     else:
                         job.save(s, final=False)
                         last_saved = s
-                if self.faults is not None:
-                    self.faults.after_step(g, self.run_dir)
+                self.run_hooks.after_step(g)
             if last_saved != end:
                 job.save(end, final=True)
             if self.ckpt is not None:
@@ -338,9 +348,8 @@ class Loop:
                "elapsed_s": now - self.t0, **job.log_fields()}
         if self.peak_flops and self.flops_per_unit:
             rec["mfu"] = rate / world * self.flops_per_unit / self.peak_flops
-        mem, kind = peak_memory(self.env.device)
-        if mem is not None:
-            rec["peak_mem_gib"], rec["peak_mem_kind"] = mem, kind
+        rec.update(peak_memory(self.env.device))
+        reset_peak_memory(self.env.device)  # each train event reports the peak of its own interval
         if self.bad_total:
             rec["skipped_steps"] = self.bad_total
         self.sinks.write(**rec)

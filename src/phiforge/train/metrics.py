@@ -1,4 +1,5 @@
-"""Training metrics: FLOPs per token, MFU against a bf16 dense peak table, peak memory, and the log sinks.
+"""Training metrics: FLOPs per token, MFU against a bf16 dense peak table, peak memory, perplexity, and the log
+sinks.
 
 MFU = tokens/s per device x flops_per_token / peak_flops per device, with
 
@@ -104,12 +105,28 @@ def rss_peak_bytes() -> int | None:
     return None
 
 
-def peak_memory(device: torch.device) -> tuple[float | None, str]:
-    """(peak GiB, what was measured): CUDA allocator peak on GPUs, the process's peak RSS on CPUs."""
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory as train-event fields: on GPUs, since the last reset_peak_memory (each log interval), the CUDA
+    allocator's peak of allocated tensors (peak_mem_gib) and of memory reserved from the driver
+    (peak_mem_reserved_gib: allocated + the allocator's cache, close to what nvidia-smi shows); on CPUs the
+    process's peak RSS."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+        return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30, "peak_mem_kind": "cuda_max_allocated",
+                "peak_mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
     rss = rss_peak_bytes()
-    return (rss / 2**30 if rss is not None else None), "rss_peak"
+    return {} if rss is None else {"peak_mem_gib": rss / 2**30, "peak_mem_kind": "rss_peak"}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new CUDA peak. (A CPU's peak RSS stays the process's: resetting it would also lower the ru_maxrss
+    that a parent, such as the study runner, reads for the whole run.)"""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(50) so a diverged run logs a number, not an overflow."""
+    return math.exp(min(loss, 50))
 
 
 class Sinks:

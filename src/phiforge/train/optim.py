@@ -9,8 +9,8 @@ Which parameter goes where (`param_roles`, decided by module type, not by name):
 optim.name=adamw: AdamW for all four (matrices decayed); optim.name=muon: Muon for the two matrix roles.
 
 Muon under FSDP2/HSDP (`MuonWithAdamW`): the momentum stays sharded like the weight; each step every rank
-all-gathers each 2-D matrix's Nesterov update in the dtype Newton-Schulz runs in (bf16 by default, so the
-result is what one process computes), orthogonalises the whole matrix and keeps its own rows. Expert stacks
+all-gathers each 2-D matrix's Nesterov update in the dtype Newton-Schulz runs in (ns_dtype auto: bf16 where
+the device computes bf16 natively, else fp32; the result is what one process computes), orthogonalises the whole matrix and keeps its own rows. Expert stacks
 sharded on the expert dimension hold whole experts per rank and need no gather. docs/training.md, "Optimizers".
 """
 
@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from phiforge.errors import ConfigError
 from phiforge.train.config import OptimConfig
+from phiforge.train.precision import resolve_ns_dtype
 
 ROLES = ("matrix", "matrix_in_out", "decay", "no_decay")
 MUON_ROLES = ("matrix", "matrix_in_out")
@@ -89,7 +90,16 @@ def _group_name(role: str, cfg: OptimConfig) -> str:
     return _GROUP_ORDER[3] if role == "no_decay" else _GROUP_ORDER[2]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+def fused_kernels(params: list[torch.Tensor]) -> bool:
+    """The one rule for AdamW's fused kernel (one kernel per step instead of a loop of them): on every CUDA
+    parameter, and on CPU for plain tensors, where it is ~2x foreach's speed (torch's CPU kernel takes no
+    DTensor shards)."""
+    from torch.distributed.tensor import DTensor
+
+    return bool(params) and all(p.device.type == "cuda" or not isinstance(p, DTensor) for p in params)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over every trainable parameter, or (optim.name=muon) Muon for the matrices and AdamW for the rest,
     as one optimizer. Matrices are decayed; biases, norms and embeddings never."""
     roles = param_roles(model)
@@ -97,16 +107,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> 
     for name, p in model.named_parameters():
         if p.requires_grad:
             params[roles[name]].append(p)
-    adamw = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": fused or None}
+    trainable = [p for ps in params.values() for p in ps]
+    adamw = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": fused_kernels(trainable)}
     if cfg.name == "adamw":
         groups = [{"params": params["matrix"] + params["matrix_in_out"] + params["decay"],
                    "weight_decay": cfg.weight_decay}, {"params": params["no_decay"], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, **adamw)
     muon_pieces()  # a clear error on a torch without Muon, before anything is built
     muon_lr = cfg.muon.lr or cfg.lr
+    ns_dtype = resolve_ns_dtype(cfg.muon.ns_dtype, trainable[0].device.type if trainable else "cpu")
     muon = {"algorithm": "muon", "lr": muon_lr, "lr_scale": muon_lr / cfg.lr, "weight_decay": cfg.weight_decay,
             "momentum": cfg.muon.momentum, "nesterov": cfg.muon.nesterov, "ns_steps": cfg.muon.ns_steps,
-            "ns_dtype": cfg.muon.ns_dtype, "adjust_lr_fn": cfg.muon.adjust_lr_fn}
+            "ns_dtype": ns_dtype, "adjust_lr_fn": cfg.muon.adjust_lr_fn}
     groups = [{"params": params["matrix"], **muon, "layout": "out_in"},
               {"params": params["matrix_in_out"], **muon, "layout": "in_out"},
               {"params": params["decay"], "algorithm": "adamw", "weight_decay": cfg.weight_decay},
@@ -127,14 +139,14 @@ def muon_pieces():
 
 class MuonWithAdamW(torch.optim.Optimizer):
     """One optimizer: torch.optim.Muon's update on the groups with algorithm=muon (2-D matrices, 3-D expert
-    stacks matrix by matrix, FSDP2/HSDP DTensor shards), torch.optim.AdamW's on the groups with
-    algorithm=adamw. One state and one list of param groups, so DCP saves, loads and reshards it like AdamW."""
+    stacks matrix by matrix, FSDP2/HSDP DTensor shards), torch's AdamW (its functional form,
+    torch.optim.adamw.adamw) on the groups with algorithm=adamw. One state and one list of param groups, so DCP
+    saves, loads and reshards it like AdamW. adamw_kwargs: AdamW's lr, betas, eps and fused, the defaults of
+    every group."""
 
     def __init__(self, groups: list[dict], adamw_kwargs: dict):
-        adamw_groups = [g for g in groups if g["algorithm"] == "adamw"]
-        # torch's AdamW does the AdamW groups' step; it fills its defaults into those group dicts
-        self._adamw = torch.optim.AdamW(adamw_groups, **adamw_kwargs) if adamw_groups else None
-        super().__init__(groups, defaults={})
+        super().__init__(groups, defaults={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "fused": None,
+                                           **adamw_kwargs})
         for g in self.param_groups:
             for p in g["params"] if g["algorithm"] == "muon" else ():
                 if p.ndim not in (2, 3):
@@ -151,11 +163,28 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 for p in group["params"]:
                     if p.grad is not None:
                         self._muon_update(p, group)
-        if self._adamw is not None:  # load_state_dict replaces the group dicts and the state: link them anew
-            self._adamw.param_groups = [g for g in self.param_groups if g["algorithm"] == "adamw"]
-            self._adamw.state = self.state
-            self._adamw.step()
+            else:
+                self._adamw_step(group)
         return loss
+
+    def _adamw_step(self, group: dict) -> None:
+        """torch.optim.AdamW's step for one group: its state, started as AdamW starts it, and its math."""
+        from torch.optim.adamw import adamw
+
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            state = self.state[p]
+            if not state:  # the step count lives on the host unless the fused kernel reads it on the device
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if group["fused"] else "cpu")
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+              [], [s["step"] for s in states], fused=group["fused"], amsgrad=False, beta1=beta1, beta2=beta2,
+              lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
     def _muon_update(self, p: torch.Tensor, group: dict) -> None:
         """torch.optim.Muon's _single_tensor_muon for one parameter, with the orthogonalisation made whole."""
@@ -237,3 +266,8 @@ def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
     if step < decay_start:
         return cfg.lr
     return cfg.lr - (cfg.lr - min_lr) * min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+
+
+def muon_ns_dtype(optimizer: torch.optim.Optimizer) -> str | None:
+    """The dtype Muon's Newton-Schulz runs in (optim.muon.ns_dtype as resolved for the device); None without Muon."""
+    return next((g["ns_dtype"] for g in optimizer.param_groups if g.get("algorithm") == "muon"), None)

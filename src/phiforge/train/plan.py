@@ -10,9 +10,11 @@ micro-batch, d = n_embd, V = vocab_size, c = compute bytes (2 for bf16, 4 for fp
   muon step      n * (2 r c + 2 k^2) + 4 r c / S (transient, largest Muon matrix r x c, k = min(r, c), n = 2
                  for bf16 Newton-Schulz, 4 for fp32: the gathered matrix, its Gram matrices and the result)
   gradients      P * m / S                      (exist from the backward pass to the optimizer step)
-  ddp buckets    P * m                          (ddp only: the all-reduce buffers)
+  ddp buckets    P * m                          (DDP only: the all-reduce buffers)
   fsdp buffers   (root + 2 blocks) * c          (gathered bf16 parameters of the block in use + the prefetched
-                 + 1 block * (c + 4)             one, the root's embedding/head, and one block's unsharded grads)
+                 + 1 block * (c + 4)             one, the root's embedding/head, and one block's unsharded grads;
+                                                 fsdp, hsdp, and none/ddp under bf16-mixed, which FSDP2 casts on a
+                                                 1-rank or (N, 1) mesh: S = 1 for those two)
   fsdp accum     P * 4                          (grad_accum_steps > 1 with defer_grad_sync: unsharded fp32
                                                  gradients kept between micro-steps, no communication)
   activations    BT * L * a + BT * head         (what autograd keeps for the backward pass)
@@ -23,8 +25,8 @@ micro-batch, d = n_embd, V = vocab_size, c = compute bytes (2 for bf16, 4 for fp
 Activation bytes per token and layer, counted from this implementation (tests/test_engine_plan.py checks the
 counts against measured peaks): a block keeps its input (d), the LayerNorm output (d), the qkv output (3d), the
 rotated q and k (2d), the attention output (d) and its [B, T, d] copy (d), fc1's output (4d) and GELU's (4d):
-17 d values. Under autocast (bf16-mixed without FSDP) the fp32 residual, two bf16 casts of the LayerNorm output
-and bf16 copies of q and k give 38 d bytes instead of 17 * 2. Checkpointing keeps less:
+17 d values, each in the compute dtype (the residual stream included: no autocast, train/precision.py).
+Checkpointing keeps less:
   full                 the block input only (d), plus one block's full set while it is recomputed
   selective, layer     full for every ac_every-th block, none for the others
   selective, op        the input + the outputs of the matmuls and attention (qkv 3d, attention d, dense d,
@@ -60,6 +62,8 @@ from phiforge.model import Phi2Config, count_params_meta
 from phiforge.model.init import BLOCK_VALUES
 from phiforge.train.config import TrainConfig
 from phiforge.train.engine import Job
+from phiforge.train.parallelize import mesh_shape, resolve_strategy, uses_fully_shard
+from phiforge.train.precision import Precision, resolve_ns_dtype, resolve_precision
 
 GiB = 2**30
 
@@ -86,17 +90,6 @@ class MemoryPlan:
         d["components_gib"] = {k: v / GiB for k, v in self.components.items()}
         d["startup_gib"] = {k: v / GiB for k, v in self.startup.items()}
         return d
-
-
-def _strategy(cfg: TrainConfig, world: int) -> str:
-    s = cfg.parallel.strategy
-    return ("fsdp" if world > 1 else "none") if s == "auto" else s
-
-
-def _precision(cfg: TrainConfig, device_type: str) -> str:
-    if cfg.precision == "auto":
-        return "bf16-mixed" if device_type == "cuda" else "fp32"
-    return cfg.precision
 
 
 _COUNTS: dict[str, int] = {}
@@ -132,11 +125,11 @@ def _muon_shapes(mcfg: Phi2Config) -> list[tuple[int, ...]]:
     return _MUON_SHAPES[key]
 
 
-def muon_costs(cfg: TrainConfig, shard: int) -> dict:
+def muon_costs(cfg: TrainConfig, shard: int, device_type: str = "cuda") -> dict:
     """Muon per device and step: its parameters, the bytes each rank receives in its all-gathers (fsdp/hsdp),
     Newton-Schulz FLOPs, and the transient bytes of the largest matrix's orthogonalisation."""
     shapes = _muon_shapes(cfg.model_config())
-    n = 2 if cfg.optim.muon.ns_dtype == "bf16" else 4
+    n = 2 if resolve_ns_dtype(cfg.optim.muon.ns_dtype, device_type) == "bf16" else 4
     params = gathered = flops = transient = 0
     for shape in shapes:
         r, c = shape[-2:]
@@ -152,15 +145,13 @@ def muon_costs(cfg: TrainConfig, shard: int) -> dict:
     return {"params": params, "gathered_bytes": gathered, "ns_flops": flops, "transient_bytes": transient}
 
 
-def activation_bytes_per_token(mcfg: Phi2Config, precision: str, strategy: str, ac: str, ac_policy: str,
+def activation_bytes_per_token(mcfg: Phi2Config, precision: str, ac: str, ac_policy: str,
                                ac_every: int) -> tuple[float, float]:
     """(bytes kept per token for all blocks at the end of the forward pass, extra transient bytes per token)."""
     d, L = mcfg.n_embd, mcfg.n_layer
-    autocast = precision == "bf16-mixed" and strategy not in ("fsdp", "hsdp")
     c = 4 if precision == "fp32" else 2
-    x_bytes = 4 if precision == "fp32" or autocast else 2  # the residual stream (block input)
-    full = 38 * d if autocast else 17 * d * c
-    inp = x_bytes * d
+    full = 17 * d * c
+    inp = c * d  # the residual stream (block input), in the compute dtype
     if ac == "none":
         return L * full, 0.0
     if ac == "full":
@@ -172,77 +163,70 @@ def activation_bytes_per_token(mcfg: Phi2Config, precision: str, strategy: str, 
     return L * op, full - op
 
 
+def plan_layout(cfg: TrainConfig, n_gpus: int, gpus_per_node: int, device_type: str) -> tuple[str, Precision, int]:
+    """(strategy, precision policy, FSDP shard degree) that a run of cfg on n_gpus resolves (train/parallelize.py)."""
+    strategy = resolve_strategy(cfg.parallel.strategy, n_gpus)
+    precision = resolve_precision(cfg.precision, device_type)
+    if not uses_fully_shard(strategy, precision):
+        return strategy, precision, 1
+    if strategy == "hsdp" and not cfg.parallel.hsdp_replicate and n_gpus > gpus_per_node and n_gpus % gpus_per_node:
+        # one replica per node needs whole nodes (torchrun starts as many processes on every node)
+        raise ConfigError(f"hsdp over {n_gpus} GPUs at {gpus_per_node} per node is not a whole number of nodes; "
+                          f"use a multiple of {gpus_per_node} GPUs, --gpus-per-node, or set parallel.hsdp_replicate")
+    shape = mesh_shape(strategy, n_gpus, cfg.parallel.hsdp_replicate, max(1, n_gpus // gpus_per_node))
+    return strategy, precision, shape[-1]
+
+
 def plan_memory(cfg: TrainConfig, n_gpus: int, gpus_per_node: int = 8, device_type: str = "cuda",
                 micro_batch_size: int | None = None) -> MemoryPlan:
-    mcfg = cfg.model_config()
-    strategy = _strategy(cfg, n_gpus)
-    precision = _precision(cfg, device_type)
-    if strategy == "none" and n_gpus > 1:
-        raise ConfigError("parallel.strategy=none runs on one device; use fsdp, hsdp or ddp for several")
-    if strategy == "fsdp":
-        shard = n_gpus
-    elif strategy == "hsdp":
-        if not cfg.parallel.hsdp_replicate and n_gpus > gpus_per_node and n_gpus % gpus_per_node:
-            # one replica per node needs whole nodes (torchrun starts as many processes on every node)
-            raise ConfigError(f"hsdp over {n_gpus} GPUs at {gpus_per_node} per node is not a whole number of nodes; "
-                              f"use a multiple of {gpus_per_node} GPUs, --gpus-per-node, or set "
-                              "parallel.hsdp_replicate")
-        replicate = cfg.parallel.hsdp_replicate or max(1, n_gpus // gpus_per_node)
-        if n_gpus % replicate:
-            raise ConfigError(f"parallel.hsdp_replicate={replicate} does not divide {n_gpus} GPUs")
-        shard = n_gpus // replicate
-    else:
-        shard = 1
+    strategy, precision, shard = plan_layout(cfg, n_gpus, gpus_per_node, device_type)
     B = micro_batch_size or cfg.micro_batch_size
-    T = cfg.data.seq_len
-    BT = B * T
-    counts = _param_counts(mcfg)
-    P = counts["total"]
-    m = 2 if precision == "bf16-true" else 4
-    c = 4 if precision == "fp32" else 2
-    fsdp = strategy in ("fsdp", "hsdp")
-    autocast = precision == "bf16-mixed" and not fsdp
-    V, d = mcfg.vocab_size, mcfg.n_embd
-
-    comp = {}
-    comp["parameters"] = P * m / shard
-    muon = muon_costs(cfg, shard) if cfg.optim.name == "muon" else {}
-    comp["optimizer"] = (2 * P - muon.get("params", 0)) * m / shard
-    grads = P * m / shard
-    if strategy == "ddp":
-        comp["ddp_buckets"] = P * m
-    if fsdp:
-        # gathered root + current and prefetched block (+ the last block, kept gathered), one block's grads
-        comp["fsdp_buffers"] = (counts["root"] + 2 * counts["block"]) * c + counts["block"] * (c + 4)
-    if fsdp and cfg.grad_accum_steps > 1 and cfg.parallel.defer_grad_sync:
-        # FSDP2 accumulates unsynced gradients unsharded, upcast to the fp32 reduce dtype
-        comp["fsdp_accumulated_grads"] = P * (4 if precision == "bf16-mixed" else m)
-    if autocast:  # bf16 copies of the weights, cached by autocast and kept by the matmuls for backward
-        comp["autocast_weights"] = (P - counts["embed"]) * 2
-    kept, transient = activation_bytes_per_token(mcfg, precision, strategy, cfg.parallel.activation_checkpointing,
+    counts = _param_counts(cfg.model_config())
+    muon = muon_costs(cfg, shard, device_type) if cfg.optim.name == "muon" else {}
+    comp, grads = state_bytes(cfg, strategy, precision, shard, counts, muon.get("params", 0))
+    mcfg, BT = cfg.model_config(), B * cfg.data.seq_len
+    c = precision.param.itemsize
+    kept, transient = activation_bytes_per_token(mcfg, precision.name, cfg.parallel.activation_checkpointing,
                                                  cfg.parallel.ac_policy, cfg.parallel.ac_every)
     comp["activations"] = BT * kept
-    head_saved = BT * (2 * d * c + 4 * V)
-    head_transient = BT * (4 if c == 4 else 8) * V
-    comp["head_activations"] = head_saved
+    comp["head_activations"] = BT * (2 * mcfg.n_embd * c + 4 * mcfg.vocab_size)
+    head_transient = BT * (4 if c == 4 else 8) * mcfg.vocab_size
     # later micro-steps of an accumulated step run with the (sharded, or DDP/none: full) gradients alive
     accum_grads = grads if cfg.grad_accum_steps > 1 and "fsdp_accumulated_grads" not in comp else 0
     fwd = sum(comp.values()) + accum_grads + max(head_transient, BT * transient)
     # end of the backward pass: every gradient exists, activations are gone (the optimizer step adds at most a
     # weight-sized temporary on CPU; fused AdamW on GPUs adds none)
-    static = comp["parameters"] + comp["optimizer"] + comp.get("ddp_buckets", 0) + comp.get("fsdp_buffers", 0) \
-        + comp.get("fsdp_accumulated_grads", 0)
+    static = sum(comp.get(k, 0) for k in ("parameters", "optimizer", "ddp_buckets", "fsdp_buffers",
+                                            "fsdp_accumulated_grads"))
+    m = precision.master.itemsize
     step_transient = max(2 * counts["embed"] * m if device_type == "cpu" else 0, muon.get("transient_bytes", 0))
     bwd = static + grads + step_transient
     comp["gradients (at the step)"] = grads
     comp["transient (loss grad / recompute)"] = max(head_transient, BT * transient)
     if muon:
         comp["muon step transient"] = muon["transient_bytes"]
-    plan = MemoryPlan(strategy, precision, n_gpus, shard, B, T, cfg.parallel.activation_checkpointing, P, comp,
-                      muon=muon, startup=startup_bytes(cfg, counts, m, shard))
+    plan = MemoryPlan(strategy, precision.name, n_gpus, shard, B, cfg.data.seq_len,
+                      cfg.parallel.activation_checkpointing, counts["total"], comp, muon=muon,
+                      startup=startup_bytes(cfg, counts, m, shard))
     plan.peak_bytes, plan.peak_phase = (fwd, "forward end + loss gradient") if fwd >= bwd else \
         (bwd, "end of backward + optimizer step")
     return plan
+
+
+def state_bytes(cfg: TrainConfig, strategy: str, precision: Precision, shard: int, counts: dict,
+                muon_params: int) -> tuple[dict, float]:
+    """({parameters, optimizer state and the layout's buffers: bytes}, gradient bytes) per device."""
+    P, m, c = counts["total"], precision.master.itemsize, precision.param.itemsize
+    comp = {"parameters": P * m / shard, "optimizer": (2 * P - muon_params) * m / shard}
+    if uses_fully_shard(strategy, precision):
+        # gathered root + current and prefetched block (+ the last block, kept gathered), one block's grads
+        comp["fsdp_buffers"] = (counts["root"] + 2 * counts["block"]) * c + counts["block"] * (c + 4)
+        if cfg.grad_accum_steps > 1 and cfg.parallel.defer_grad_sync:
+            # FSDP2 accumulates unsynced gradients unsharded, upcast to the reduce dtype
+            comp["fsdp_accumulated_grads"] = P * precision.reduce.itemsize
+    elif strategy == "ddp":
+        comp["ddp_buckets"] = P * m
+    return comp, P * m / shard
 
 
 def startup_bytes(cfg: TrainConfig, counts: dict, m: int, shard: int) -> dict:
@@ -315,7 +299,8 @@ def muon_lines(cfg: TrainConfig, plan: MemoryPlan) -> list[str]:
         reduce = 4 if plan.precision in ("fp32", "bf16-mixed") else 2
         gathers = 2 if cfg.parallel.reshard_after_forward else 1
         fsdp = (gathers * c + reduce) * plan.params * (S - 1) / S
-        lines.append(f"  every rank all-gathers each 2-D matrix's update ({cfg.optim.muon.ns_dtype}): "
+        ns = resolve_ns_dtype(cfg.optim.muon.ns_dtype, "cuda")
+        lines.append(f"  every rank all-gathers each 2-D matrix's update ({ns}): "
                      f"{format_bytes(mu['gathered_bytes']).strip()} received per step per GPU, against "
                      f"{format_bytes(fsdp).strip()} for FSDP's parameter gathers and gradient reduce-scatter per "
                      "micro-step; every rank of the shard group orthogonalises every matrix")
@@ -338,7 +323,7 @@ def _measure_worker() -> None:
 
     args = json.loads(os.environ["PHIFORGE_MEASURE"])
     torch.set_num_threads(1)
-    peak = _measure_in_process(from_dict(TrainConfig, args["cfg"]), args["steps"])
+    peak = measure_peak_in_process(from_dict(TrainConfig, args["cfg"]), args["steps"])
     with open(f"{args['out']}.{os.environ['RANK']}", "w") as f:
         json.dump({"peak": peak}, f)
 
@@ -362,26 +347,23 @@ class _RandomTokens(Job):
         return self.cfg.optim.lr
 
 
-def _measure_in_process(cfg: TrainConfig, steps: int) -> int:
-    """Peak live tensor bytes of `steps` steps of the training engine itself (build, step, cadence)."""
+def measure_peak_in_process(cfg: TrainConfig, steps: int) -> int:
+    """Peak live tensor bytes of `steps` steps of the training engine itself (the trainers' build path, step and
+    cadence), in this process's world (one, or this rank of a torchrun launch)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from phiforge.train.build import build_train_model
+    from phiforge.train.build import build_step, build_text_model
     from phiforge.train.distributed import init_distributed, shutdown
-    from phiforge.train.engine import Cadence, Loop, StopRequest, TrainStep
+    from phiforge.train.engine import Cadence, Loop, StopRequest
     from phiforge.train.metrics import Sinks
-    from phiforge.train.optim import build_optimizer
-    from phiforge.train.parallelize import autocast_for, build_mesh, resolve_precision, resolve_strategy
+    from phiforge.train.parallelize import resolve_layout
 
-    env = init_distributed("cpu")
+    env = init_distributed("cpu", cfg.parallel.collective_timeout_s)
     try:
-        strategy = resolve_strategy(cfg, env.world_size)
+        layout = resolve_layout(cfg, env)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-            model, train_model = build_train_model(cfg, cfg.model_config(), env, build_mesh(cfg, env))
-            autocast = autocast_for(resolve_precision(cfg, env.device), strategy, env.device)
-            opt = build_optimizer(model, cfg.optim)
-            step = TrainStep(train_model, opt, env, strategy, autocast, cfg.grad_accum_steps, cfg.optim.grad_clip,
-                             cfg.parallel.defer_grad_sync)
+            model, train_model = build_text_model(cfg, cfg.model_config(), env, layout)
+            step = build_step(model, train_model, cfg, cfg.optim, env, layout)
             cadence = Cadence(log_interval=steps, eval_interval=steps, save_interval=0, progress_bar=False)
             loop = Loop(env, cadence, Sinks(None, enabled=False), StopRequest())
             loop.run(_RandomTokens(cfg, model.cfg.vocab_size, env.rank, env.world_size), step, 0, steps)

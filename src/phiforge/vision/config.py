@@ -4,10 +4,11 @@ two-stage fine-tuning run (`phiforge vision finetune --config FILE`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from phiforge.config import check_range
 from phiforge.errors import ConfigError
-from phiforge.train.config import OptimConfig, ParallelConfig, checked_model_spec
+from phiforge.train.config import EngineConfig, OptimConfig
 
 ENCODERS = ("conv", "timm", "hf", "features")
 PROJECTORS = ("mlp", "resampler")
@@ -86,54 +87,30 @@ class StageConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(EngineConfig):
+    """The fine-tune's run config; the keys it shares with `phiforge train` are train.config.EngineConfig's."""
+
+    PRECISIONS: ClassVar[tuple[str, ...]] = ("auto", "fp32", "bf16-mixed")
+    SAVE_NOTE: ClassVar[str] = " (0: only at the end of each stage)"
+
     model: dict = field(default_factory=lambda: {"preset": "small"})  # + xattn: {...}; see build_vision_model
     init_from: str | None = None  # a phiforge checkpoint: text-only (gets xattn from model.xattn) or vision
-    vision: VisionConfig = field(default_factory=VisionConfig)
     data: VisionDataConfig = field(default_factory=VisionDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)  # lr and warmup_steps come from each stage
-    stage1: StageConfig = field(default_factory=StageConfig)
-    stage2: StageConfig = field(default_factory=StageConfig)
     micro_batch_size: int = 16
-    grad_accum_steps: int = 1
-    eval_interval: int = 100
     eval_batches: int = 4
-    log_interval: int = 10
     out_dir: str = "runs/vision"
-    device: str = "auto"
-    precision: str = "auto"
-    seed: int = 1337
-    threads: int = 0
     # the training engine's pieces (docs/vision.md, "Checkpoints, resume, activation checkpointing, ranks")
     save_interval: int = 0  # steps between checkpoints; 0: only at the end of each stage
     keep_checkpoints: int = 0  # newest checkpoints to keep; 0 keeps all (the stage ends are often wanted)
-    resume: str = "none"  # none | auto (out_dir's newest complete checkpoint, if any) | PATH to a step-N dir
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # activation_checkpointing, ac_*, strategy
-    compile: bool = False  # torch.compile each LM block (after activation checkpointing)
-    max_bad_steps: int = 5  # halt after this many consecutive non-finite losses / grad norms (each one is skipped)
-    tensorboard: bool = True  # also write RUN/tensorboard/ when the tensorboard package is installed
-    wandb_project: str | None = None  # also log to this W&B project when wandb is installed
-    progress_bar: bool = True  # rank 0 only
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=StageConfig)
 
     def __post_init__(self):
         for name, parts in STAGE_DEFAULTS.items():
             stage = getattr(self, name)
             if stage.train is None:
                 stage.train = list(parts)
-        if self.optim.schedule not in ("cosine", "linear", "wsd", "constant"):
-            raise ConfigError(f"optim.schedule must be cosine, linear, wsd or constant, got '{self.optim.schedule}'")
-        if self.precision not in ("auto", "fp32", "bf16-mixed"):
-            raise ConfigError(f"precision must be auto, fp32 or bf16-mixed, got '{self.precision}'")
-        for name in ("micro_batch_size", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval"):
-            check_range(name, getattr(self, name), 1)
-        check_range("save_interval", self.save_interval, 0, note=" (0: only at the end of each stage)")
-        check_range("keep_checkpoints", self.keep_checkpoints, 0, note=" (0 keeps all)")
-        check_range("threads", self.threads, 0, note=" (0 keeps torch's default)")
-        check_range("threads", self.threads, hi=4096, note=" (CPU threads per process)")
-        if not self.resume:
-            raise ConfigError("resume must be none, auto or a checkpoint path")
-        if self.parallel.strategy not in ("auto", "none", "ddp"):
-            raise ConfigError(f"parallel.strategy for the vision fine-tune must be auto, none or ddp "
-                              f"(no FSDP yet), got '{self.parallel.strategy}'")
         # build_vision_model adds xattn: {} when it is not given; XAttnConfig's defaults always pass
-        self.model = checked_model_spec(self.model)
+        super().__post_init__()

@@ -158,8 +158,8 @@ class ImageEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.to(self.mean.dtype) / 255.0
-        return self.backbone((x - self.mean) / self.std)
+        x = pixels.to(self.mean.dtype) / 255.0  # normalised in fp32, then in the dtype the backbone computes in
+        return self.backbone(((x - self.mean) / self.std).to(next(self.backbone.parameters()).dtype))
 
 
 class FeatureEncoder(nn.Module):

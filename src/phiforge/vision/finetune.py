@@ -8,9 +8,13 @@ RUN/metrics.jsonl, the resolved config to RUN/config.yaml.
 Each stage is a Job of the training engine (phiforge.train.engine): the same step (non-finite steps skipped,
 MoE balancing hook), the same cadence (logging to metrics.jsonl + TensorBoard / W&B, validation, checkpoints,
 SIGTERM saves, the OOM message, faults) as `phiforge train`; the run directory is claimed the same way
-(--resume auto or --overwrite for a directory that holds a run). Also from phiforge.train: the process group
-(one process, or N under torchrun, as DDP), activation checkpointing and compile of the LM blocks, and the
-DCP Checkpointer. A checkpoint RUN/checkpoints/step-N is written every
+(--resume auto or --overwrite for a directory that holds a run). The model is built as `phiforge train` builds
+its own (phiforge.train.build): on the meta device, laid out by parallelize() (activation checkpointing and
+compile of the LM blocks, FSDP2 or DDP over the ranks; auto means ddp here), then filled from the model built on
+the host (init_from and the encoder's weights). A stage changes which parameters train: FSDP2 reads
+requires_grad at every gather, DDP registers them when built, so ddp gets a new wrapper per stage. The one
+validation loop of phiforge.train.validation gives val_loss per supervised token over all ranks' batches.
+A checkpoint RUN/checkpoints/step-N is written every
 save_interval steps and at the end of each stage; it is a training checkpoint (model, the stage's optimizer,
 RNG, train_state.json with the stage, the step and the data position) and a vision checkpoint (config.json,
 model + vision.safetensors) in one, so `--resume auto` and `vision generate --checkpoint RUN` both read it.
@@ -19,29 +23,30 @@ model + vision.safetensors) in one, so `--resume auto` and `vision generate --ch
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from phiforge.model_files import load_checkpoint
 from phiforge.config import to_dict
 from phiforge.errors import CheckpointError, ConfigError
+from phiforge.faults import run_hooks
 from phiforge.model import Phi2
 from phiforge.model.phi2 import LossOutput
 from phiforge.model.xattn import XAttnConfig
-from phiforge.tokenizer import load_tokenizer
+from phiforge.tokenizer import check_vocab_fits, load_tokenizer
+from phiforge.train.build import build_model, build_step, copy_from
 from phiforge.train.checkpointing import TRAIN_STATE, Checkpointer, read_train_state
 from phiforge.train.config import model_config_from_spec
 from phiforge.train.distributed import DistEnv, all_reduce_
 from phiforge.train.engine import Cadence, Job, Loop, MoEBalancing, StopRequest, TrainStep, run_distributed
-from phiforge.faults import Faults
 from phiforge.train.metrics import Sinks
-from phiforge.train.optim import build_optimizer, describe_split, lr_at
-from phiforge.train.parallelize import (apply_activation_checkpointing, apply_compile, autocast_for,
-                                        resolve_precision, resolve_strategy)
+from phiforge.train.optim import describe_split, lr_at
+from phiforge.train.parallelize import apply_ddp, resolve_layout
 from phiforge.train.rundir import RunDir
+from phiforge.train.validation import validate
 from phiforge.vision.config import FinetuneConfig
 from phiforge.vision.data import VisionDataset
 from phiforge.vision.model import (VisionLM, add_cross_attention, is_vision_checkpoint, load_vision_checkpoint,
@@ -63,15 +68,12 @@ def build_vision_model(cfg: FinetuneConfig) -> VisionLM:
     return VisionLM(lm, cfg.vision).train()
 
 
-@torch.no_grad()
-def eval_loss(model: VisionLM, batches, device, autocast) -> float:
-    model.eval()
-    total = 0.0
-    for visual, idx, labels in batches:
-        with autocast():
-            total += model(visual.to(device), idx.to(device), labels.to(device)).lm_loss.item()
-    model.train()
-    return total / len(batches)
+def supervised_nats(model: VisionLM, batch) -> torch.Tensor:
+    """score() for validate(): [nats, supervised tokens] of one batch."""
+    device = next(model.parameters()).device
+    visual, idx, labels = (t.to(device) for t in batch)
+    n = (labels != -100).sum()
+    return torch.stack([model(visual, idx, labels).lm_loss.double() * n, n.double()])
 
 
 def _resume_point(cfg: FinetuneConfig, ckpt: Path, global_batch: int) -> dict:
@@ -126,7 +128,10 @@ class VisionStage(Job):
 
     def evaluate(self) -> dict:
         r = self.run
-        return {"val_loss": eval_loss(r.model, r.val, r.env.device, r.autocast)} if r.val else {}
+        if not r.val:
+            return {}
+        nats, tokens = validate(r.train_model, r.val, supervised_nats, r.env)
+        return {"val_loss": nats / max(tokens, 1)}
 
     def save(self, step: int, final: bool) -> Path:
         r = self.run
@@ -136,11 +141,12 @@ class VisionStage(Job):
                  "grad_accum_steps": r.cfg.grad_accum_steps, "samples": r.loop.units_done,
                  "bad_steps": r.loop.bad_total, "model": r.model.lm.cfg.to_dict()}
         extra = {"train": {"step": r.loop.step, "stage": self.name}}
-        return r.ckpt.save(r.loop.step, r.model, self.optimizer, state,
-                           export_model=lambda d: write_vision_files(r.model, d, r.tokenizer_dir, extra))
+        weights = full_state_dict(r.model)  # every rank takes part (FSDP gathers); rank 0 writes
+        return r.ckpt.save(r.loop.step, r.model, self.optimizer, state, export_model=lambda d: write_vision_files(
+            weights, r.model.lm.cfg, r.model.vcfg, d, r.tokenizer_dir, extra))
 
     def log_fields(self) -> dict:
-        return {"gates": [round(float(torch.tanh(g.detach())), 4) for g in self.run.model.gates()]}
+        return {"gates": [round(v, 4) for v in self.run.model.gate_values()]}
 
     def oom_settings(self) -> dict:
         c = self.run.cfg
@@ -149,43 +155,58 @@ class VisionStage(Job):
                 "precision": c.precision, "stage": self.name}
 
 
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The model's whole state dict on the host, on rank 0 (gathered from every rank's shards under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 class VisionRun:
     """Everything the stages share: the model, data, checkpointer and the loop."""
 
-    def __init__(self, cfg: FinetuneConfig, env: DistEnv, model: VisionLM, tok, run: RunDir, faults):
-        self.cfg, self.env, self.model, self.run_dir, self.faults = cfg, env, model, run, faults
-        self.strategy = resolve_strategy(cfg, env.world_size)
-        self.strategy = "ddp" if self.strategy == "fsdp" else self.strategy  # no FSDP layout for vision yet
-        self.autocast = autocast_for(resolve_precision(cfg, env.device), self.strategy, env.device)
-        max_len = min(cfg.data.max_len, model.lm.cfg.max_seq_len)
-        enc = model.vcfg.encoder
+    def __init__(self, cfg: FinetuneConfig, env: DistEnv, source: VisionLM, tok, run: RunDir):
+        self.cfg, self.env, self.run_dir = cfg, env, run
+        self.layout = resolve_layout(cfg, env, auto_many="ddp")
+        self.hooks = run_hooks(env.rank, run.path)
+        max_len = min(cfg.data.max_len, source.lm.cfg.max_seq_len)
+        enc = source.vcfg.encoder
         self.train_set = VisionDataset(cfg.data.train, tok, enc, max_len, cfg.data.image_dir)
         self.val_set = VisionDataset(cfg.data.val, tok, enc, max_len, cfg.data.image_dir) if cfg.data.val else None
         self.val = None
-        if self.val_set is not None:  # every rank evaluates the same batches
+        if self.val_set is not None:  # the same batches at every validation, split across the ranks
             it = self.val_set.shuffled_batches(cfg.micro_batch_size, seed=0)
             n = min(cfg.eval_batches, max(1, len(self.val_set) // cfg.micro_batch_size))
             self.val = [next(it) for _ in range(n)]
         self.global_batch = cfg.micro_batch_size * env.world_size
         self.tokenizer_dir = Path(cfg.init_from) if cfg.init_from else None
-        self.ckpt = Checkpointer(run.path, env, cfg.keep_checkpoints, tokenizer_dir=self.tokenizer_dir, fault=faults)
+        self.ckpt = Checkpointer(run.path, env, cfg.keep_checkpoints, tokenizer_dir=self.tokenizer_dir,
+                                 run_hooks=self.hooks)
         self.resumed = _resume_point(cfg, Path(run.checkpoint), self.global_batch) if run.checkpoint else None
         self.consumed = int(self.resumed["batches"]) if self.resumed else 0
         self.batches = self.train_set.shuffled_batches(cfg.micro_batch_size, seed=cfg.seed, start=self.consumed,
                                                        rank=env.rank, world_size=env.world_size)
         self.loop: Loop | None = None
+        self.ddp_parts = getattr(cfg, self.resumed["stage"] if self.resumed else STAGES[0]).train
+        make = partial(_skeleton, source, self.ddp_parts)
+        self.model, self.train_model = build_model(make, cfg, self.layout, partial(copy_from, source, device=env.device),
+                                                   body=lambda m: m.lm)
 
     def step_fn(self, stage: VisionStage) -> TrainStep:
-        """The stage's optimizer and train step; loads the resume checkpoint into the stage it was saved in."""
-        model, cfg = self.model, self.cfg
-        # the fused kernel also exists for CPU, where it is several times faster than the default
-        stage.optimizer = build_optimizer(model, stage.optim_cfg, fused=self.env.device.type in ("cpu", "cuda"))
-        train_model = model
-        if self.strategy == "ddp":  # DDP registers the parameters that need gradients when built: one per stage
-            train_model = DDP(model, device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None)
-        return TrainStep(train_model, stage.optimizer, self.env, self.strategy, self.autocast, cfg.grad_accum_steps,
-                         cfg.optim.grad_clip, hooks=[MoEBalancing(model.lm, self.env)], faults=self.faults,
-                         run_dir=self.run_dir.path)
+        """The stage's optimizer and train step over the parameters it trains (set_trainable first)."""
+        if self.layout.wraps_ddp and stage.stage.train != self.ddp_parts:
+            self.train_model, self.ddp_parts = apply_ddp(self.model), stage.stage.train
+        step = build_step(self.model, self.train_model, self.cfg, stage.optim_cfg, self.env, self.layout,
+                          hooks=[MoEBalancing(self.model.lm, self.env)], run_hooks=self.hooks)
+        stage.optimizer = step.optimizer
+        return step
+
+
+def _skeleton(source: VisionLM, parts: list[str]) -> VisionLM:
+    """`source`'s architecture (built on the meta device by build_model), training `parts`."""
+    model = VisionLM(Phi2(source.lm.cfg), source.vcfg, load_encoder_weights=False)
+    model.set_trainable(parts)
+    return model
 
 
 def _finetune(cfg: FinetuneConfig, env: DistEnv, stop: StopRequest, overwrite: bool) -> dict:
@@ -193,30 +214,24 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv, stop: StopRequest, overwrite: b
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same on every rank: every rank builds the same initial weights
     tok = load_tokenizer(cfg.init_from)
-    model = build_vision_model(cfg)
-    if tok.get_vocab_size() > model.lm.cfg.vocab_size:
-        raise ConfigError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocabulary has "
-                          f"{model.lm.cfg.vocab_size}; choose a larger preset or set model.vocab_size")
+    source = build_vision_model(cfg)  # on the host; the model that trains is laid out and filled from it
+    check_vocab_fits(tok.get_vocab_size(), source.lm.cfg.vocab_size,
+                     f"the tokenizer of {cfg.init_from}" if cfg.init_from else "the built-in GPT-2 tokenizer")
     inputs = [cfg.data.train, cfg.data.val, cfg.data.image_dir, cfg.init_from]
     with RunDir(cfg.out_dir, env, "vision finetune", cfg.resume, overwrite, inputs=inputs) as run:  # rank 0 locks it
-        return _start(cfg, env, stop, model, tok, run)
+        return _start(cfg, env, stop, source, tok, run)
 
 
-def _start(cfg: FinetuneConfig, env: DistEnv, stop: StopRequest, model: VisionLM, tok, run: RunDir) -> dict:
-    vr = VisionRun(cfg, env, model, tok, run, Faults.from_env(env.rank))
+def _start(cfg: FinetuneConfig, env: DistEnv, stop: StopRequest, source: VisionLM, tok, run: RunDir) -> dict:
+    vr = VisionRun(cfg, env, source, tok, run)
+    del source
     for name in ("train", "val"):
         ds = getattr(vr, f"{name}_set")
         skipped = {k: v for k, v in (ds.stats if ds else {}).items() if k not in ("records", "used") and v}
         if skipped and env.is_main:
             tqdm.write(f"{name} data: skipped {sum(skipped.values())} of {ds.stats['records']} records: {skipped}")
-    model.to(env.device)
-    # AC and compile wrap the LM blocks in place; parameter names gain wrapper prefixes, state-dict keys do not
-    if cfg.parallel.activation_checkpointing != "none":
-        apply_activation_checkpointing(model.lm, cfg)
-    if cfg.compile:
-        apply_compile(model.lm, cfg)
     # written when training starts: the encoder fills in what it resolved (image size, mean/std, HF config)
-    run.start(to_dict(replace(cfg, vision=model.vcfg)))
+    run.start(to_dict(replace(cfg, vision=vr.model.vcfg)))
     try:
         return _run_stages(cfg, env, stop, vr)
     except BaseException:
@@ -230,12 +245,13 @@ def _run_stages(cfg: FinetuneConfig, env: DistEnv, stop: StopRequest, vr: Vision
     sinks = Sinks(vr.run_dir.path, env.is_main, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                   config=to_dict(cfg))
     cadence = Cadence(cfg.log_interval, cfg.eval_interval, cfg.save_interval, cfg.max_bad_steps, cfg.progress_bar)
-    vr.loop = loop = Loop(env, cadence, sinks, stop, vr.ckpt, vr.faults, vr.run_dir.path,
+    vr.loop = loop = Loop(env, cadence, sinks, stop, vr.ckpt, vr.hooks,
                           units_done=int(resumed.get("samples", 0)) if resumed else 0,
                           bad_total=int(resumed.get("bad_steps", 0)) if resumed else 0)
     loop.step = int(resumed["step"]) if resumed else 0
     sinks.write(event="start", params=sum(p.numel() for p in model.parameters()), device=str(env.device),
-                world_size=env.world_size, strategy=vr.strategy, train_data=dict(vr.train_set.stats),
+                world_size=env.world_size, strategy=vr.layout.strategy, precision=vr.layout.precision.name,
+                fully_shard=vr.layout.fully_sharded, train_data=dict(vr.train_set.stats),
                 val_data=dict(vr.val_set.stats) if vr.val_set else None,
                 samples_per_step=vr.global_batch * cfg.grad_accum_steps, resumed_from=vr.run_dir.checkpoint,
                 start_step=loop.step)

@@ -77,6 +77,13 @@ class VisionLM(nn.Module):
         return [p for m in self.lm.modules() if isinstance(m, GatedCrossAttention)
                 for p in (m.attn_gate, getattr(m, "ff_gate", None)) if p is not None]
 
+    def gate_values(self) -> list[float]:
+        """tanh of every gate (0: closed). Under FSDP each gate is gathered: every rank must call this."""
+        from torch.distributed.tensor import DTensor
+
+        whole = [g.full_tensor() if isinstance(g, DTensor) else g for g in self.gates()]
+        return [float(torch.tanh(g.detach()).item()) for g in whole]
+
     @contextlib.contextmanager
     def gates_closed(self):
         """Ablation: tanh(0) = 0 on every gate, so the model cannot see the context at all."""
@@ -101,20 +108,20 @@ def add_cross_attention(lm: Phi2, xcfg: XAttnConfig) -> Phi2:
     return new
 
 
-def write_vision_files(model: VisionLM, out_dir: Path, tokenizer_dir: Path | None = None,
-                       extra: dict | None = None) -> None:
-    """A vision checkpoint's files into existing directory out_dir (the fine-tune's training checkpoints carry
-    them beside the DCP files); config.json comes last."""
-    vision_state = {k: v for k, v in model.state_dict().items() if not k.startswith("lm.")}
-    write_model_files(out_dir, model.lm.state_dict(), model.lm.cfg, tokenizer_dir=tokenizer_dir,
-                      extra={"vision": to_dict(model.vcfg), **(extra or {})},
-                      extra_weights={VISION_WEIGHTS: vision_state})
+def write_vision_files(state: dict[str, torch.Tensor], lm_cfg, vcfg: VisionConfig, out_dir: Path,
+                       tokenizer_dir: Path | None = None, extra: dict | None = None) -> None:
+    """A vision checkpoint's files, from a VisionLM's full state dict, into existing directory out_dir (the
+    fine-tune's training checkpoints carry them beside the DCP files); config.json comes last."""
+    lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+    vision_state = {k: v for k, v in state.items() if not k.startswith("lm.")}
+    write_model_files(out_dir, lm_state, lm_cfg, tokenizer_dir=tokenizer_dir,
+                      extra={"vision": to_dict(vcfg), **(extra or {})}, extra_weights={VISION_WEIGHTS: vision_state})
 
 
 def save_vision_checkpoint(model: VisionLM, out_dir: Path, tokenizer_dir: Path | None = None,
                            extra: dict | None = None, overwrite: bool = False) -> Path:
     with output_dir(out_dir, "model", inputs=[tokenizer_dir], overwrite=overwrite) as tmp:
-        write_vision_files(model, tmp, tokenizer_dir=tokenizer_dir, extra=extra)
+        write_vision_files(model.state_dict(), model.lm.cfg, model.vcfg, tmp, tokenizer_dir=tokenizer_dir, extra=extra)
     return Path(out_dir)
 
 

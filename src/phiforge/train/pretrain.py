@@ -15,12 +15,10 @@ rank 0.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from phiforge.model_files import resolve_checkpoint
 from phiforge.config import to_dict
@@ -28,50 +26,20 @@ from phiforge.data.loader import PackedLoader, eval_batches
 from phiforge.data.shards import open_token_dataset
 from phiforge.errors import ConfigError
 from phiforge.evaluation.suite import EvalSuite
+from phiforge.faults import run_hooks
 from phiforge.model.moe import moe_metrics
-from phiforge.tokenizer import (check_same_tokenizer, eot_id, load_tokenizer, token_byte_lengths, tokenizer_identity,
-                                tokenizer_sha256)
-from phiforge.train.build import build_train_model, train_model_config
+from phiforge.tokenizer import (check_same_tokenizer, check_vocab_fits, eot_id, load_tokenizer, token_byte_lengths,
+                                tokenizer_identity, tokenizer_sha256)
+from phiforge.train.build import build_step, build_text_model, train_model_config
 from phiforge.train.checkpointing import Checkpointer
 from phiforge.train.config import TrainConfig
-from phiforge.train.distributed import DistEnv, all_reduce_
+from phiforge.train.distributed import DistEnv
 from phiforge.train.engine import Cadence, Job, Loop, MoEBalancing, StopRequest, TrainStep, run_distributed
-from phiforge.faults import Faults
 from phiforge.train.metrics import Sinks, flops_per_token, matmul_params, peak_flops
-from phiforge.train.optim import build_optimizer, describe_split, lr_at
-from phiforge.train.parallelize import autocast_for, build_mesh, resolve_precision, resolve_strategy
+from phiforge.train.optim import describe_split, lr_at, muon_ns_dtype
+from phiforge.train.parallelize import Layout, resolve_layout
 from phiforge.train.rundir import RunDir
-
-
-@torch.no_grad()
-def evaluate(train_model: torch.nn.Module, batches, device: torch.device, autocast, env: DistEnv | None = None,
-             token_bytes: torch.Tensor | None = None, eot: int | None = None) -> dict:
-    """Validation over `batches`, split across ranks (each rank runs the same number of forwards, as FSDP needs):
-    val_loss, the mean loss per token; with token_bytes (UTF-8 bytes per token id), val_bpb, bits per byte of
-    the text tokens (document separators, which stand for no text, are left out as `phiforge eval` does)."""
-    rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
-    mine = batches[rank::world]
-    total = torch.zeros(4, device=device, dtype=torch.float64)  # nats, tokens, text nats, text bytes
-    train_model.eval()
-    for i in range(-(-len(batches) // world)):
-        x, y = mine[i] if i < len(mine) else batches[0]
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            logits = train_model(x)
-        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
-        if i < len(mine):
-            text = y.flatten() != eot if eot is not None else torch.ones_like(nats, dtype=torch.bool)
-            n_bytes = token_bytes.to(device)[y.flatten()].sum() if token_bytes is not None else 0
-            total += torch.stack([nats.sum(), torch.tensor(float(nats.numel()), device=device, dtype=torch.float64),
-                                  nats[text].sum(), torch.as_tensor(n_bytes, device=device, dtype=torch.float64)])
-    train_model.train()
-    if env is not None:
-        all_reduce_(total, env)
-    nats, tokens, text_nats, text_bytes = total.tolist()
-    out = {"val_loss": nats / max(tokens, 1)}
-    if token_bytes is not None and text_bytes > 0:
-        out["val_bpb"] = text_nats / (math.log(2) * text_bytes)
-    return out
+from phiforge.train.validation import evaluate
 
 
 class TextJob(Job):
@@ -79,10 +47,10 @@ class TextJob(Job):
 
     units = "tokens"
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, model, train_model, optimizer, loader, val, ckpt,
-                 autocast, strategy: str, tokenizer_dir: Path, suite: EvalSuite | None = None):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, layout: Layout, model, train_model, optimizer, loader, val,
+                 ckpt, tokenizer_dir: Path, suite: EvalSuite | None = None):
         self.cfg, self.env, self.model, self.train_model, self.optimizer = cfg, env, model, train_model, optimizer
-        self.loader, self.val, self.ckpt, self.autocast, self.strategy = loader, val, ckpt, autocast, strategy
+        self.layout, self.loader, self.val, self.ckpt = layout, loader, val, ckpt
         self.tokenizer_dir, self.suite = tokenizer_dir, suite
         tok = load_tokenizer(tokenizer_dir)
         self.token_bytes, self.eot = torch.tensor(token_byte_lengths(tok), dtype=torch.float64), eot_id(tok)
@@ -100,13 +68,9 @@ class TextJob(Job):
         return lr_at(step, self.cfg.max_steps, self.cfg.optim)
 
     def evaluate(self) -> dict:
-        val = evaluate(self.train_model, self.val, self.env.device, self.autocast, self.env, self.token_bytes,
-                       self.eot)
-        out = {"val_loss": val["val_loss"], "val_ppl": math.exp(min(val["val_loss"], 50)),
-               **({"val_bpb": val["val_bpb"]} if "val_bpb" in val else {})}
+        out = evaluate(self.train_model, self.val, self.env, self.token_bytes, self.eot)
         if self._tasks_due():  # eval_tasks: the same forwards on every rank (the plain model, or the FSDP root)
-            with self.autocast():
-                out.update(self.suite(self.model))
+            out.update(self.suite(self.model))
         return out
 
     def _tasks_due(self) -> bool:
@@ -116,7 +80,7 @@ class TextJob(Job):
     def train_state(self, step: int) -> dict:
         cfg, world = self.cfg, self.env.world_size
         return {"step": step, "tokens": self.loop.units_done, "seed": cfg.seed, "world_size": world,
-                "strategy": self.strategy, "precision": resolve_precision(cfg, self.env.device),
+                "strategy": self.layout.strategy, "precision": self.layout.precision.name,
                 "micro_batch_size": cfg.micro_batch_size, "grad_accum_steps": cfg.grad_accum_steps,
                 "seq_len": cfg.data.seq_len, "global_batch": cfg.micro_batch_size * cfg.grad_accum_steps * world,
                 "loader": self.loader.state_dict(), "bad_steps": self.loop.bad_total, "max_steps": cfg.max_steps,
@@ -135,16 +99,14 @@ class TextJob(Job):
         p = self.cfg.parallel
         return {"micro_batch_size": self.cfg.micro_batch_size, "data.seq_len": self.cfg.data.seq_len,
                 "parallel.activation_checkpointing": p.activation_checkpointing,
-                "parallel.strategy": f"{self.strategy} on {self.env.world_size} device(s)",
+                "parallel.strategy": f"{self.layout.strategy} on {self.env.world_size} device(s)",
                 "precision": self.cfg.precision, "loss_chunk_rows": self.cfg.loss_chunk_rows}
 
 
 def check_data(cfg: TrainConfig, mcfg):
     """The dataset, checked against the model before anything is built."""
     dataset = open_token_dataset(cfg.data.dir)
-    if dataset.vocab_size > mcfg.vocab_size:
-        raise ConfigError(f"data in {cfg.data.dir} uses a tokenizer of {dataset.vocab_size} tokens but the model's "
-                          f"vocabulary has {mcfg.vocab_size}; choose a larger preset or set model.vocab_size")
+    check_vocab_fits(dataset.vocab_size, mcfg.vocab_size, f"the tokenizer of the data in {cfg.data.dir}")
     if cfg.data.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"data.seq_len {cfg.data.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
     return dataset
@@ -174,7 +136,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> dict:
 def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest, overwrite: bool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    strategy = resolve_strategy(cfg, env.world_size)
+    layout = resolve_layout(cfg, env)
     mcfg = train_model_config(cfg)  # first, so a bad preset or model key is reported before any data problem
     dataset = check_data(cfg, mcfg)
     tokenizer_dir = run_tokenizer(cfg, dataset)
@@ -187,19 +149,17 @@ def _train(cfg: TrainConfig, env: DistEnv, stop: StopRequest, overwrite: bool) -
             check_same_tokenizer(tokenizer_identity(run.checkpoint), f"checkpoint {run.checkpoint}",
                                  tokenizer_sha256(load_tokenizer(tokenizer_dir)), f"dataset {cfg.data.dir}",
                                  cfg.allow_tokenizer_mismatch)
-        return _start(cfg, env, stop, run, strategy, mcfg, dataset, tokenizer_dir, suite)
+        return _start(cfg, env, stop, run, layout, mcfg, dataset, tokenizer_dir, suite)
 
 
-def _start(cfg: TrainConfig, env: DistEnv, stop: StopRequest, run: RunDir, strategy: str, mcfg, dataset,
+def _start(cfg: TrainConfig, env: DistEnv, stop: StopRequest, run: RunDir, layout: Layout, mcfg, dataset,
            tokenizer_dir: Path, suite: EvalSuite | None) -> dict:
     """Build the model, optimizer, data and checkpointer, load the checkpoint to resume from, train."""
-    faults = Faults.from_env(env.rank)
-    model, train_model = build_train_model(cfg, mcfg, env, build_mesh(cfg, env))
-    model.eval_context = cfg.data.seq_len  # what eval_tasks score with (evaluation.scoring.eval_context)
-    autocast = autocast_for(resolve_precision(cfg, env.device), strategy, env.device)
-    # fused AdamW: one kernel per step; on CPU only for plain (non-DTensor) parameters, where it is ~2x foreach's
-    # speed. optim.name=muon: Muon for the weight matrices, this AdamW for the rest (train/optim.py)
-    optimizer = build_optimizer(model, cfg.optim, fused=env.device.type == "cuda" or strategy == "none")
+    hooks = run_hooks(env.rank, run.path)
+    model, train_model = build_text_model(cfg, mcfg, env, layout)
+    # optim.name=muon: Muon for the weight matrices, AdamW for the rest (train/optim.py)
+    step_fn = build_step(model, train_model, cfg, cfg.optim, env, layout, hooks=[MoEBalancing(model, env)],
+                         run_hooks=hooks)
     # every batch's token ids are checked against the vocabulary (a cheap max; a bad shard is named)
     loader = PackedLoader(cfg.data.dir, "train", cfg.data.seq_len, cfg.micro_batch_size, seed=cfg.data.seed,
                           rank=env.rank, world_size=env.world_size, mixture=cfg.data.mixture,
@@ -207,15 +167,11 @@ def _start(cfg: TrainConfig, env: DistEnv, stop: StopRequest, run: RunDir, strat
     val = eval_batches(cfg.data.dir, "val", cfg.data.seq_len, cfg.micro_batch_size, cfg.eval_batches,
                        mixture=cfg.data.mixture, vocab_size=mcfg.vocab_size)
     ckpt = Checkpointer(run.path, env, cfg.keep_checkpoints, async_save=cfg.async_checkpoint,
-                        tokenizer_dir=tokenizer_dir, fault=faults)
-    state = ckpt.load(Path(run.checkpoint), train_model, optimizer, mcfg) if run.checkpoint else None
+                        tokenizer_dir=tokenizer_dir, run_hooks=hooks)
+    state = ckpt.load(Path(run.checkpoint), train_model, step_fn.optimizer, mcfg) if run.checkpoint else None
     if state:
         loader.load_state_dict(state["loader"])
-    job = TextJob(cfg, env, model, train_model, optimizer, loader, val, ckpt, autocast, strategy, tokenizer_dir,
-                  suite)
-    step_fn = TrainStep(train_model, optimizer, env, strategy, autocast, cfg.grad_accum_steps, cfg.optim.grad_clip,
-                        cfg.parallel.defer_grad_sync, hooks=[MoEBalancing(model, env)], faults=faults,
-                        run_dir=run.path)
+    job = TextJob(cfg, env, layout, model, train_model, step_fn.optimizer, loader, val, ckpt, tokenizer_dir, suite)
     run.start(to_dict(cfg))  # everything is checked: from here on the run directory is written
     try:
         return _run(cfg, env, stop, run, job, step_fn, dataset, state)
@@ -235,13 +191,14 @@ def _run(cfg: TrainConfig, env: DistEnv, stop: StopRequest, run: RunDir, job: Te
     flops_tok = flops_per_token(n_matmul, mcfg.n_layer, mcfg.n_embd, cfg.data.seq_len)
     peak, peak_label = peak_flops(env.device, cfg.mfu_peak_tflops)
     cadence = Cadence(cfg.log_interval, cfg.eval_interval, cfg.save_interval, cfg.max_bad_steps, cfg.progress_bar)
-    loop = Loop(env, cadence, sinks, stop, job.ckpt, step_fn.faults, run.path, flops_tok, peak,
+    loop = Loop(env, cadence, sinks, stop, job.ckpt, step_fn.run_hooks, flops_tok, peak,
                 units_done=int(state["tokens"]) if state else 0,
                 bad_total=int(state.get("bad_steps", 0)) if state else 0)
     job.loop = loop
     split = describe_split(model, cfg.optim)
     sinks.write(event="start", params=model.num_params(), params_matmul=n_matmul, device=str(env.device),
-                world_size=env.world_size, strategy=job.strategy, precision=resolve_precision(cfg, env.device),
+                world_size=env.world_size, strategy=job.layout.strategy, precision=job.layout.precision.name,
+                fully_shard=job.layout.fully_sharded, muon_ns_dtype=muon_ns_dtype(step_fn.optimizer),
                 tokens_per_step=job.units_per_step, flops_per_token=flops_tok, peak_flops=peak,
                 peak_flops_source=peak_label, train_tokens=dataset.split_tokens("train"),
                 val_tokens=dataset.split_tokens("val"), resumed_from=run.checkpoint, start_step=start_step,
