@@ -1,5 +1,6 @@
 """The layout of src/phiforge: no import cycle among its modules or its packages (imports inside functions
-included), and no module using another module's `_private` name or another class's `_private` attribute.
+included), no module using another module's `_private` name or another class's `_private` attribute, nothing
+setting attributes on a model from outside the model's own code, and no function longer than one screen.
 
 Read from the source with ast (nothing is imported), so it sees every import, also the lazy ones in functions.
 Modules are nodes; `from phiforge.a import b` is an edge to phiforge.a.b when that is a module, else to
@@ -12,11 +13,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "phiforge"
-
-# Violations in the trainer side's files (train/, vision/, litgpt/pretrain.py), which another branch is reworking
-# (issue 24's trainer part). The coordinator removes this set when the trainer side lands: from then on every
-# violation fails. The test also fails on an entry here that no longer occurs.
-PENDING_TRAINER_SIDE: set[str] = set()
+MAX_FUNCTION_LINES = 60  # one screen: the developers' guide
 
 NAMEDTUPLE_API = {"_replace", "_asdict", "_fields", "_make", "_field_defaults"}
 
@@ -218,10 +215,75 @@ def report(found: set[str], root: Path, package: str) -> str:
 
 def test_no_import_cycle_and_no_private_name_used_across_modules():
     found = violations(SRC, "phiforge")
-    new = found - PENDING_TRAINER_SIDE
-    assert not new, "move the code to its owner or make the name public:\n" + report(new, SRC, "phiforge")
-    gone = PENDING_TRAINER_SIDE - found
-    assert not gone, f"fixed: remove from PENDING_TRAINER_SIDE: {sorted(gone)}"
+    assert not found, "move the code to its owner or make the name public:\n" + report(found, SRC, "phiforge")
+
+
+def long_functions(root: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'file:line name N lines' for every function or method (nested ones too) longer than `limit` lines,
+    counted from its first decorator (or `def`) to its last line."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                n = node.end_lineno - first + 1
+                if n > limit:
+                    out.append(f"{path.relative_to(root).as_posix()}:{node.lineno} {node.name} {n} lines")
+    return out
+
+
+def is_model(node: ast.expr) -> bool:
+    """`model`, `train_model`, `self.model`, `run.lm`: an expression whose last name says it holds a model."""
+    name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+    return name in ("model", "lm") or name.endswith("_model")
+
+
+def attributes_set_on_models(root: Path, package: str, owners: tuple[str, ...]) -> list[str]:
+    """'module:line model.attr' for each assignment to an attribute of a model outside the modules that define
+    the models (`owners`: module names or package prefixes). A model takes what it needs as a constructor
+    argument or through its own methods."""
+    out = []
+    for name, path in module_names(root, package).items():
+        if any(name == o or name.startswith(o + ".") for o in owners):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            for target in targets:
+                for sub in ast.walk(target):
+                    if isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Store) and is_model(sub.value):
+                        out.append(f"{name}:{node.lineno} {ast.unparse(sub)}")
+    return sorted(out)
+
+
+MODEL_OWNERS = ("phiforge.model", "phiforge.vision.model")
+
+
+def test_no_function_is_longer_than_one_screen():
+    found = long_functions(SRC)
+    assert not found, f"split these functions (at most {MAX_FUNCTION_LINES} lines each):\n" + "\n".join(found)
+
+
+def test_nothing_sets_attributes_on_a_model_from_outside():
+    found = attributes_set_on_models(SRC, "phiforge", MODEL_OWNERS)
+    assert not found, "pass it to the model's constructor or give the model a method:\n" + "\n".join(found)
+
+
+def test_the_length_and_model_scans_find_what_they_look_for(tmp_path):
+    """A 61-line function (decorator included) is reported and a 60-line one is not; a model's attribute set
+    from another module is reported, one set in the model's own module is not."""
+    body = "".join(f"    x{i} = {i}\n" for i in range(58))
+    pkg = write_package(tmp_path / "pkg", {
+        "__init__.py": "",
+        "long.py": f"import functools\n\n@functools.cache\ndef too_long():\n{body}    return 1\n\n\n"
+                   f"def fits():\n{body}    return 1\n",
+        "model.py": "class M:\n    pass\n\n\ndef build():\n    model = M()\n    model.ready = True\n",
+        "user.py": "def train(model, run):\n    model.window = 8\n    run.train_model.steps += 1\n"
+                   "    run.cfg.window = 8\n    self_model = 1\n",
+    })
+    assert long_functions(pkg) == ["long.py:4 too_long 61 lines"]
+    assert attributes_set_on_models(pkg, "pkg", ("pkg.model",)) == ["pkg.user:2 model.window",
+                                                                     "pkg.user:3 run.train_model.steps"]
 
 
 def write_package(root: Path, files: dict[str, str]) -> Path:

@@ -41,13 +41,12 @@ def load_for_eval(checkpoint: str | Path, device="cpu", dtype=None, context: int
     max_seq_len."""
     from phiforge.errors import CheckpointError
     from phiforge.model_files import load_checkpoint, read_config, resolve_checkpoint
-    from phiforge.tokenizer import load_tokenizer
+    from phiforge.tokenizer import check_vocab_fits, load_tokenizer
 
     ckpt = resolve_checkpoint(Path(checkpoint))
     tokenizer, mcfg = load_tokenizer(ckpt), read_config(ckpt)
-    if tokenizer.get_vocab_size() > mcfg.vocab_size:
-        raise CheckpointError(f"the tokenizer of {ckpt} has {tokenizer.get_vocab_size()} tokens but the model's "
-                              f"vocabulary only {mcfg.vocab_size}: give the model its own tokenizer.json")
+    check_vocab_fits(tokenizer.get_vocab_size(), mcfg.vocab_size, f"the tokenizer of {ckpt}",
+                     "give the model its own tokenizer.json", CheckpointError)
     window = checked_context(context if context is not None else trained_context(ckpt), mcfg.max_seq_len)
     return load_checkpoint(ckpt, device=device, dtype=dtype, eval_context=window), tokenizer
 
