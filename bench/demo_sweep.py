@@ -130,7 +130,7 @@ def full_book_bpb(run: Path, data: Path, seq_len: int) -> dict:
     """Bits per byte (and nats per token) of the final checkpoint over every full window of the val split."""
     import torch
 
-    from phiforge.checkpoint import load_checkpoint, resolve_checkpoint
+    from phiforge.model_files import load_checkpoint, resolve_checkpoint
     from phiforge.data.loader import eval_batches
     from phiforge.tokenizer import eot_id, load_tokenizer, token_byte_lengths
     from phiforge.train.validation import evaluate

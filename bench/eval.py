@@ -57,8 +57,8 @@ def make_task(work: Path, n: int, seed: int) -> Path:
 
 
 def checkpoint(work: Path, given: str | None) -> Path:
-    from phiforge.checkpoint import resolve_checkpoint, save_checkpoint
     from phiforge.model import Phi2, Phi2Config
+    from phiforge.model_files import resolve_checkpoint, save_checkpoint
 
     if given:
         return resolve_checkpoint(Path(given))

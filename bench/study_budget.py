@@ -10,7 +10,7 @@ step time relative to the reference route (the baseline, measured in the same ru
                   + sum over routes of seeds x run(route)
 
 eval_allowance: what `phiforge eval` (gutenberg-cloze, whole-split bpb) will add per run, an assumption until it
-is plugged into study_eval.py (--eval-allowance).
+is plugged into phiforge/study/evaluate.py (--eval-allowance).
 
 A validation forward costs about a third of a training step per token. Routes that cannot run here (e.g. a key
 this phiforge does not have yet) are left out with --routes and projected at the reference's cost (marked
@@ -32,8 +32,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from phiforge.litgpt.report import summarize_run, write_report  # noqa: E402
-from phiforge.litgpt.study import _train_config, load_study, route_train_dict, run_key, seeded, train_runs  # noqa: E402
+from phiforge.study.config import load_study, route_train_dict, run_key, seeded, train_config  # noqa: E402
+from phiforge.study.report import write_report  # noqa: E402
+from phiforge.study.results import summarize_run  # noqa: E402
+from phiforge.study.runner import train_runs  # noqa: E402
 
 
 def measure(config: str, routes: list[str] | None, steps: int, work: Path) -> tuple[dict, dict, dict]:
@@ -77,7 +79,7 @@ def project(full, measured: dict, setup: dict, eval_allowance: float) -> dict:
     for r in full.routes:
         m = measured.get(r.name, {**ref, "assumed": f"as {full.reference_route.name} (not measured here)"})
         config_of = r if r.name in measured else full.reference_route  # an unmeasured route may not validate here
-        t = _train_config(seeded(route_train_dict(full, config_of), full.seeds[0]))
+        t = train_config(seeded(route_train_dict(full, config_of), full.seeds[0]))
         validations = 1 + -(-t.max_steps // t.eval_interval)
         run_s = m["fixed_s"] + eval_allowance + m["step_s"] * (t.max_steps + validations * t.eval_batches / 3)
         routes[r.name] = {"run_s": round(run_s), "runs": len(full.seeds),

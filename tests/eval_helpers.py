@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from phiforge.checkpoint import save_checkpoint
 from phiforge.model import Phi2, Phi2Config
+from phiforge.model_files import save_checkpoint
 
 WORDS = ("the a man woman house tree ran walked quickly slowly red blue and but to of in sea ship Anne letter "
          "Captain wrote said").split()

@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from phiforge.checkpoint import load_state_dict, save_checkpoint, save_state_dict
 from phiforge.cli import main
 from phiforge.errors import CheckpointError
 from phiforge.hf import config_from_hf, config_to_hf, state_dict_to_hf
 from phiforge.model import Phi2, Phi2Config
+from phiforge.model_files import load_state_dict, save_checkpoint, save_state_dict
 
 CFG = dict(vocab_size=256, n_layer=2, n_embd=32, n_head=2, intermediate_size=64, max_seq_len=64)
 

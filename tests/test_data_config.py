@@ -150,7 +150,8 @@ def test_prepare_from_a_config_file_equals_the_flags(capsys, tmp_path):
 
 
 def test_study_prepares_through_the_api(capsys, tmp_path):
-    from phiforge.litgpt.study import Route, StudyConfig, StudyData, _prepare_tokens
+    from phiforge.study.config import Route, StudyConfig, StudyData
+    from phiforge.study.runner import _prepare_tokens
 
     inp = tmp_path / "rp"
     (inp / "book").mkdir(parents=True)

@@ -41,8 +41,8 @@ def test_fixed_seed_gives_the_same_weights_under_none_ddp_and_fsdp2(tmp_path):
 
 
 def test_init_from_loads_straight_into_fsdp_shards(tmp_path):
-    from phiforge.checkpoint import save_checkpoint
     from phiforge.model import Phi2, Phi2Config
+    from phiforge.model_files import save_checkpoint
 
     torch.manual_seed(3)
     src = Phi2(Phi2Config.from_preset("tiny", moe={"num_experts": 4, "top_k": 2, "every": 2}))

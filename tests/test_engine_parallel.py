@@ -137,7 +137,7 @@ def test_checkpoint_two_ranks_resumes_on_one_and_reverse(data, runs, ref1, fsdp2
 
 
 def test_consolidate_round_trip(capsys, fsdp2, tmp_path):
-    from phiforge.checkpoint import INDEX_NAME, load_checkpoint, load_state_dict
+    from phiforge.model_files import INDEX_NAME, load_checkpoint, load_state_dict
 
     final = fsdp2 / "checkpoints" / "step-00000020"
     assert (fsdp2 / "latest").read_text().strip() == final.name

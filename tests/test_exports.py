@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from conftest import assert_one_line_error, run_cli
-from phiforge.checkpoint import save_checkpoint
 from phiforge.model import Phi2, Phi2Config
+from phiforge.model_files import save_checkpoint
 from phiforge.tokenizer import EOT, builtin_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,8 +20,9 @@ from engine_helpers import CONFIG, make_synthetic, run_train, start_direct, wait
 from conftest import run_cli
 
 from phiforge.config import from_dict
-from phiforge.errors import ConfigError, OutOfMemory, set_error_dir
+from phiforge.errors import ConfigError, OutOfMemory
 from phiforge.faults import Faults
+from phiforge.tracebacks import set_error_dir
 from phiforge.train.config import TrainConfig
 from phiforge.train.distributed import DistEnv
 from phiforge.train.fail_together import FailTogether, RankFailed

@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM
 
-from phiforge.checkpoint import load_checkpoint, load_state_dict, read_config, save_checkpoint
 from phiforge.cli import main
 from phiforge.errors import CheckpointError
 from phiforge.generate import generate
 from phiforge.hf import config_from_hf, config_to_hf, state_dict_to_hf
 from phiforge.model import Phi2, Phi2Config, count_params_meta
+from phiforge.model_files import load_checkpoint, load_state_dict, read_config, save_checkpoint
 from phiforge.tokenizer import load_tokenizer
 
 VOCAB = 512

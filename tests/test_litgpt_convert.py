@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 
-from phiforge.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from phiforge.litgpt.convert import (
     config_from_litgpt,
     config_to_litgpt,
@@ -25,6 +24,7 @@ from phiforge.litgpt.convert import (
     state_dict_to_litgpt,
 )
 from phiforge.model import Phi2, Phi2Config
+from phiforge.model_files import load_checkpoint, load_state_dict, save_checkpoint
 from conftest import assert_one_line_error, run_cli
 
 VOCAB = 512

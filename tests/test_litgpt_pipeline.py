@@ -125,7 +125,7 @@ def test_prepare_refuses_what_it_cannot_do(capsys, tmp_path, redpajama_dir):
 
 def test_litgpt_pretrain_end_to_end(capsys, tmp_path, redpajama_dir, lit_dir):
     """The CI run of `phiforge litgpt pretrain`: tiny Phi-2-family model, phiforge init, RedPajama fixture."""
-    from phiforge.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+    from phiforge.model_files import load_checkpoint, resolve_checkpoint, save_checkpoint
     from phiforge.data.loader import eval_batches
     from phiforge.model import Phi2, Phi2Config
     from phiforge.train.validation import evaluate
@@ -209,7 +209,7 @@ def test_study_seeds_on_redpajama_fixture(capsys, tmp_path, redpajama_dir):
     for s, vals in starts.items():  # one init per seed: step 0 is the same function (zero-output experts)
         assert max(vals) - min(vals) < 1e-3, (s, vals)
     assert abs(starts["3"][0] - starts["5"][0]) > 1e-4  # and the seeds differ
-    from phiforge.checkpoint import load_checkpoint, resolve_checkpoint
+    from phiforge.model_files import load_checkpoint, resolve_checkpoint
     from phiforge.evaluation import score_dataset
 
     for name in ("dense", "moe"):  # evaluate_route: the trainer's last validation on the same windows, and
@@ -254,7 +254,7 @@ def test_study_checks_compare_like_with_like():
     """LitGPT is checked on loss gap and speed; an MoE variant with the dense model's active parameters on loss."""
     from types import SimpleNamespace
 
-    from phiforge.litgpt.report import _checks
+    from phiforge.study.results import _checks
 
     def route(trainer, loss, tps, params=100, active=100, tokens=1000):
         return {"trainer": trainer, "val_loss": loss, "steady_tokens_per_s": tps, "params": params,

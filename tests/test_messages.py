@@ -32,8 +32,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A text checkpoint with a 32-token context (GPT-2's tokenizer)."""
-    from phiforge.checkpoint import save_checkpoint
     from phiforge.model import Phi2, Phi2Config
+    from phiforge.model_files import save_checkpoint
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("ckpt") / "CKPT"
@@ -96,13 +96,13 @@ def test_non_utf8_bytes_from_a_real_command_line(ckpt, tmp_path):
 def test_error_handler_survives_surrogates_in_an_unexpected_error(tmp_path, capsys, monkeypatch):
     """A bug whose message holds undecodable bytes (a file name found on disk) still gets its one line and its
     traceback file."""
-    from phiforge import cli, errors
+    from phiforge import cli, tracebacks
 
     def bug(args):
         raise RuntimeError("cannot handle file na\udcefme.txt")
 
     monkeypatch.setattr(cli, "build_parser", _parser_running(bug))
-    monkeypatch.setattr(errors, "_error_dir", tmp_path / "run" / "errors")
+    monkeypatch.setattr(tracebacks, "_error_dir", tmp_path / "run" / "errors")
     code, _, err = run_cli(capsys, "anything")
     report = tmp_path / "run" / "errors" / "rank-0.txt"
     assert_one_line_error(code, err)
@@ -116,14 +116,14 @@ def test_traceback_file_falls_back_to_the_temporary_directory(tmp_path, capsys, 
     goes to the temporary directory and the line says both; when that fails too, the line says so."""
     import tempfile
 
-    from phiforge import cli, errors
+    from phiforge import cli, tracebacks
 
     def bug(args):
         raise RuntimeError("a bug")
 
     (tmp_path / "run").write_text("not a directory")
     monkeypatch.setattr(cli, "build_parser", _parser_running(bug))
-    monkeypatch.setattr(errors, "_error_dir", tmp_path / "run" / "errors")
+    monkeypatch.setattr(tracebacks, "_error_dir", tmp_path / "run" / "errors")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     code, _, err = run_cli(capsys, "anything")
     assert_one_line_error(code, err)
@@ -300,7 +300,7 @@ def test_cpu_out_of_memory_in_eval_and_generate(ckpt, tmp_path, capsys, monkeypa
 
 def test_out_of_memory_anywhere_else_is_one_line(ckpt, tmp_path, capsys, monkeypatch):
     """Out of memory where no command gives advice of its own (here: loading the checkpoint)."""
-    from phiforge import checkpoint
+    from phiforge import model_files as checkpoint
 
     def load(*a, **k):
         raise MemoryError()

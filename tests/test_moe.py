@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 
-from phiforge.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from phiforge.cli import main
 from phiforge.config import load_config
 from phiforge.errors import ConfigError
 from phiforge.model import KVCache, MoE, MoEConfig, Phi2, Phi2Config
 from phiforge.model.moe import POSITIONS, moe_metrics
+from phiforge.model_files import load_checkpoint, resolve_checkpoint, save_checkpoint
 from phiforge.train.metrics import matmul_params
 
 from conftest import assert_one_line_error, run_cli

@@ -21,10 +21,10 @@ import yaml
 
 from conftest import assert_one_line_error, read_only, run_cli, snapshot
 from engine_helpers import make_synthetic, metrics, run_train
-from phiforge.checkpoint import load_checkpoint, save_checkpoint
 from phiforge.errors import PhiforgeError
 from phiforge.fileio import MARKER, claim_output_dir, open_output_dir, output_kind
 from phiforge.model import Phi2, Phi2Config
+from phiforge.model_files import load_checkpoint, save_checkpoint
 
 RUN_SETS = ["max_steps=4", "save_interval=2", "eval_interval=2", "keep_checkpoints=0"]
 

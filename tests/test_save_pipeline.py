@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from phiforge.checkpoint import read_latest
+from phiforge.model_files import read_latest
 from phiforge.model import Phi2, Phi2Config
 from phiforge.train.checkpointing import (Checkpointer, complete_checkpoints, prune, shard_plan, verify_checkpoint)
 

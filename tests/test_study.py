@@ -16,10 +16,10 @@ import torch
 import yaml
 
 from conftest import assert_one_line_error, run_cli
-from phiforge.checkpoint import save_checkpoint
-from phiforge.litgpt import stats
-from phiforge.litgpt.report import README_END, README_START
 from phiforge.model import Phi2, Phi2Config
+from phiforge.model_files import save_checkpoint
+from phiforge.study import stats
+from phiforge.study.report import README_END, README_START
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,8 +223,8 @@ def test_committed_readme_matches_committed_results():
 def test_committed_studies_compare_moe_placements_at_equal_active_parameters(config):
     """The committed studies' three MoE placements each have the dense reference's active parameters per token
     (within 1%: the router, after_mlp's LayerNorm and the k active experts' output biases) and more in total."""
-    from phiforge.litgpt.report import param_counts
-    from phiforge.litgpt.study import load_study, route_train_dict
+    from phiforge.study.config import load_study, route_train_dict
+    from phiforge.study.results import param_counts
     from phiforge.train.config import model_config_from_spec
 
     study = load_study(ROOT / config)
@@ -246,7 +246,8 @@ def test_cloze_every_gives_phiforge_routes_the_cloze_curve(tmp_path, gutenberg_d
     """cloze_every: each phiforge route scores the study's gutenberg-cloze items while training (eval_tasks at the
     validations on a multiple of cloze_every); a LitGPT route cannot and gets no such key."""
     from phiforge.config import from_dict
-    from phiforge.litgpt.study import StudyConfig, cloze_path, plan_runs, route_train_dict
+    from phiforge.study.config import StudyConfig, cloze_path, route_train_dict
+    from phiforge.study.runner import plan_runs
 
     study = from_dict(StudyConfig, {
         "name": "c", "seeds": [0], "cloze_every": 50, "cloze_limit": 40, "same_init": False,

@@ -4,9 +4,9 @@ import math
 import pytest
 import yaml
 
-from phiforge.checkpoint import load_checkpoint
 from phiforge.config import load_config
 from phiforge.errors import ConfigError
+from phiforge.model_files import load_checkpoint
 from phiforge.train.config import OptimConfig, TrainConfig
 from phiforge.train.optim import lr_at
 

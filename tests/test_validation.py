@@ -71,9 +71,9 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     """CKPT, VCKPT, IMG and HF, built once; each row works on copies."""
     from PIL import Image
 
-    from phiforge.checkpoint import save_checkpoint, save_state_dict
     from phiforge.hf import config_to_hf, state_dict_to_hf
     from phiforge.model import Phi2, Phi2Config
+    from phiforge.model_files import save_checkpoint, save_state_dict
     from phiforge.vision.config import VisionConfig
     from phiforge.vision.model import VisionLM, save_vision_checkpoint
 

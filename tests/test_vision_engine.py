@@ -92,7 +92,7 @@ def test_exact_resume_after_kill9_across_stages(config, tmp_path):
         wa = load_file(straight / "checkpoints" / "step-00000010" / name)
         wb = load_file(run / "checkpoints" / "step-00000010" / name)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    from phiforge.checkpoint import resolve_checkpoint
+    from phiforge.model_files import resolve_checkpoint
     from phiforge.vision.model import load_vision_checkpoint
 
     assert resolve_checkpoint(run) == run / "checkpoints" / "step-00000010"
@@ -113,9 +113,9 @@ def test_activation_checkpointing_and_compile_change_nothing():
     """AC (full, every 2nd block, op-level SAC) and per-block compile on the LM blocks give the plain model's loss
     and gradients, in stage 1 (LM frozen: only the xattn weights inside the blocks train) and stage 2."""
     from phiforge.config import load_config
+    from phiforge.train.parallelize import apply_activation_checkpointing, apply_compile
     from phiforge.vision.config import FinetuneConfig
     from phiforge.vision.finetune import build_vision_model
-    from phiforge.train.parallelize import apply_activation_checkpointing, apply_compile
 
     model_sets = ["model=" + json.dumps({**TINY, "n_layer": 4}),  # JSON is YAML
                   "vision.encoder={type: conv, image_size: 32, dim: 32}",
@@ -182,7 +182,7 @@ def test_fsdp2_and_bf16_mixed_match_one_rank(config, tmp_path):
         start = metrics(tmp_path / f"two-{precision}")[0]
         assert start["strategy"] == "fsdp" and start["fully_shard"] and start["precision"] == precision
     assert metrics(tmp_path / "one-bf16-mixed")[0]["fully_shard"]  # one process casts through FSDP2 as well
-    from phiforge.checkpoint import resolve_checkpoint
+    from phiforge.model_files import resolve_checkpoint
     from phiforge.vision.model import load_vision_checkpoint
 
     model = load_vision_checkpoint(resolve_checkpoint(tmp_path / "two-bf16-mixed"))  # gathered to rank 0, whole

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phiforge.checkpoint import load_checkpoint, save_checkpoint
 from phiforge.errors import ConfigError
 from phiforge.generate import generate, generate_uncached
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.xattn import XAttnConfig
+from phiforge.model_files import load_checkpoint, save_checkpoint
 from phiforge.vision.config import ProjectorConfig
 from phiforge.vision.model import add_cross_attention
 from phiforge.vision.projector import PerceiverResampler

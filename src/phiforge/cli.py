@@ -2,10 +2,11 @@
 
 Errors the user can fix (PhiforgeError) print as one line `phiforge: error: ...` and exit 1. Anything else is
 a bug or a failure outside phiforge (a library crash, an NCCL timeout): its traceback goes to a file,
-RUN/errors/rank-N.txt once a run directory exists, and one line names that file. `--debug`, anywhere on the
-command line, shows the full traceback instead. With several ranks only rank 0 prints a user error, and under
-torchrun every rank writes torchelastic's error file, so torchrun's summary names the root cause. When one rank
-of a training run fails, rank 0 prints that rank's message as its own (train/fail_together.py: RankFailed).
+RUN/errors/rank-N.txt once a run directory exists (phiforge.tracebacks), and one line names that file. `--debug`,
+anywhere on the command line, shows the full traceback instead. With several ranks only rank 0 prints a user
+error, and under torchrun every rank writes torchelastic's error file, so torchrun's summary names the root cause.
+When one rank of a training run fails, rank 0 prints that rank's message as its own (train/fail_together.py:
+RankFailed).
 
 Command modules import torch and other heavy libraries only inside the functions that run a command, so
 `phiforge --help` and argument errors stay fast.
@@ -24,8 +25,8 @@ import traceback
 
 import phiforge.commands
 from phiforge import __version__
-from phiforge.errors import (ConfigError, PhiforgeError, environment_error, printable, unexpected_summary,
-                             write_traceback)
+from phiforge.errors import ConfigError, PhiforgeError, environment_error, printable
+from phiforge.tracebacks import unexpected_summary, write_traceback
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,6 +9,7 @@ Dataclasses check their ranges in __post_init__ with `check_range`; `from_dict` 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from phiforge.errors import ConfigError
+from phiforge.fileio import read_user_text
 
 T = TypeVar("T")
 INT64 = 2**63
@@ -252,9 +254,24 @@ def apply_overrides(data: dict, sets: list[str]) -> dict:
     return data
 
 
-def read_yaml(path: str | Path) -> dict:
-    from phiforge.fileio import read_user_mapping
+def read_user_mapping(path: str | Path, error: type[Exception], what: str, missing: str | None = None) -> dict:
+    """A YAML (or, by its .json suffix, JSON) file a user named that must hold a mapping ({} when empty); every
+    problem is `error` naming WHAT and PATH (see read_user_text)."""
+    text = read_user_text(path, error, what, missing)
+    is_json = Path(path).suffix == ".json"
+    try:
+        data = json.loads(text) if is_json else load_yaml(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise error(f"{what} {path} is not valid {'JSON' if is_json else 'YAML'}: {str(e).splitlines()[0]}") \
+            from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} must hold a mapping at the top level")
+    return data
 
+
+def read_yaml(path: str | Path) -> dict:
     return read_user_mapping(path, ConfigError, "config file")
 
 

@@ -1,15 +1,10 @@
 """User-facing errors. The CLI prints these as one line and exits non-zero (traceback only with --debug).
 
-Also what the CLI and the training engine both need to describe an error in one line: the traceback file of
-an unexpected error (`write_traceback`), its one-line summary, and the full disk / out-of-memory advice for an
-error no command turned into a message of its own (`environment_error`)."""
+Also the full disk / out-of-memory advice for an error no command turned into a message of its own
+(`environment_error`), which the CLI and the training engine both give. Where the traceback of any other error
+goes is phiforge.tracebacks."""
 
-import os
-import tempfile
-import time
-import traceback
 from contextlib import contextmanager
-from pathlib import Path
 
 
 class PhiforgeError(Exception):
@@ -30,59 +25,8 @@ class DataError(PhiforgeError):
     """A data directory, shard or record that cannot be used."""
 
 
-# Where an unexpected error's traceback goes: RUN/errors/ once a command's run directory exists (set by the
-# training engine), else a file in the temporary directory. The CLI names the file in its one-line message.
-_error_dir = None
-
-
-def set_error_dir(path) -> None:
-    global _error_dir
-    _error_dir = path
-
-
-def error_dir():
-    return _error_dir
-
-
 class OutOfMemory(PhiforgeError):
     """An allocation the machine could not serve (CPU or GPU), with the settings that reduce memory."""
-
-
-def write_traceback(e: BaseException, argv: list[str], rank: int) -> tuple[Path | None, str]:
-    """The traceback (and the command line) in RUN/errors/rank-N.txt, or a new file in the temporary directory
-    when there is no run directory or it cannot be written (a full disk). Returns (the file, a note on what failed
-    on the way); the file is None when nothing could be written."""
-    from phiforge import __version__
-
-    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-pid{os.getpid()}-rank-{rank}.txt"
-    places = [Path(tempfile.gettempdir()) / "phiforge-errors" / stamp]
-    if error_dir() is not None:
-        places.insert(0, Path(error_dir()) / f"rank-{rank}.txt")
-    text = "".join(traceback.format_exception(e))
-    data = f"phiforge {__version__}: {' '.join(['phiforge', *argv])}\n\n{text}".encode("utf-8", "backslashreplace")
-    failed = []
-    for path in places:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            return path, "; ".join(failed)
-        except OSError as err:
-            failed.append(f"cannot write {path}: {err.strerror or err}")
-            try:
-                path.unlink(missing_ok=True)  # no empty or cut-off report left behind
-            except OSError:
-                pass
-    return None, "; ".join(failed)
-
-
-def unexpected_summary(e: BaseException, path: Path | None, note: str, rank: int | None = None) -> str:
-    """One line for an unexpected error whose traceback went to `path`: 'RuntimeError: what (rank N; traceback in
-    FILE; --debug prints it)'."""
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-    where = f"traceback in {path}" if path else "no traceback file"
-    shown_rank = f"rank {rank}; " if rank is not None else ""
-    return printable(f"{type(e).__name__}: {first} ({shown_rank}{where}{f'; {note}' if note else ''}; "
-                     "--debug prints it)")
 
 
 def environment_error(e: BaseException) -> "PhiforgeError | None":

@@ -1,7 +1,7 @@
 """Fault injection for the tests (and for trying the fault handling by hand): one spec format, a comma list of
 `KIND@N` and `NAME=VALUE` settings, read from an environment variable that is off unless set.
 
-PHIFORGE_FAULT, for the training engine (`Faults`, the run's hooks: phiforge.train.hooks):
+PHIFORGE_FAULT, for the training engine (`Faults`, its hooks: phiforge.hooks.RunHooks):
 
     nan@S          the loss of step S is NaN on every rank (the step must be skipped)
     raise@S        step S raises a plain RuntimeError (a "bug": its traceback must go to RUN/errors/rank-N.txt)
@@ -19,7 +19,7 @@ PHIFORGE_FAULT, for the training engine (`Faults`, the run's hooks: phiforge.tra
     rank=R         the faults above fire on global rank R only (default: on every rank), e.g.
                    `raise@3,rank=1`: rank 1 fails alone, as one GPU running out of memory does
 
-PHIFORGE_PREPARE_FAULT, for `phiforge prepare` (`PrepareFaults`):
+PHIFORGE_PREPARE_FAULT, for `phiforge prepare` (`PrepareFaults`, its hooks: phiforge.hooks.PrepareHooks):
 
     hang@K         once the first results of input unit K are written (past the last checkpoint) and flushed,
                    write WORK/fault-hang and sleep forever (a test then kill -9s the process)
@@ -33,7 +33,9 @@ import time
 from pathlib import Path
 
 from phiforge.errors import ConfigError
-from phiforge.train.hooks import RunHooks
+from phiforge.hooks import PrepareHooks, RunHooks
+
+PREPARE_HANG = "fault-hang"  # WORK/fault-hang: a prepare hangs (hang@K)
 
 
 def parse_faults(spec: str, var: str, kinds: tuple[str, ...],
@@ -66,7 +68,7 @@ def hang_forever(marker: Path | None) -> None:
 
 
 class Faults(RunHooks):
-    """PHIFORGE_FAULT's injections, as the run's hooks (phiforge.train.hooks)."""
+    """PHIFORGE_FAULT's injections, as the run's hooks (phiforge.hooks.RunHooks)."""
 
     def __init__(self, spec: str, rank: int = 0, run_dir: Path | None = None):
         kinds = ("nan", "oom", "cpu_oom", "raise", "hang", "hang_stage", "hang_write", "hang_save")
@@ -123,17 +125,28 @@ def run_hooks(rank: int, run_dir: Path) -> RunHooks:
     return Faults(spec, rank, run_dir) if spec.strip() else RunHooks()
 
 
-class PrepareFaults:
-    def __init__(self, spec: str):
+class PrepareFaults(PrepareHooks):
+    """PHIFORGE_PREPARE_FAULT's injections, as the hooks of a prepare whose work directory is `work`."""
+
+    def __init__(self, spec: str, work: Path):
         found, values = parse_faults(spec, "PHIFORGE_PREPARE_FAULT", ("hang",))
         self.sleep = values.get("sleep", 0.0)
-        self.hang = found["hang"]
+        self.hang, self.work = found["hang"], Path(work)
 
-    @classmethod
-    def from_env(cls) -> "PrepareFaults":
-        return cls(os.environ.get("PHIFORGE_PREPARE_FAULT", ""))
-
-    def written(self, unit: int, work: Path, writer) -> None:
+    def written(self, unit: int, writer) -> None:
         if unit in self.hang:
             writer.flush()  # what was written past the checkpoint reaches the files, as a crash may leave it
-            hang_forever(work / "fault-hang")
+            hang_forever(self.work / PREPARE_HANG)
+
+    def unit_done(self, unit: int) -> None:
+        if self.sleep:
+            time.sleep(self.sleep)
+
+
+def prepare_hooks(work: Path) -> PrepareHooks:
+    """The hooks of a prepare whose work directory is `work`: PHIFORGE_PREPARE_FAULT's injections when the
+    variable is set, else none. Either way the marker a faulted run left in `work` goes, so that a resumed run's
+    output holds only the dataset."""
+    (Path(work) / PREPARE_HANG).unlink(missing_ok=True)
+    spec = os.environ.get("PHIFORGE_PREPARE_FAULT", "")
+    return PrepareFaults(spec, work) if spec.strip() else PrepareHooks()

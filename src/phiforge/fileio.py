@@ -75,27 +75,6 @@ def read_user_text(path: str | Path, error: type[Exception], what: str, missing:
         raise error(f"cannot read {what} {path}: {e}") from None
 
 
-def read_user_mapping(path: str | Path, error: type[Exception], what: str, missing: str | None = None) -> dict:
-    """A YAML (or, by its .json suffix, JSON) file a user named that must hold a mapping ({} when empty); every
-    problem is `error` naming WHAT and PATH (see read_user_text)."""
-    import yaml
-
-    from phiforge.config import load_yaml
-
-    text = read_user_text(path, error, what, missing)
-    is_json = Path(path).suffix == ".json"
-    try:
-        data = json.loads(text) if is_json else load_yaml(text)
-    except (ValueError, yaml.YAMLError) as e:
-        raise error(f"{what} {path} is not valid {'JSON' if is_json else 'YAML'}: {str(e).splitlines()[0]}") \
-            from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise error(f"{what} {path} must hold a mapping at the top level")
-    return data
-
-
 # ---------------------------------------------------------------------------------------------
 # Output directories: the one rule for every command that writes a directory
 #
@@ -136,7 +115,7 @@ def _names_in(d: Path, names=(), suffixes=(), tokenizer: bool = False, weights: 
 
 # Outputs written before the marker existed, recognised by their files so earlier users are not locked out.
 
-def _old_model(d: Path) -> bool:  # "phiforge": phiforge.checkpoint.FORMAT (not imported: it needs torch)
+def _old_model(d: Path) -> bool:  # "phiforge": phiforge.model_files.FORMAT (not imported: it needs torch)
     return _json(d / "config.json").get("format") == "phiforge" and \
         _names_in(d, ["config.json"], tokenizer=True, weights=True)
 
@@ -166,10 +145,8 @@ def _old_study_report(d: Path) -> bool:  # other files beside a report are kept:
     return "study" in _json(d / "results.json") and (d / "report.md").is_file()
 
 
-def _old_dataset(d: Path) -> bool:
-    from phiforge.data.shards import FORMAT, INDEX
-
-    return _json(d / INDEX).get("format") == FORMAT
+def _old_dataset(d: Path) -> bool:  # data.shards' INDEX and FORMAT (not imported: fileio sits below the data layer)
+    return _json(d / "index.json").get("format") == "phiforge-tokens"
 
 
 def _old_tokenizer(d: Path) -> bool:  # written with a marker from the start, but not yet with its file list

@@ -13,24 +13,16 @@ from pathlib import Path
 
 import torch
 
-from phiforge.checkpoint import (
-    _read_json,
-    check_state_dict,
-    load_state_dict,
-    read_config,
-    resolve_checkpoint,
-    save_checkpoint,
-    save_state_dict,
-)
 from phiforge.config import BadValue, load_yaml
 from phiforge.errors import CheckpointError, ConfigError
-from phiforge.fileio import claim_output_dir, output_dir, write_json_atomic
+from phiforge.fileio import claim_output_dir, write_json_atomic
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
+from phiforge.model_files import (ExportSource, check_state_dict, conversion_summary, export_model, load_state_dict,
+                                  read_json, save_checkpoint, save_state_dict)
 from phiforge.tokenizer import EOT, EOT_ID, load_tokenizer, save_tokenizer_files
 
 HF_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Phi2Config field -> HF PhiConfig key.
 _TO_HF = {
@@ -177,21 +169,11 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: Phi2Config) -> dict[str
 # Directories
 
 
-def _files(d: Path) -> list[str]:
-    return sorted(p.name for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
-def _summary(state: dict[str, torch.Tensor], out: Path, warnings: list[str] | None = None) -> dict:
-    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})
-    return {"params": sum(v.numel() for v in state.values()), "dtype": ", ".join(dtypes), "out": str(out),
-            "files": _files(out), "warnings": warnings or []}
-
-
 def read_hf_config(src_dir: Path) -> dict:
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         raise CheckpointError(f"Hugging Face checkpoint directory not found: {src_dir}")
-    hf = _read_json(src_dir / "config.json", "Hugging Face config")
+    hf = read_json(src_dir / "config.json", "Hugging Face config")
     if hf.get("model_type") != "phi":
         hint = ""
         if hf.get("format") == "phiforge":
@@ -218,48 +200,35 @@ def convert_from_hf(src_dir: Path, out_dir: Path, overwrite: bool = False, **sav
     check_state_dict(state_dict_to_hf(model.state_dict(), cfg), hf_state, str(src_dir))
     model.load_state_dict(state_dict_from_hf(hf_state, cfg), strict=True, assign=True)
     save_checkpoint(model, out_dir, tokenizer_dir=src_dir, inputs=[src_dir], overwrite=overwrite, **save_kwargs)
-    return _summary(model.state_dict(), out_dir)
+    return conversion_summary(model.state_dict(), out_dir)
 
 
 def convert_to_hf(src_dir: Path, out_dir: Path, dtype: str | None = None,
                   max_shard_bytes: int = HF_SHARD_BYTES, overwrite: bool = False) -> dict:
     """phiforge checkpoint -> directory that PhiForCausalLM / AutoTokenizer.from_pretrained (fast and slow) load,
     with a model card. The summary's "warnings" name what other tools will get wrong."""
-    given = Path(src_dir)
-    src_dir, out_dir = resolve_checkpoint(src_dir), Path(out_dir)
-    claim_output_dir(out_dir, "hf", [given, src_dir], overwrite)
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype '{dtype}' (choose from: {', '.join(DTYPES)})")
-    # Check the raw dict before read_config, which would reject keys it does not know with a less useful message.
-    meta = _read_json(src_dir / "config.json", "checkpoint config")
-    raw = meta.get("model")
-    bad = hf_unrepresentable(raw) if isinstance(raw, dict) else []
-    if bad:
-        raise CheckpointError(f"model config field(s) {', '.join(bad)} in {src_dir} cannot be represented in a "
-                              "Hugging Face PhiConfig; this model cannot be exported with `convert to-hf`")
-    cfg = read_config(src_dir)
-    state = load_state_dict(src_dir)
-    with on_meta():
-        check_state_dict(Phi2(cfg), state, str(src_dir))
-    if dtype is not None:
-        state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
-    torch_dtype = str(state["lm_head.weight"].dtype).removeprefix("torch.")
-    hf_config = config_to_hf(cfg, torch_dtype=torch_dtype, eot=load_tokenizer(src_dir).token_to_id(EOT))
-    warnings = []
-    if cfg.rope_theta != 10000:
-        warnings.append(f"rope_theta is {cfg.rope_theta:g}: llama.cpp's Phi-2 GGUF converter ignores rope_theta "
-                        "(it uses 10000), so a GGUF made from this export computes other logits; transformers "
-                        "reads it correctly")
-    with output_dir(out_dir, "hf", [given, src_dir], overwrite) as tmp:
-        save_state_dict(state_dict_to_hf(state, cfg), tmp, max_shard_bytes=max_shard_bytes)
-        write_json_atomic(tmp / "config.json", hf_config)
+
+    def write(out: Path, src: ExportSource) -> list[str]:
+        cfg, state = src.cfg, src.state
+        torch_dtype = str(state["lm_head.weight"].dtype).removeprefix("torch.")
+        hf_config = config_to_hf(cfg, torch_dtype=torch_dtype, eot=load_tokenizer(src.dir).token_to_id(EOT))
+        warnings = []
+        if cfg.rope_theta != 10000:
+            warnings.append(f"rope_theta is {cfg.rope_theta:g}: llama.cpp's Phi-2 GGUF converter ignores rope_theta "
+                            "(it uses 10000), so a GGUF made from this export computes other logits; transformers "
+                            "reads it correctly")
+        save_state_dict(state_dict_to_hf(state, cfg), out, max_shard_bytes=max_shard_bytes)
+        write_json_atomic(out / "config.json", hf_config)
         gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config[k] is not None}
-        write_json_atomic(tmp / "generation_config.json", gen)
-        save_tokenizer_files(tmp, source_dir=src_dir)
-        write_hf_tokenizer_files(tmp, model_max_length=cfg.max_seq_len)
-        (tmp / "README.md").write_text(model_card(cfg, meta, src_dir, state, out_dir.name, warnings),
+        write_json_atomic(out / "generation_config.json", gen)
+        save_tokenizer_files(out, source_dir=src.dir)
+        write_hf_tokenizer_files(out, model_max_length=cfg.max_seq_len)
+        (out / "README.md").write_text(model_card(cfg, src.meta, src.dir, state, Path(out_dir).name, warnings),
                                        encoding="utf-8")
-    return _summary(state, out_dir, warnings)
+        return warnings
+
+    return export_model(src_dir, out_dir, "hf", "Hugging Face PhiConfig", hf_unrepresentable, write, dtype=dtype,
+                        overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,8 +254,8 @@ def write_hf_tokenizer_files(out_dir: Path, model_max_length: int) -> None:
     import json
 
     out_dir = Path(out_dir)
-    tok = _read_json(out_dir / "tokenizer.json", "tokenizer")
-    tok_cfg = _read_json(out_dir / "tokenizer_config.json", "tokenizer config")
+    tok = read_json(out_dir / "tokenizer.json", "tokenizer")
+    tok_cfg = read_json(out_dir / "tokenizer_config.json", "tokenizer config")
     tok_cfg["model_max_length"] = model_max_length
     model, pre = tok.get("model") or {}, _byte_level(tok.get("pre_tokenizer"))
     if model.get("type") == "BPE" and pre is not None:  # other models (Unigram, WordPiece) have no GPT-2 files

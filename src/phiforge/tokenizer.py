@@ -202,11 +202,12 @@ def check_same_tokenizer(model_sha: str | None, model_what: str, data_sha: str |
                                   fix, allow)
 
 
-def check_vocab_fits(n_tokens: int, vocab_size: int, source: str) -> None:
-    """Refuse to train a model whose embedding has fewer rows than the tokenizer (of `source`) has tokens."""
+def check_vocab_fits(n_tokens: int, vocab_size: int, source: str,
+                     fix: str = "choose a larger preset or set model.vocab_size", error: type = ConfigError) -> None:
+    """Refuse a model whose embedding has fewer rows than the tokenizer (of `source`) has tokens: `error`, naming
+    both sizes and what to do (`fix`; the default is a trainer's)."""
     if n_tokens > vocab_size:
-        raise ConfigError(f"{source} has {n_tokens} tokens but the model's vocabulary has {vocab_size}; choose a "
-                          "larger preset or set model.vocab_size")
+        raise error(f"{source} has {n_tokens} tokens but the model's vocabulary has {vocab_size}; {fix}")
 
 
 def eot_id(tok: Tokenizer) -> int:

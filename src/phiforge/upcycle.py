@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from phiforge.checkpoint import check_state_dict, load_state_dict, read_config, resolve_checkpoint, save_checkpoint
 from phiforge.config import apply_overrides
 from phiforge.errors import CheckpointError, ConfigError
 from phiforge.fileio import claim_output_dir
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
+from phiforge.model_files import check_state_dict, load_state_dict, read_config, resolve_checkpoint, save_checkpoint
 
 INITS = ("zero", "copy")
 _MLP_KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")

@@ -32,23 +32,30 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def _from_hf_args(p) -> None:
+def _shard_size_arg(p, default: str = "4GiB") -> None:
     p.add_argument("--max-shard-size", type=parse_size, default=None,
-                   help="split weights into shards of at most this size (default 4GiB)")
+                   help=f"split weights into shards of at most this size (default {default})")
+
+
+def _dtype_arg(p) -> None:
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="cast the weights (default: keep the checkpoint's dtype)")
+
+
+def _save_kwargs(args) -> dict:
+    """A phiforge checkpoint's save options from the flags (the library's defaults where a flag is not given)."""
+    return {} if args.max_shard_size is None else {"max_shard_bytes": args.max_shard_size}
 
 
 def _from_hf(args) -> dict:
     from phiforge.hf import convert_from_hf
 
-    kwargs = {} if args.max_shard_size is None else {"max_shard_bytes": args.max_shard_size}
-    return convert_from_hf(args.src, args.out, overwrite=args.overwrite, **kwargs)
+    return convert_from_hf(args.src, args.out, overwrite=args.overwrite, **_save_kwargs(args))
 
 
 def _to_hf_args(p) -> None:
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="cast the weights (default: keep the checkpoint's dtype)")
-    p.add_argument("--max-shard-size", type=parse_size, default=None,
-                   help="split weights into shards of at most this size (default 5GB, as transformers)")
+    _dtype_arg(p)
+    _shard_size_arg(p, "5GB, as transformers")
 
 
 def _to_hf(args) -> dict:
@@ -72,7 +79,7 @@ def _upcycle(args) -> dict:
     from pathlib import Path
 
     from phiforge.config import check_range, check_seed
-    from phiforge.hf import _summary
+    from phiforge.model_files import conversion_summary
     from phiforge.upcycle import parse_moe_spec, upcycle
 
     check_range("--noise", args.noise, 0.0, note=" (0: exact copies)")
@@ -80,24 +87,17 @@ def _upcycle(args) -> dict:
 
     model = upcycle(args.src, args.out, parse_moe_spec(args.moe), init=args.init, noise=args.noise, seed=args.seed,
                     overwrite=args.overwrite)
-    return _summary(model.state_dict(), Path(args.out))
-
-
-def _from_litgpt_args(p) -> None:
-    p.add_argument("--max-shard-size", type=parse_size, default=None,
-                   help="split weights into shards of at most this size (default 4GiB)")
+    return conversion_summary(model.state_dict(), Path(args.out))
 
 
 def _from_litgpt(args) -> dict:
     from phiforge.litgpt.convert import convert_from_litgpt
 
-    kwargs = {} if args.max_shard_size is None else {"max_shard_bytes": args.max_shard_size}
-    return convert_from_litgpt(args.src, args.out, overwrite=args.overwrite, **kwargs)
+    return convert_from_litgpt(args.src, args.out, overwrite=args.overwrite, **_save_kwargs(args))
 
 
 def _to_litgpt_args(p) -> None:
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="cast the weights (default: keep the checkpoint's dtype)")
+    _dtype_arg(p)
     p.add_argument("--qkv-layout", choices=["split", "grouped"], default="split",
                    help="split: attn.qkv rows [q; k; v] (litgpt 0.5.x, default); grouped: the older per-head-group "
                         "interleaved attn.attn")
@@ -112,12 +112,12 @@ def _to_litgpt(args) -> dict:
 
 CONVERTERS: list[Converter] = [
     Converter("from-hf", "Hugging Face PhiForCausalLM directory (e.g. microsoft/phi-2) -> phiforge checkpoint",
-              _from_hf_args, _from_hf),
+              _shard_size_arg, _from_hf),
     Converter("to-hf", "phiforge checkpoint -> Hugging Face PhiForCausalLM directory", _to_hf_args, _to_hf),
     Converter("upcycle", "dense phiforge checkpoint -> checkpoint with mixture-of-experts sublayers",
               _upcycle_args, _upcycle),
     Converter("from-litgpt", "LitGPT checkpoint directory (lit_model.pth + model_config.yaml) -> phiforge checkpoint",
-              _from_litgpt_args, _from_litgpt),
+              _shard_size_arg, _from_litgpt),
     Converter("to-litgpt", "phiforge checkpoint -> LitGPT checkpoint directory (lit_model.pth + model_config.yaml)",
               _to_litgpt_args, _to_litgpt),
 ]

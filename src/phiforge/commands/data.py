@@ -43,13 +43,33 @@ def run_merge(args) -> int:
 def run_inspect(args) -> int:
     from phiforge.config import check_range
     from phiforge.data.shards import open_token_dataset
-    from phiforge.errors import DataError
-    from phiforge.tokenizer import load_tokenizer
 
     check_range("--sample-tokens", args.sample_tokens, 0, note=" (0 decodes none)")
     ds = open_token_dataset(args.dir)
     if args.verify:
         ds.verify()
+    _print_header(ds)
+    total = sum(ds.split_tokens(s) for s in ds.splits()) or 1
+    print(f"{'split':<6} {'docs':>10} {'tokens':>16} {'share':>6} {'shards':>6}")
+    for split in ds.splits():
+        n = ds.split_tokens(split)
+        print(f"{split:<6} {ds.split_documents(split):>10,} {n:>16,} {100 * n / total:>5.1f}% "
+              f"{len(ds.index['splits'][split]['shards']):>6}")
+    _print_sources(ds, total)
+    print(f"documents: {ds.n_documents:,}")
+    for i, d in enumerate(ds.iter_documents()):
+        if i == 20:
+            print(f"  ... {ds.n_documents - 20:,} more")
+            break
+        print(f"  {d.get('id', '?'):>8}  {d.get('split', '?'):<5} {d.get('tokens', 0):>12,}  {d.get('title', '')}")
+    _print_sample(ds, args.split or ("train" if "train" in ds.splits() else ds.splits()[0]), args.sample_tokens)
+    if args.verify:
+        print("checksums: ok (token ids within the vocabulary, tokenizer.json as recorded)")
+    return 0
+
+
+def _print_header(ds) -> None:
+    """The format, the tokenizer, and what the dataset was prepared from."""
     tok = ds.index["tokenizer"]
     print(f"dataset {ds.dir}: format {ds.index['format']} v{ds.index['version']}, {ds.index['dtype']}, "
           f"tokenizer {tok.get('name', '?')} (vocab {tok['vocab_size']:,}, eot {tok['eot_id']})")
@@ -62,12 +82,10 @@ def run_inspect(args) -> int:
             how += f" (and {', '.join(val['held_out'])}, so that the split is not empty)"
         print(f"prepared from {prep.get('corpus', '?')}/{prep.get('source', '?')}; "
               f"validation by {val.get('method', '?')}: {how}")
-    total = sum(ds.split_tokens(s) for s in ds.splits()) or 1
-    print(f"{'split':<6} {'docs':>10} {'tokens':>16} {'share':>6} {'shards':>6}")
-    for split in ds.splits():
-        n = ds.split_tokens(split)
-        print(f"{split:<6} {ds.split_documents(split):>10,} {n:>16,} {100 * n / total:>5.1f}% "
-              f"{len(ds.index['splits'][split]['shards']):>6}")
+
+
+def _print_sources(ds, total: int) -> None:
+    """Documents and tokens per source, with the share the recorded mixture samples."""
     by_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     if ds.version >= 2:  # per-split source totals are in the index: documents.jsonl need not be read
         for split in ds.splits():
@@ -79,32 +97,30 @@ def run_inspect(args) -> int:
             by_source[d.get("source", "?")][0] += 1
             by_source[d.get("source", "?")][1] += d.get("tokens", 0)
     weights = ds.index.get("mixture", {}).get("weights", {})
-    if by_source:
-        wsum = sum(w for k, w in weights.items() if k in by_source) or 1
-        print(f"{'source':<14} {'docs':>10} {'tokens':>16} {'share':>6}" + ("  sampled" if weights else ""))
-        for src, (n_docs, n_tok) in sorted(by_source.items(), key=lambda kv: -kv[1][1]):
-            mix = f"  {100 * weights.get(src, 0) / wsum:>6.1f}%" if weights else ""
-            print(f"{src:<14} {n_docs:>10,} {n_tok:>16,} {100 * n_tok / total:>5.1f}%{mix}")
-        if weights:
-            print("sampled: share of training samples under the recorded mixture weights "
-                  "(PackedLoader(..., mixture='index'))")
-    print(f"documents: {ds.n_documents:,}")
-    for i, d in enumerate(ds.iter_documents()):
-        if i == 20:
-            print(f"  ... {ds.n_documents - 20:,} more")
-            break
-        print(f"  {d.get('id', '?'):>8}  {d.get('split', '?'):<5} {d.get('tokens', 0):>12,}  {d.get('title', '')}")
-    split = args.split or ("train" if "train" in ds.splits() else ds.splits()[0])
+    if not by_source:
+        return
+    wsum = sum(w for k, w in weights.items() if k in by_source) or 1
+    print(f"{'source':<14} {'docs':>10} {'tokens':>16} {'share':>6}" + ("  sampled" if weights else ""))
+    for src, (n_docs, n_tok) in sorted(by_source.items(), key=lambda kv: -kv[1][1]):
+        mix = f"  {100 * weights.get(src, 0) / wsum:>6.1f}%" if weights else ""
+        print(f"{src:<14} {n_docs:>10,} {n_tok:>16,} {100 * n_tok / total:>5.1f}%{mix}")
+    if weights:
+        print("sampled: share of training samples under the recorded mixture weights "
+              "(PackedLoader(..., mixture='index'))")
+
+
+def _print_sample(ds, split: str, sample_tokens: int) -> None:
+    """The first tokens of a split, decoded with the dataset's own tokenizer.json (never another)."""
+    from phiforge.errors import DataError
+    from phiforge.tokenizer import load_tokenizer
+
     stream = ds.stream(split) if split in ds.splits() else None
     if stream is None:
         raise DataError(f"dataset {ds.dir} has no '{split}' split (it has: {', '.join(ds.splits())})")
-    n = max(0, min(args.sample_tokens, stream.total))
-    tokenizer = load_tokenizer(ds.dir)  # decoded only with the dataset's own tokenizer.json, never another
+    n = max(0, min(sample_tokens, stream.total))
+    tokenizer = load_tokenizer(ds.dir)
     if not (ds.dir / "tokenizer.json").is_file() or tokenizer.get_vocab_size() != ds.vocab_size:
         print(f"sample: skipped ({ds.dir / 'tokenizer.json'} is missing or does not match the dataset's vocab)")
     else:
         text = tokenizer.decode(stream.read(0, n).tolist(), skip_special_tokens=False)
         print(f"sample ({split}, first {n} tokens): {text!r}")
-    if args.verify:
-        print("checksums: ok (token ids within the vocabulary, tokenizer.json as recorded)")
-    return 0

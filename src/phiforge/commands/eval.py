@@ -128,10 +128,12 @@ def run(args) -> int:
 
 def _run_lm_eval(args) -> dict:
     from phiforge.evaluation.harness import run_lm_eval
+    from phiforge.train.distributed import resolve_device
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     result = run_lm_eval(args.checkpoint, tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
-                         limit=args.limit, batch_size=args.batch_size, device=args.device, seed=args.seed,
+                         limit=args.limit, batch_size=args.batch_size, device=str(resolve_device(args.device)),
+                         seed=args.seed,
                          dtype=args.dtype)
     for name, metrics in result["results"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
@@ -143,8 +145,10 @@ def _load(args):
     import torch
 
     from phiforge.evaluation import load_for_eval
+    from phiforge.train.distributed import resolve_device
 
-    return load_for_eval(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype), context=args.context)
+    return load_for_eval(args.checkpoint, device=resolve_device(args.device), dtype=getattr(torch, args.dtype),
+                         context=args.context)
 
 
 def _run_builtin(args) -> dict:

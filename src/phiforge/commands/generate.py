@@ -50,8 +50,8 @@ def fit_sampling(args, prompt_len: int, cfg) -> None:
 def run(args) -> int:
     import torch
 
-    from phiforge.checkpoint import load_checkpoint, resolve_checkpoint
     from phiforge.generate import generate
+    from phiforge.model_files import load_checkpoint, resolve_checkpoint
     from phiforge.tokenizer import eot_id, load_tokenizer
     from phiforge.train.distributed import resolve_device
 

@@ -130,10 +130,10 @@ def run_pretrain(args) -> int:
 def run_config(args) -> int:
     import yaml
 
-    from phiforge.checkpoint import read_config, resolve_checkpoint
     from phiforge.config import apply_overrides
     from phiforge.litgpt.convert import config_to_litgpt
     from phiforge.model import Phi2Config
+    from phiforge.model_files import read_config, resolve_checkpoint
 
     if args.checkpoint:
         cfg = read_config(resolve_checkpoint(args.checkpoint))

@@ -22,8 +22,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from phiforge.litgpt.report import fmt_agg
-    from phiforge.litgpt.study import load_study, run_study
+    from phiforge.study.config import load_study
+    from phiforge.study.report import fmt_agg
+    from phiforge.study.runner import run_study
 
     study = load_study(args.config, args.sets)
     only = [r.strip() for r in args.routes.split(",") if r.strip()] if args.routes else None

@@ -77,7 +77,7 @@ def run_finetune(args) -> int:
 
 
 def _load(checkpoint: str, device_name: str):
-    from phiforge.checkpoint import resolve_checkpoint
+    from phiforge.model_files import resolve_checkpoint
     from phiforge.tokenizer import load_tokenizer
     from phiforge.train.distributed import resolve_device
     from phiforge.vision.model import load_vision_checkpoint

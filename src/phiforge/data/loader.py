@@ -47,7 +47,9 @@ MIX_BLOCK = 8192
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def _count_windows(stream: TokenStream, seq_len: int, what: str) -> int:
+def count_windows(stream: TokenStream, seq_len: int, what: str) -> int:
+    """Windows of seq_len + 1 tokens (inputs and targets) that start every seq_len tokens of `stream`; a stream
+    without one is a DataError naming `what`."""
     n = (stream.total - 1) // seq_len if stream.total > 0 else 0
     if n < 1:
         raise DataError(f"{what} has {stream.total} tokens, fewer than one window of seq_len+1 = {seq_len + 1}")
@@ -186,7 +188,7 @@ class PackedLoader:
         self.rank, self.world_size = rank, world_size
         self.vocab_size = vocab_size  # set: every batch's ids are checked against it (check_ids)
         what = f"split '{split}' of {data_dir}"
-        self.n_windows = _count_windows(self.stream, seq_len, what)
+        self.n_windows = count_windows(self.stream, seq_len, what)
         self.mixture = resolve_mixture(self.dataset, split, mixture)
         self.epoch = 0
         self.position = 0  # this rank's samples already served (in the epoch, without a mixture)
@@ -204,7 +206,7 @@ class PackedLoader:
             self.shuffle = "feistel"
             self.sources = list(self.mixture)
             self.source_streams = [self.dataset.source_stream(split, s) for s in self.sources]
-            self.source_windows = [_count_windows(st, seq_len, f"source '{s}' of {what}")
+            self.source_windows = [count_windows(st, seq_len, f"source '{s}' of {what}")
                                    for s, st in zip(self.sources, self.source_streams)]
             w = np.array([self.mixture[s] for s in self.sources], dtype=np.float64)
             self._cdf = np.cumsum(w / w.sum())
@@ -384,7 +386,7 @@ def eval_batches(data_dir, split: str, seq_len: int, batch_size: int, max_batche
     stream = ds.stream(split)
     weights = resolve_mixture(ds, split, mixture, drop_missing=True)
     if weights is None:
-        n = min(_count_windows(stream, seq_len, f"split '{split}' of {data_dir}"), batch_size * max_batches)
+        n = min(count_windows(stream, seq_len, f"split '{split}' of {data_dir}"), batch_size * max_batches)
         if n >= batch_size:
             n -= n % batch_size  # full batches only: the loop averages per batch
         return [_batch(stream, range(i, min(i + batch_size, n)), seq_len, vocab_size)

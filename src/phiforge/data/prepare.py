@@ -70,7 +70,7 @@ from phiforge.data.shards import DEFAULT_SHARD_TOKENS, INDEX, DatasetWriter, rea
 from phiforge.data.sources import RawDoc, Skip, Source, clean_raw
 from phiforge.data.tasks import DedupLog, Task, fingerprint_sha
 from phiforge.errors import DataError
-from phiforge.faults import PrepareFaults
+from phiforge.faults import prepare_hooks
 from phiforge.fileio import swap_in_dir, write_json_atomic
 from phiforge.tokenizer import EOT, eot_id, load_tokenizer, tokenizer_sha256
 
@@ -232,9 +232,6 @@ class _Done:
 
     def get(self):
         return self.value
-
-
-# ---------------------------------------------------------------------------------------------- faults
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -409,7 +406,7 @@ class _Run:
                             "task": [self.task.index, self.task.count] if self.task else None}
         self.work = out_dir.parent / f".{out_dir.name}.partial"
         self.journal_path = self.work / JOURNAL
-        self.fault = PrepareFaults.from_env()
+        self.hooks = prepare_hooks(self.work)  # nothing, but for the tests' fault injection
         self.held_out = held_out
         self.val = set(opts.val_ids or ()) | ({held_out} if held_out else set())
         self.pool = self.bar = self.writer = self.dedup_log = None
@@ -457,7 +454,6 @@ class _Run:
         if journal is None and self.work.exists():  # died before its first checkpoint: nothing to keep
             shutil.rmtree(self.work)
         self.work.mkdir(exist_ok=True)
-        (self.work / "fault-hang").unlink(missing_ok=True)  # left by a PHIFORGE_PREPARE_FAULT test run
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.work, 0o777 & ~umask)
@@ -584,7 +580,7 @@ class _Run:
                     self.report.skip(r[1], r[2], r[3])
                 else:
                     self._add(*r[1:])
-            self.fault.written(ui, self.work, self.writer)
+            self.hooks.written(ui, self.writer)
         elif kind == "skip":
             self.report.read["documents"] += int(item.document)
             self.report.skip(item.reason, item.example, item.chars)
@@ -635,8 +631,7 @@ class _Run:
         dt = max(time.perf_counter() - self.run_t0, 1e-9)
         self.bar.set_postfix_str(f"docs={self.report.kept['documents']:,} tok/s={self.run_tokens / dt:,.0f}",
                                  refresh=False)
-        if self.fault.sleep:
-            time.sleep(self.fault.sleep)
+        self.hooks.unit_done(ui)
         if time.monotonic() - self.last_ckpt >= self.opts.checkpoint_seconds and ui + 1 < len(self.units):
             self._checkpoint(ui + 1)
             self.last_ckpt = time.monotonic()

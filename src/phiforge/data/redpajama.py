@@ -14,7 +14,8 @@ common_crawl, github, stackexchange, wikipedia, then others by name), files in p
 are grouped by source and every shard holds one source.
 
 The reader hands each line to the workers as bytes: parsing the JSON, taking the text and running the quality
-filter happen there (`parse_record`, through `clean_raw`), not in `prepare`'s main process.
+filter happen there (the documents' `parse` is `parse_record`, which `clean_raw` calls), not in `prepare`'s
+main process.
 
 Quality filters (`--quality-filter NAME|module:function`) see each record and its quality signals (V2; None
 for 1T) and return None to keep it or a short reason to drop it; drops are counted in the report as
@@ -215,7 +216,7 @@ class RedPajamaSource(Source):
             records += 1
             sig = next(signals, None) if signals is not None else None
             yield RawDoc(id=f"{unit.key}:{n}", title="", source=unit.source, data=line, origin=f"{unit.key}:{n}",
-                         clean="redpajama", meta={"filter": self.filter_spec, "signals": sig and sig[1]})
+                         parse=parse_record, meta={"filter": self.filter_spec, "signals": sig and sig[1]})
         if records == 0:
             yield Skip("empty file", unit.key, document=False)
 

@@ -180,6 +180,11 @@ class ShardWriter:
             self._file = None
             (self.out_dir / (self._name + ".tmp")).unlink(missing_ok=True)
 
+    def flush(self) -> None:
+        """Hand the open shard's buffered bytes to the OS (no fsync)."""
+        if self._file is not None:
+            self._file.flush()
+
     def close_file(self) -> None:
         """Close the open shard's .tmp file, keeping it (for a later resume)."""
         if self._file is not None:
@@ -297,8 +302,7 @@ class DatasetWriter:
     def flush(self) -> None:
         """Hand buffered bytes to the OS (no fsync)."""
         for w in self.writers.values():
-            if w._file is not None:
-                w._file.flush()
+            w.flush()
         self._docs.flush()
 
     def close_files(self) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,8 +48,10 @@ class RawDoc:
     text: str | None = None
     data: bytes | None = None  # raw bytes, decoded in the worker (UTF-8, then cp1252, then latin-1)
     origin: str = ""  # where it came from (file, file:line), for reports
-    clean: str = "plain"  # "gutenberg": markers/BOM/CRLF/NFC cleaning; "plain": used as is; "redpajama": `data` is
-    # a JSON line to parse (phiforge.data.redpajama.parse_record)
+    clean: str = "plain"  # "gutenberg": markers/BOM/CRLF/NFC cleaning; "plain": used as is
+    # parse(raw) -> (text, title) or Skip: `data` is a record to parse in the worker (redpajama.parse_record's
+    # JSON line), not text to decode; a module-level function, so that it pickles
+    parse: Callable[["RawDoc"], "tuple[str, str] | Skip"] | None = None
     meta: dict = field(default_factory=dict)
 
 
@@ -66,10 +68,8 @@ def clean_raw(raw: RawDoc) -> tuple[str, str, dict, dict] | Skip:
     none. info: facts for the report (encoding fallback, characters of boilerplate removed)."""
     info: dict = {}
     title, meta, text = raw.title, dict(raw.meta), raw.text
-    if raw.clean == "redpajama":  # a JSON line, parsed here (in a worker) rather than by the reader
-        from phiforge.data.redpajama import parse_record
-
-        parsed = parse_record(raw)
+    if raw.parse is not None:  # a record, parsed here (in a worker) rather than by the reader
+        parsed = raw.parse(raw)
         if isinstance(parsed, Skip):
             return parsed
         (text, title), meta = parsed, {}

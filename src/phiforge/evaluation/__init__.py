@@ -10,7 +10,7 @@
 
 Stable Python API (phiforge study uses it):
 
-    model, tokenizer = load_for_eval(CKPT_OR_RUN_DIR, device="auto")
+    model, tokenizer = load_for_eval(CKPT_OR_RUN_DIR, device="cpu")     # any torch device ("cuda", "cuda:1")
     score_documents(model, tokenizer, texts, *, names=None, stride=None, batch_size=8) -> TextScore
     score_dataset(model, data_dir, split="val", *, stride=None, batch_size=8, limit=None) -> TextScore
         TextScore: .tokens .nats .bytes .loss .ppl .bpb, .documents (per-document TextScores), .to_dict()
@@ -32,23 +32,23 @@ __all__ = ["TextScore", "Task", "core_score", "evaluate_task", "load_for_eval", 
            "score_dataset", "score_documents"]
 
 
-def load_for_eval(checkpoint: str | Path, device: str = "auto", dtype=None, context: int | None = None):
+def load_for_eval(checkpoint: str | Path, device="cpu", dtype=None, context: int | None = None):
     """(model in eval mode, its tokenizer) from a checkpoint directory or a run directory (its latest checkpoint);
-    device auto|cpu|cuda|cuda:N, dtype a torch dtype (None: as saved). The model's `eval_context` (the window every
-    evaluation uses, scoring.eval_context) is `context`, else the sequence length the checkpoint was trained with
-    (its train_state.json), else its max_seq_len."""
-    from phiforge.checkpoint import load_checkpoint, read_config, resolve_checkpoint
+    device a torch device or its name (`phiforge eval --device auto` resolves auto with
+    train.distributed.resolve_device: evaluation sits below training and imports nothing of it), dtype a torch
+    dtype (None: as saved). The model's `eval_context` (the window every evaluation uses, scoring.eval_context) is
+    `context`, else the sequence length the checkpoint was trained with (its train_state.json), else its
+    max_seq_len."""
     from phiforge.errors import CheckpointError
-    from phiforge.tokenizer import load_tokenizer
-    from phiforge.train.distributed import resolve_device
+    from phiforge.model_files import load_checkpoint, read_config, resolve_checkpoint
+    from phiforge.tokenizer import check_vocab_fits, load_tokenizer
 
     ckpt = resolve_checkpoint(Path(checkpoint))
     tokenizer, mcfg = load_tokenizer(ckpt), read_config(ckpt)
-    if tokenizer.get_vocab_size() > mcfg.vocab_size:
-        raise CheckpointError(f"the tokenizer of {ckpt} has {tokenizer.get_vocab_size()} tokens but the model's "
-                              f"vocabulary only {mcfg.vocab_size}: give the model its own tokenizer.json")
+    check_vocab_fits(tokenizer.get_vocab_size(), mcfg.vocab_size, f"the tokenizer of {ckpt}",
+                     "give the model its own tokenizer.json", CheckpointError)
     window = checked_context(context if context is not None else trained_context(ckpt), mcfg.max_seq_len)
-    return load_checkpoint(ckpt, device=resolve_device(device), dtype=dtype, eval_context=window), tokenizer
+    return load_checkpoint(ckpt, device=device, dtype=dtype, eval_context=window), tokenizer
 
 
 def trained_context(ckpt: Path) -> int | None:

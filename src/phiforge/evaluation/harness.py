@@ -71,13 +71,12 @@ def run_lm_eval(checkpoint: str | Path, tasks: list[str], *, include_path: str |
                 num_fewshot: int | None = None, limit: int | None = None, batch_size: int | str = 1,
                 device: str = "cpu", seed: int = 1234, dtype: str = "float32", log_samples: bool = False) -> dict:
     """lm_eval.simple_evaluate's result (JSON-safe: results, configs, n-shot, samples with log_samples) for the
-    checkpoint's HF export (weights in `dtype`) on `tasks`."""
-    from phiforge.checkpoint import resolve_checkpoint
+    checkpoint's HF export (weights in `dtype`) on `tasks`, run on `device` (a torch device's name: `phiforge eval
+    --device auto` resolves auto with train.distributed.resolve_device; evaluation imports nothing of training)."""
     from phiforge.hf import convert_to_hf
-    from phiforge.train.distributed import resolve_device
+    from phiforge.model_files import resolve_checkpoint
 
     lm_eval, _ = import_lm_eval()
-    device = str(resolve_device(device))
     manager = task_manager(tasks, include_path)
     kwargs = dict(tasks=tasks, task_manager=manager, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                   device=device, log_samples=log_samples, bootstrap_iters=0, fewshot_random_seed=seed)

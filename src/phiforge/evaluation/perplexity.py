@@ -97,8 +97,8 @@ def score_documents(model, tokenizer, texts: Sequence[str], *, names: Sequence[s
 def check_dataset_tokenizer(checkpoint: str | Path, data_dir: str | Path, allow: bool = False) -> None:
     """The tokenizer that made the dataset's tokens must be the checkpoint's (a run directory: its latest), by
     identity (phiforge.tokenizer.tokenizer_identity): DataError otherwise, or with `allow` a warning."""
-    from phiforge.checkpoint import resolve_checkpoint
     from phiforge.data.shards import open_token_dataset
+    from phiforge.model_files import resolve_checkpoint
     from phiforge.tokenizer import check_same_tokenizer, tokenizer_identity
 
     ckpt = resolve_checkpoint(Path(checkpoint))
@@ -111,11 +111,11 @@ def score_dataset(model, data_dir: str | Path, split: str = "val", *, stride: in
     """Score each document of a `phiforge prepare` dataset's split whole (its own tokens, its recorded UTF-8
     bytes); `limit`: the first that many documents."""
     from phiforge.data.shards import open_token_dataset
+    from phiforge.tokenizer import check_vocab_fits
 
     dataset = open_token_dataset(data_dir)
-    if dataset.vocab_size > model.cfg.vocab_size:
-        raise DataError(f"data in {data_dir} uses a tokenizer of {dataset.vocab_size} tokens but the model's "
-                        f"vocabulary has {model.cfg.vocab_size}: it was not trained on this tokenizer")
+    check_vocab_fits(dataset.vocab_size, model.cfg.vocab_size, f"the tokenizer of the data in {data_dir}",
+                     "the model was not trained on this tokenizer", DataError)
     eot, streams, names, byte_counts = dataset.eot_id, [], [], []
     for doc, tokens in dataset.iter_document_tokens(split):
         if limit is not None and len(streams) >= limit:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from phiforge.errors import ConfigError
 from phiforge.evaluation.perplexity import encode_documents, read_text_file, score_tokenized
 from phiforge.evaluation.tasks import encode_task, load_task, score_task, task_metrics
+from phiforge.tokenizer import check_vocab_fits
 
 TEXT_FORMAT = "text"
 TASK_KEYS = ("acc", "acc_norm", "ll")
@@ -38,10 +38,8 @@ class EvalSuite:
         """entries: objects with name, path, format (None: implied by the name; "text": a .txt/.jsonl text
         file), limit (questions or documents) and num_fewshot, such as train.config.EvalTaskConfig; for a model
         of context max_len and vocab_size embedding rows."""
-        if tokenizer.get_vocab_size() > vocab_size:
-            raise ConfigError(f"eval_tasks: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's "
-                              f"vocabulary only {vocab_size} (give the data directory the tokenizer.json it was "
-                              "made with)")
+        check_vocab_fits(tokenizer.get_vocab_size(), vocab_size, "eval_tasks: the tokenizer",
+                         "give the data directory the tokenizer.json it was made with")
         items = []
         for e in entries:
             if e.format == TEXT_FORMAT:

@@ -6,8 +6,7 @@
     datamodule.py  `PhiforgeLitData`: LitData that can keep the order phiforge drew (imported by litgpt itself)
     pretrain.py    `phiforge litgpt pretrain`: runs `litgpt pretrain`, then writes phiforge's metrics.jsonl and a
                    phiforge checkpoint of the result
-    study.py       `phiforge study`: phiforge dense, phiforge MoE and LitGPT on one data set and token budget,
-                   and the report with plots
 
-Everything except convert.py needs the optional extra: pip install 'phiforge[litgpt]' (docs/litgpt.md).
+`phiforge study`, which compares this route with phiforge's own, is phiforge.study. Everything except convert.py
+needs the optional extra: pip install 'phiforge[litgpt]' (docs/litgpt.md).
 """

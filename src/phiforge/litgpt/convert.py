@@ -34,18 +34,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from phiforge.checkpoint import (
-    check_state_dict,
-    load_torch_file,
-    load_state_dict,
-    read_config,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from phiforge.config import read_user_mapping
 from phiforge.errors import CheckpointError, ConfigError
-from phiforge.fileio import claim_output_dir, output_dir, read_user_mapping
+from phiforge.fileio import claim_output_dir, output_dir
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
+from phiforge.model_files import (ExportSource, check_state_dict, conversion_summary, export_model, load_torch_file,
+                                  save_checkpoint)
 from phiforge.tokenizer import save_tokenizer_files
 
 LIT_WEIGHTS = "lit_model.pth"
@@ -56,7 +51,6 @@ PROMPT_STYLE = "prompt_style.yaml"
 # trained by phiforge never saw. (litgpt.prompts.load_prompt_style reads {"class_path": ...}.)
 DEFAULT_PROMPT_STYLE = {"class_path": "litgpt.prompts.Default"}
 QKV_LAYOUTS = ("split", "grouped")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # litgpt.Config("phi-2") (litgpt/config.py, checked against Config.from_name("phi-2") in the tests).
 PHI2_LIT = {
@@ -101,14 +95,10 @@ _LIT_CLASS_DEFAULTS = {
 # Config
 
 
-def lit_unrepresentable(cfg: Phi2Config) -> list[str]:
-    """Phi2Config features a LitGPT Config cannot express (phiforge's MoE in any position, cross-attention)."""
-    bad = []
-    if cfg.moe is not None:
-        bad.append("moe")
-    if cfg.xattn is not None:
-        bad.append("xattn")
-    return bad
+def lit_unrepresentable(model_config: dict) -> list[str]:
+    """Model config keys (Phi2Config's) switched on that a LitGPT Config cannot express: phiforge's MoE in any
+    position, cross-attention."""
+    return [k for k in ("moe", "xattn") if model_config.get(k) is not None]
 
 
 def config_to_litgpt(cfg: Phi2Config, vocab_size: int | None = None) -> dict:
@@ -118,7 +108,7 @@ def config_to_litgpt(cfg: Phi2Config, vocab_size: int | None = None) -> dict:
     own lit->HF converter picks its Phi mapping by the "phi" prefix). vocab_size is the tokenizer's size
     (LitGPT's padded_vocab_size holds the embedding rows); default: GPT-2's 50257, capped at the rows.
     """
-    bad = lit_unrepresentable(cfg)
+    bad = lit_unrepresentable(cfg.to_dict())
     if bad:
         raise CheckpointError(f"model config field(s) {', '.join(bad)} cannot be represented in a LitGPT Config; "
                               "this model cannot be used with LitGPT")
@@ -287,12 +277,6 @@ def read_lit_config(src_dir: Path) -> dict:
                                      f"lit_model.pth and {LIT_CONFIG})")
 
 
-def _summary(state: dict[str, torch.Tensor], out: Path) -> dict:
-    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})
-    return {"params": sum(v.numel() for v in state.values()), "dtype": ", ".join(dtypes), "out": str(out),
-            "files": sorted(p.name for p in Path(out).iterdir() if p.is_file() and not p.name.startswith("."))}
-
-
 def convert_from_litgpt(src_dir: Path, out_dir: Path, tokenizer_dir: Path | None = None, overwrite: bool = False,
                         **save_kwargs) -> dict:
     """LitGPT checkpoint directory -> phiforge checkpoint (same dtype). The tokenizer files come from
@@ -319,44 +303,38 @@ def convert_from_litgpt(src_dir: Path, out_dir: Path, tokenizer_dir: Path | None
                     extra={"converted_from": {"format": "litgpt", "name": lit.get("name"),
                                               "qkv_layout": "grouped" if legacy else "split"}},
                     **save_kwargs)
-    return _summary(model.state_dict(), out_dir)
+    return conversion_summary(model.state_dict(), out_dir)
+
+
+def write_litgpt_files(out_dir: Path, state: dict[str, torch.Tensor], cfg: Phi2Config,
+                       tokenizer_dir: Path | None = None, qkv_layout: str = "split", vocab_size: int | None = None) -> dict:
+    """Write lit_model.pth (a bare state dict, as litgpt's converters write it), model_config.yaml,
+    prompt_style.yaml (Default) and the tokenizer files into an existing directory; returns the LitGPT config."""
+    lit_cfg = config_to_litgpt(cfg, vocab_size=vocab_size)
+    lit_state = {k: v.detach().contiguous().cpu()
+                 for k, v in state_dict_to_litgpt(state, cfg, qkv_layout).items()}
+    torch.save(lit_state, out_dir / LIT_WEIGHTS)
+    (out_dir / LIT_CONFIG).write_text(yaml.safe_dump(lit_cfg, sort_keys=True), encoding="utf-8")
+    (out_dir / PROMPT_STYLE).write_text(yaml.safe_dump(DEFAULT_PROMPT_STYLE), encoding="utf-8")
+    save_tokenizer_files(out_dir, source_dir=tokenizer_dir)
+    return lit_cfg
 
 
 def write_litgpt_checkpoint(state: dict[str, torch.Tensor], cfg: Phi2Config, out_dir: Path,
                             tokenizer_dir: Path | None = None, qkv_layout: str = "split",
                             vocab_size: int | None = None, inputs=(), overwrite: bool = False) -> dict:
-    """Write OUT/lit_model.pth (a bare state dict, as litgpt's converters write it), model_config.yaml,
-    prompt_style.yaml (Default) and the tokenizer files, atomically (fileio.output_dir)."""
-    lit_cfg = config_to_litgpt(cfg, vocab_size=vocab_size)
-    lit_state = {k: v.detach().contiguous().cpu()
-                 for k, v in state_dict_to_litgpt(state, cfg, qkv_layout).items()}
+    """write_litgpt_files into OUT, atomically (fileio.output_dir)."""
     with output_dir(out_dir, "litgpt", inputs=[*inputs, tokenizer_dir], overwrite=overwrite) as tmp:
-        torch.save(lit_state, tmp / LIT_WEIGHTS)
-        (tmp / LIT_CONFIG).write_text(yaml.safe_dump(lit_cfg, sort_keys=True), encoding="utf-8")
-        (tmp / PROMPT_STYLE).write_text(yaml.safe_dump(DEFAULT_PROMPT_STYLE), encoding="utf-8")
-        save_tokenizer_files(tmp, source_dir=tokenizer_dir)
-    return lit_cfg
+        return write_litgpt_files(Path(tmp), state, cfg, tokenizer_dir, qkv_layout, vocab_size)
 
 
 def convert_to_litgpt(src_dir: Path, out_dir: Path, dtype: str | None = None, qkv_layout: str = "split",
                       overwrite: bool = False) -> dict:
     """phiforge checkpoint -> LitGPT checkpoint directory (`litgpt generate`/`chat`/`finetune` read it)."""
-    given = Path(src_dir)
-    src_dir, out_dir = resolve_checkpoint(src_dir), Path(out_dir)
-    claim_output_dir(out_dir, "litgpt", [given, src_dir], overwrite)
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype '{dtype}' (choose from: {', '.join(DTYPES)})")
-    cfg = read_config(src_dir)
-    bad = lit_unrepresentable(cfg)
-    if bad:
-        raise CheckpointError(f"model config field(s) {', '.join(bad)} in {src_dir} cannot be represented in a "
-                              "LitGPT Config; this model cannot be exported with `convert to-litgpt`")
-    state = load_state_dict(src_dir)
-    with on_meta():
-        check_state_dict(Phi2(cfg), state, str(src_dir))
-    if dtype is not None:
-        state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
-    write_litgpt_checkpoint(state, cfg, out_dir, tokenizer_dir=src_dir, qkv_layout=qkv_layout, inputs=[given],
-                            overwrite=overwrite)
-    return _summary(state, out_dir)
 
+    def write(out: Path, src: ExportSource) -> list[str]:
+        write_litgpt_files(out, src.state, src.cfg, tokenizer_dir=src.dir, qkv_layout=qkv_layout)
+        return []
+
+    return export_model(src_dir, out_dir, "litgpt", "LitGPT Config", lit_unrepresentable, write, dtype=dtype,
+                        overwrite=overwrite)

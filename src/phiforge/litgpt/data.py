@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phiforge.data.loader import PackedLoader, _count_windows, eval_batches
+from phiforge.config import read_user_mapping
+from phiforge.data.loader import PackedLoader, count_windows, eval_batches
 from phiforge.data.shards import INDEX, open_token_dataset
 from phiforge.errors import DataError
-from phiforge.fileio import read_user_mapping, write_json_atomic
+from phiforge.fileio import write_json_atomic
 
 MANIFEST = "litgpt-data.json"
 FORMAT = "phiforge-litdata"
@@ -109,24 +110,46 @@ def prepare_litdata(dataset_dir: str | Path, out_dir: str | Path, seq_len: int, 
         raise DataError("with a mixture, give the number of validation batches phiforge evaluates (--eval-batches)")
     _check_out(out, src)
     loader = PackedLoader(src, "train", seq_len, micro_batch_size, seed=seed, mixture=mixture)
-    n_batches = epochs * loader.batches_per_epoch
-    T = seq_len
+    val = _val_windows(ds, seq_len, micro_batch_size, mixture, eval_batches_n)
+    splits = _write_splits(src, out, ds, {"train": _train_windows(loader, epochs * loader.batches_per_epoch),
+                                          "val": val})
+    splits["train"].update(epochs=epochs, windows_per_epoch=loader.batches_per_epoch * micro_batch_size,
+                           split_tokens=ds.split_tokens("train"))
+    splits["val"].update(split_tokens=ds.split_tokens("val"))
+    manifest = {
+        "format": FORMAT, "version": VERSION, "source_dataset": str(src.resolve()),
+        "source_index_sha256": hashlib.sha256((src / INDEX).read_bytes()).hexdigest(),
+        "prepared": ds.index.get("prepared", {}), "tokenizer": ds.index["tokenizer"], "dtype": ds.index["dtype"],
+        "seq_len": seq_len, "block_size": seq_len + 1, "micro_batch_size": micro_batch_size, "seed": seed,
+        "mixture": loader.mixture, "eval_batches": eval_batches_n,
+        "order": "phiforge PackedLoader batches (world_size 1)", "splits": splits,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
 
-    def train_windows():
-        for _ in range(n_batches):
-            x, y = loader.next_batch()  # the batches phiforge trains on, in its order
-            rows = torch.cat([x, y[:, -1:]], dim=1).numpy()
-            yield from rows
 
-    def val_windows():
-        if mixture is not None:
-            for x, y in eval_batches(src, "val", T, micro_batch_size, eval_batches_n, mixture=mixture):
-                yield from torch.cat([x, y[:, -1:]], dim=1).numpy()
-            return
-        stream = ds.stream("val")
-        for w in range(_count_windows(stream, T, f"split 'val' of {src}")):
-            yield stream.read(w * T, T + 1)
+def _train_windows(loader: PackedLoader, n_batches: int):
+    """The rows of the loader's next n_batches batches (the batches phiforge trains on, in its order)."""
+    for _ in range(n_batches):
+        x, y = loader.next_batch()
+        yield from torch.cat([x, y[:, -1:]], dim=1).numpy()
 
+
+def _val_windows(ds, seq_len: int, micro_batch_size: int, mixture, eval_batches_n: int | None):
+    """Every validation window in order; with a mixture, the eval_batches_n batches phiforge evaluates on."""
+    if mixture is not None:
+        for x, y in eval_batches(ds.dir, "val", seq_len, micro_batch_size, eval_batches_n, mixture=mixture):
+            yield from torch.cat([x, y[:, -1:]], dim=1).numpy()
+        return
+    stream = ds.stream("val")
+    for w in range(count_windows(stream, seq_len, f"split 'val' of {ds.dir}")):
+        yield stream.read(w * seq_len, seq_len + 1)
+
+
+def _write_splits(src: Path, out: Path, ds, windows: dict) -> dict:
+    """Each split's windows as litdata chunks in OUT/SPLIT (replacing an earlier one only once all are written),
+    and the dataset's tokenizer.json; {split: {"windows", "tokens"}}."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".litdata.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -134,7 +157,7 @@ def prepare_litdata(dataset_dir: str | Path, out_dir: str | Path, seq_len: int, 
     try:
         (out / MANIFEST).unlink(missing_ok=True)  # no manifest while the splits are being replaced
         splits = {}
-        for split, gen in (("train", train_windows()), ("val", val_windows())):
+        for split, gen in windows.items():
             (tmp / split).mkdir()
             splits[split] = _write_split(tmp / split, gen, ds.dtype)
         for split in SPLITS:
@@ -145,21 +168,7 @@ def prepare_litdata(dataset_dir: str | Path, out_dir: str | Path, seq_len: int, 
             shutil.copyfile(tok, out / "tokenizer.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    index_bytes = (src / INDEX).read_bytes()
-    splits["train"].update(epochs=epochs, windows_per_epoch=loader.batches_per_epoch * micro_batch_size,
-                           split_tokens=ds.split_tokens("train"))
-    splits["val"].update(split_tokens=ds.split_tokens("val"))
-    manifest = {
-        "format": FORMAT, "version": VERSION, "source_dataset": str(src.resolve()),
-        "source_index_sha256": hashlib.sha256(index_bytes).hexdigest(),
-        "prepared": ds.index.get("prepared", {}), "tokenizer": ds.index["tokenizer"], "dtype": ds.index["dtype"],
-        "seq_len": seq_len, "block_size": seq_len + 1, "micro_batch_size": micro_batch_size, "seed": seed,
-        "mixture": loader.mixture, "eval_batches": eval_batches_n,
-        "order": "phiforge PackedLoader batches (world_size 1)", "splits": splits,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    write_json_atomic(out / MANIFEST, manifest)
-    return manifest
+    return splits
 
 
 def check_manifest_fits(manifest: dict, litdata_dir: Path, seq_len: int, micro_batch_size: int) -> list[str]:

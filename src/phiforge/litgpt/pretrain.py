@@ -321,7 +321,7 @@ def initial_checkpoint(cfg: LitPretrainConfig, run_dir: Path, mcfg) -> tuple[Pat
     `phiforge train`); (None, mcfg) without init_from."""
     if not cfg.init_from:
         return None, mcfg
-    from phiforge.checkpoint import load_checkpoint
+    from phiforge.model_files import load_checkpoint
 
     model = load_checkpoint(cfg.init_from)
     config_to_litgpt(model.cfg)

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from phiforge.checkpoint import load_weights_, read_config, resolve_checkpoint
+from phiforge.model_files import load_weights_, read_config, resolve_checkpoint
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import canonical_name, init_weights_, on_meta
 from phiforge.train.engine import RunHooks, TrainStep

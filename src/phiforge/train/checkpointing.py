@@ -51,14 +51,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
-from phiforge.checkpoint import (load_torch_file, read_latest, shard_name, write_index, write_model_config,
-                                 write_model_files)
+from phiforge.model_files import (load_torch_file, read_latest, shard_name, write_index, write_model_config,
+                                  write_model_files)
 from phiforge.errors import CheckpointError, disk_full
 from phiforge.fileio import fsync_dir, plain_name, write_text_atomic
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
 from phiforge.train.dcp_reader import load_dcp, read_dcp_metadata
-from phiforge.train.hooks import RunHooks
+from phiforge.hooks import RunHooks
 
 TRAIN_STATE = "train_state.json"
 STATE_FORMAT = "phiforge-train-state"

@@ -156,7 +156,7 @@ class CheckedPlanner(DefaultLoadPlanner):
         self.ckpt = Path(ckpt)
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        from phiforge.checkpoint import load_torch_file
+        from phiforge.model_files import load_torch_file
 
         loaded = load_torch_file(value, f"item {read_item.dest_index.fqn} of DCP checkpoint {self.ckpt}")
         checked = io.BytesIO()  # the default planner puts it in place; what it unpickles now is ours

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from phiforge.errors import OutOfMemory, PhiforgeError, out_of_memory
 from phiforge.train.distributed import DistEnv, all_reduce_, barrier
-from phiforge.train.hooks import RunHooks
+from phiforge.hooks import RunHooks
 from phiforge.train.metrics import Sinks, peak_memory, reset_peak_memory
 from phiforge.train.optim import set_lr
 from phiforge.train.parallelize import Layout, clip_grad_norm_, grad_sync

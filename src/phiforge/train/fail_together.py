@@ -37,8 +37,8 @@ import time
 
 import torch.distributed as dist
 
-from phiforge.errors import (PhiforgeError, environment_error, printable, unexpected_summary,
-                             write_traceback)
+from phiforge.errors import PhiforgeError, environment_error, printable
+from phiforge.tracebacks import unexpected_summary, write_traceback
 from phiforge.train.distributed import DistEnv
 
 FAILURE_KEY = "phiforge/failure"

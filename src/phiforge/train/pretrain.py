@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from phiforge.checkpoint import resolve_checkpoint
+from phiforge.model_files import resolve_checkpoint
 from phiforge.config import to_dict
 from phiforge.data.loader import PackedLoader, eval_batches
 from phiforge.data.prefetch import Prefetcher

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from phiforge import errors
+from phiforge import tracebacks
 from phiforge.errors import ConfigError, PhiforgeError
 from phiforge.fileio import (MARKER, OUTPUT_KINDS, DirectoryLock, check_output_location, output_kind,
                              write_marker, write_text_atomic)
@@ -168,13 +168,13 @@ class RunDir:
             write_marker(self.path, "run")
             write_text_atomic(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         barrier(self.env)
-        errors.set_error_dir(self.path / "errors")
+        tracebacks.set_error_dir(self.path / "errors")
 
     def discard_if_new(self) -> None:
         """After a failure before the first step: a directory this run created is removed again."""
         if self.created and self.env.is_main and self.path.exists():
             shutil.rmtree(self.path, ignore_errors=True)
-            errors.set_error_dir(None)
+            tracebacks.set_error_dir(None)
 
     def close(self) -> None:
         """Release the lock (rank 0); folders made only to hold it go too when no run was written."""

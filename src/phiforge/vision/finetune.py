@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from phiforge.checkpoint import load_checkpoint
+from phiforge.model_files import load_checkpoint
 from phiforge.config import to_dict
 from phiforge.data.prefetch import Prefetcher
 from phiforge.errors import CheckpointError, ConfigError

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from phiforge.checkpoint import check_state_dict, load_checkpoint, write_model_files
+from phiforge.model_files import check_state_dict, load_checkpoint, write_model_files
 from phiforge.config import from_dict, to_dict
 from phiforge.errors import CheckpointError, ConfigError
 from phiforge.fileio import output_dir

@@ -1,4 +1,7 @@
-"""phiforge's single-directory checkpoint format.
+"""Model directories: phiforge's single-directory checkpoint format (what training leaves as a run's final model,
+what `generate`, `eval` and `convert` read), its safetensors weights, and the one writer of exported model
+directories (`convert to-hf`, `convert to-litgpt`). A run's resumable training state (DCP shards, optimizer) is
+phiforge.train.checkpointing.
 
     DIR/config.json                      {"format": "phiforge", "format_version": 1, "model": {...Phi2Config...}}
     DIR/model.safetensors                weights (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
@@ -10,7 +13,9 @@ Loading only reads JSON and safetensors, so it never unpickles arbitrary objects
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from phiforge.errors import CheckpointError, ConfigError
-from phiforge.fileio import output_dir, plain_name, write_json_atomic
+from phiforge.fileio import claim_output_dir, output_dir, plain_name, write_json_atomic
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import on_meta
 
@@ -27,14 +32,13 @@ FORMAT_VERSION = 1
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DEFAULT_SHARD_BYTES = 4 * 2**30
-
-
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # convert --dtype
 
 _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
                type(None): "null"}
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     """The JSON object in `path`; anything else (missing, unreadable, not JSON, not an object) a CheckpointError."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -116,7 +120,7 @@ def weight_files(src_dir: Path) -> list[Path]:
     src_dir = Path(src_dir)
     index = src_dir / INDEX_NAME
     if index.exists():
-        weight_map = _read_json(index, "safetensors index").get("weight_map")
+        weight_map = read_json(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"safetensors index has no weight_map: {index}")
         outside = [n for n in weight_map.values() if not plain_name(n)]
@@ -217,7 +221,7 @@ def read_config(ckpt_dir: Path) -> Phi2Config:
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {ckpt_dir}")
-    meta = _read_json(ckpt_dir / "config.json", "checkpoint config")
+    meta = read_json(ckpt_dir / "config.json", "checkpoint config")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt_dir / 'config.json'} is not a phiforge checkpoint config "
                               "(for a Hugging Face checkpoint run `phiforge convert from-hf` first)")
@@ -325,3 +329,56 @@ def read_latest(run_dir: Path) -> Path | None:
         raise CheckpointError(f"{pointer} holds {name!r:.80}, not the name of a checkpoint in "
                               f"{Path(run_dir) / 'checkpoints'} (such as step-00000100)")
     return Path(run_dir) / "checkpoints" / name
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversions: the one writer of exported model directories, and the summary every converter returns
+
+
+def conversion_summary(state: dict[str, torch.Tensor], out: Path, warnings: list[str] | None = None) -> dict:
+    """What `phiforge convert` prints for every converter: parameters, dtypes, the files of OUT, warnings."""
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})
+    return {"params": sum(v.numel() for v in state.values()), "dtype": ", ".join(dtypes), "out": str(out),
+            "files": sorted(p.name for p in Path(out).iterdir() if p.is_file() and not p.name.startswith(".")),
+            "warnings": warnings or []}
+
+
+@dataclass
+class ExportSource:
+    """A phiforge checkpoint read for an export: its directory, config.json, model config and checked weights
+    (already in the export's dtype)."""
+
+    dir: Path
+    meta: dict
+    cfg: Phi2Config
+    state: dict[str, torch.Tensor]
+
+
+def export_model(src_dir: Path, out_dir: Path, kind: str, target: str,
+                 unrepresentable: Callable[[dict], list[str]], write: Callable[[Path, ExportSource], list[str]],
+                 dtype: str | None = None, overwrite: bool = False) -> dict:
+    """`phiforge convert to-KIND SRC OUT` for a checkpoint or run directory SRC: OUT is claimed before anything is
+    read (fileio's rule, output kind `kind`), then the model config fields that `target` cannot express
+    (`unrepresentable(config.json's model dict)`) are refused, the weights are checked against the model and
+    cast to `dtype`, and `write(new directory, source)` fills the directory that replaces OUT (fileio.output_dir),
+    returning the warnings for the summary."""
+    given = Path(src_dir)
+    src_dir, out_dir = resolve_checkpoint(given), Path(out_dir)
+    claim_output_dir(out_dir, kind, [given, src_dir], overwrite)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype '{dtype}' (choose from: {', '.join(DTYPES)})")
+    # the raw dict before read_config, which would reject keys it does not know with a less useful message
+    meta = read_json(src_dir / "config.json", "checkpoint config")
+    bad = unrepresentable(meta["model"]) if isinstance(meta.get("model"), dict) else []
+    if bad:
+        raise CheckpointError(f"model config field(s) {', '.join(bad)} in {src_dir} cannot be represented in a "
+                              f"{target}; this model cannot be exported with `convert to-{kind}`")
+    cfg = read_config(src_dir)
+    state = load_state_dict(src_dir)
+    with on_meta():
+        check_state_dict(Phi2(cfg), state, str(src_dir))
+    if dtype is not None:
+        state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+    with output_dir(out_dir, kind, [given, src_dir], overwrite) as tmp:
+        warnings = write(Path(tmp), ExportSource(src_dir, meta, cfg, state))
+    return conversion_summary(state, out_dir, warnings)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phiforge.evaluation import evaluate_task, load_task, make_cloze, score_dataset
-from phiforge.litgpt.study import CLOZE_TASK, cloze_path
+from phiforge.study.config import CLOZE_TASK, cloze_path
 
 CLOZE_ITEMS = 500  # at most: the bundled books' held-out Persuasion gives about 330 that pass the filter
 
@@ -51,8 +51,8 @@ def evaluate_route(run_dir: Path, setup: EvalSetup) -> dict:
     is plugged in, cloze_acc."""
     import torch
 
-    from phiforge.checkpoint import load_checkpoint, resolve_checkpoint
     from phiforge.data.loader import eval_batches
+    from phiforge.model_files import load_checkpoint, resolve_checkpoint
     from phiforge.tokenizer import eot_id, load_tokenizer, token_byte_lengths
     from phiforge.train.distributed import resolve_device
     from phiforge.train.validation import evaluate

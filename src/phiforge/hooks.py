@@ -1,8 +1,10 @@
-"""The points of a training run where it can be observed or disturbed.
+"""The points of a long job where it can be observed or disturbed, one base class per job whose methods do
+nothing. The job calls the one hooks object it is given without knowing what it does; phiforge.faults subclasses
+these with the tests' fault injection (PHIFORGE_FAULT, PHIFORGE_PREPARE_FAULT) and makes the object a job gets
+(faults.run_hooks, faults.prepare_hooks).
 
-The engine (TrainStep, Loop, Checkpointer) and every trainer call the one RunHooks object they are given, without
-knowing what it does. This base class does nothing; phiforge.faults.Faults, the tests' fault injection
-(PHIFORGE_FAULT), is the one that does something.
+    RunHooks       a training run: the engine (TrainStep, Loop, Checkpointer) and every trainer
+    PrepareHooks   `phiforge prepare` (phiforge.data.prepare)
 """
 
 from __future__ import annotations
@@ -30,3 +32,11 @@ class RunHooks:
     def saving(self, step: int) -> None:
         """The checkpoint of step `step` has its data on disk and is about to be completed (renamed, `latest`).
         Every rank; for an async save, in the save's completion thread."""
+
+
+class PrepareHooks:
+    def written(self, unit: int, writer) -> None:
+        """A batch of input unit `unit`'s documents is in the DatasetWriter `writer` (not yet journaled)."""
+
+    def unit_done(self, unit: int) -> None:
+        """Input unit `unit` is complete (before the checkpoint that may follow it)."""

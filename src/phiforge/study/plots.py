@@ -1,4 +1,4 @@
-"""The study report's PNG plots, from report.summarize()'s routes: validation bpb and gutenberg-cloze accuracy
+"""The study report's PNG plots, from results.summarize()'s routes: validation bpb and gutenberg-cloze accuracy
 against tokens with a band for the spread over seeds, and bars (mean ± sd over seeds) for throughput, final
 gutenberg-cloze accuracy and peak memory."""
 

@@ -1,39 +1,8 @@
-"""`phiforge study --config studies/NAME.yaml`: one architecture, one data set, one token budget, several routes,
-several seeds.
-
-A study trains the same Phi-2-family model on the same tokens with the same hyperparameters through each route:
-
-    phiforge   `phiforge train` (dense, or with `model.moe` set; any `train` key can differ per route, e.g.
-               optim.name for another optimizer)
-    litgpt     `litgpt pretrain`, through `phiforge litgpt pretrain`
-
-and repeats every route for each of `seeds`. Seed S sets train.seed (the initial weights) and train.data.seed
-(the order of the training windows) of every route, so the routes of one seed start from the same weights and
-read the same windows in the same order, and differences between routes can be judged seed by seed (stats.py).
-
-Steps (all under work_dir, default runs/studies/NAME):
-  1. data: `phiforge prepare CORPUS ...` (or an existing phiforge dataset), once.
-  2. per seed: the initial weights (same_init: true) and, when a LitGPT route runs, its litdata chunks
-     (`phiforge litgpt prepare`: phiforge's windows in phiforge's order for that seed). One dense model per
-     dense architecture is drawn with torch.manual_seed(S); a route of that architecture starts from it (LitGPT
-     through `convert to-litgpt`), an MoE route gets it upcycled with zero-output experts (`convert upcycle
-     --init zero`: after_mlp and parallel compute the dense model's function at step 0; replace_mlp keeps the
-     attention and embeddings, its experts replace the MLP).
-  3. each (route, seed) runs as its own process, seed after seed; wall time and peak RSS (the process and its
-     children, from wait4) are measured from outside, the same way for every route. Then evaluate_route
-     (study_eval.py) scores its final checkpoint. A finished run is recorded in study-state.json and skipped
-     when the study runs again (unless --rerun, or its config changed): a long study survives an interruption.
-  4. report_dir (default docs/results/NAME): report.md, PNG plots, results.json (every per-seed number and the
-     aggregates), readme-section.md, each run's metrics.jsonl and the study config (report.py).
-
-Throughput is "steady" tokens/s: tokens over training-loop seconds between consecutive train log events, leaving
-out the first interval (warm-up, LitGPT's torch.compile) and any interval that contains a validation. Both
-trainers log on the same steps, so the same intervals count for each.
-"""
+"""`phiforge study`: runs every (route, seed) of a study that has not finished yet, each in its own process,
+then writes the report (the steps: phiforge.study)."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -42,191 +11,18 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from phiforge.config import apply_overrides, check_range, from_dict, read_yaml
-from phiforge.errors import ConfigError, PhiforgeError
-
-TRAINERS = ("phiforge", "litgpt")
-CLOZE_TASK = "gutenberg-cloze"  # made once per study from its held-out books (phiforge eval make-cloze)
-
-
-def cloze_path(work: Path) -> Path:
-    return work / "data" / f"{CLOZE_TASK}.jsonl"
+from phiforge.config import from_dict
+from phiforge.errors import PhiforgeError
+from phiforge.study.config import (CLOZE_TASK, Route, StudyConfig, check_routes, cloze_path, dense_key, litgpt_dict,
+                                   route_train_dict, run_key, seeded, tokens_budget, train_config)
 
 STATE = "study-state.json"
 STATE_VERSION = 2
-
-
-@dataclass
-class StudyData:
-    corpus: str = "gutenberg"  # `phiforge prepare CORPUS` (gutenberg, redpajama, ...)
-    prepare_args: list[str] = field(default_factory=list)  # e.g. [--source, bundled] or [--tokenizer-dir, DIR]
-    dataset: str | None = None  # a prepared phiforge dataset to use instead of running `phiforge prepare`
-    # `phiforge tokenizer train` keys (e.g. {vocab_size: 4096}): train a byte-level BPE on the same books first and
-    # prepare with it; {} keeps GPT-2's BPE. Gutenberg only; set train.model.vocab_size to match.
-    tokenizer: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.tokenizer and self.corpus != "gutenberg":
-            raise ConfigError(f"data.tokenizer trains on Gutenberg books; corpus {self.corpus} needs a tokenizer "
-                              "made beforehand (prepare_args: [--tokenizer-dir, DIR])")
-
-
-@dataclass
-class Route:
-    name: str = ""
-    trainer: str = "phiforge"  # phiforge | litgpt
-    set: list[str] = field(default_factory=list)  # overrides of `train` keys for this route, e.g. model.moe.top_k=2
-    label: str = ""  # shown in the report (default: name)
-
-
-@dataclass
-class Samples:
-    prompts: list[str] = field(default_factory=lambda: ["It is a truth universally acknowledged"])
-    max_new_tokens: int = 48
-    temperature: float = 0.8
-    top_k: int | None = 50
-    seed: int = 0
-
-
-@dataclass
-class StudyConfig:
-    name: str = ""
-    title: str = ""
-    description: str = ""
-    data: StudyData = field(default_factory=StudyData)
-    train: dict = field(default_factory=dict)  # `phiforge train` keys shared by every route (not seed, data.seed)
-    litgpt: dict = field(default_factory=dict)  # extra `phiforge litgpt pretrain` keys (devices, data.num_workers, ...)
-    routes: list[Route] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # each sets train.seed and train.data.seed
-    nproc: int = 1  # processes per phiforge route (> 1: torchrun); LitGPT routes get devices = nproc
-    same_init: bool = True
-    work_dir: str = ""  # default runs/studies/NAME
-    report_dir: str = ""  # default docs/results/NAME
-    samples: Samples = field(default_factory=Samples)
-    max_val_gap: float = 0.02  # the check: |phiforge dense - LitGPT| / phiforge dense final val loss
-    reference: str = ""  # the route the others are compared with (default: the first phiforge route)
-    larger_study: str = ""  # a study config of the same comparison at scale; the README section links it
-    # > 0: phiforge routes also score the first cloze_limit gutenberg-cloze items while training (eval_tasks), at
-    # the validations on a multiple of cloze_every steps: the accuracy-over-tokens plot
-    cloze_every: int = 0
-    cloze_limit: int = 100
-
-    def __post_init__(self):
-        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"study name must be letters, digits, '-' and '_', got {self.name!r}")
-        if not self.routes:
-            raise ConfigError("a study needs at least one route")
-        names = [r.name for r in self.routes]
-        if len(set(names)) != len(names) or not all(names):
-            raise ConfigError(f"route names must be unique and non-empty, got {names}")
-        for r in self.routes:
-            if r.trainer not in TRAINERS:
-                raise ConfigError(f"route {r.name}: trainer must be one of {', '.join(TRAINERS)}, got '{r.trainer}'")
-        if self.reference and self.reference not in names:
-            raise ConfigError(f"reference '{self.reference}' is not a route ({', '.join(names)})")
-        if self.nproc < 1:
-            raise ConfigError("nproc must be at least 1")
-        check_range("cloze_every", self.cloze_every, 0, note=" (0: no cloze curve while training)")
-        check_range("cloze_limit", self.cloze_limit, 1)
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
-            raise ConfigError(f"seeds must be a non-empty list of distinct integers >= 0, got {self.seeds}")
-        for key, section in (("train.seed", self.train), ("train.data.seed", self.train.get("data") or {})):
-            if "seed" in section:
-                raise ConfigError(f"{key} is set by the study's `seeds` (each seed sets train.seed and "
-                                  "train.data.seed): remove it")
-        self.work_dir = self.work_dir or f"runs/studies/{self.name}"
-        self.report_dir = self.report_dir or f"docs/results/{self.name}"
-
-    @property
-    def reference_route(self) -> Route:
-        if self.reference:
-            return next(r for r in self.routes if r.name == self.reference)
-        return next((r for r in self.routes if r.trainer == "phiforge"), self.routes[0])
-
-    def label(self, name: str) -> str:
-        r = next(r for r in self.routes if r.name == name)
-        return r.label or r.name
-
-
-def load_study(path: str | Path, sets: list[str] | None = None) -> StudyConfig:
-    data = read_yaml(path)
-    apply_overrides(data, sets or [])
-    return from_dict(StudyConfig, data)
-
-
-def run_key(route: str, seed: int) -> str:
-    return f"{route}/seed-{seed}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Configs per route and seed
-
-
-def route_train_dict(study: StudyConfig, route: Route) -> dict:
-    """The shared `train` section with the route's overrides applied (phiforge TrainConfig keys)."""
-    d = copy.deepcopy(study.train)
-    apply_overrides(d, route.set)
-    return d
-
-
-def seeded(train: dict, seed: int) -> dict:
-    """A route's train keys for one seed: the initial weights (seed) and the data order (data.seed)."""
-    d = copy.deepcopy(train)
-    d["seed"] = seed
-    d.setdefault("data", {})["seed"] = seed
-    return d
-
-
-def _train_config(d: dict):
-    from phiforge.train.config import TrainConfig
-
-    return from_dict(TrainConfig, d)
-
-
-_SHARED = ("model", "init_from", "optim", "micro_batch_size", "grad_accum_steps", "max_steps", "eval_interval",
-           "eval_batches", "log_interval", "out_dir", "device", "precision", "seed")
-
-
-def litgpt_dict(train: dict, study: StudyConfig) -> dict:
-    """LitPretrainConfig keys for a route, from its phiforge TrainConfig keys plus study.litgpt."""
-    d = {k: copy.deepcopy(v) for k, v in train.items() if k in _SHARED}
-    d["data"] = {"seq_len": train.get("data", {}).get("seq_len", 256)}
-    d["devices"] = study.nproc
-    for k, v in copy.deepcopy(study.litgpt).items():
-        if k == "data":
-            d["data"].update(v)
-        else:
-            d[k] = v
-    return d
-
-
-def tokens_budget(train: dict, nproc: int = 1) -> int:
-    t = _train_config(train)
-    return t.max_steps * t.micro_batch_size * t.grad_accum_steps * nproc * t.data.seq_len
-
-
-def check_routes(study: StudyConfig, trains: dict[str, dict], names: list[str]) -> None:
-    """The routes that are about to run, checked before any work: each config is valid, all share one token
-    budget with the reference, and LitGPT routes are dense."""
-    budgets = {n: tokens_budget(seeded(trains[n], 0), study.nproc)
-               for n in dict.fromkeys([study.reference_route.name, *names])}
-    if len(set(budgets.values())) != 1:
-        raise ConfigError(f"routes must share one token budget, got {budgets}")
-    for r in study.routes:
-        if r.name in names and r.trainer == "litgpt" and _train_config(trains[r.name]).model_config().moe is not None:
-            raise ConfigError(f"route {r.name}: LitGPT cannot train phiforge's MoE")
-
-
-def dense_key(train: dict) -> str:
-    """The dense architecture of a route's model (its MoE left out), as a comparable string."""
-    mcfg = _train_config(train).model_config()
-    mcfg.moe = None
-    return json.dumps(mcfg.to_dict(), sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +81,7 @@ def _litdata_for_seed(tokens_dir: Path, work: Path, base: dict, facts: dict) -> 
     """`phiforge litgpt prepare` for one seed's data order (kept when an earlier run of the study wrote it)."""
     from phiforge.litgpt.data import MANIFEST, prepare_litdata, read_manifest
 
-    t = _train_config(base)
+    t = train_config(base)
     out = work / "data" / "litdata" / f"seed-{t.data.seed}"
     epochs = max(1, math.ceil(facts["tokens_per_run"] / facts["tokens_per_epoch"]))
     want = {"seq_len": t.data.seq_len, "micro_batch_size": t.micro_batch_size, "seed": t.data.seed}
@@ -322,8 +118,8 @@ def make_inits(study: StudyConfig, work: Path, trains: dict[str, dict], seed: in
     drawn with torch.manual_seed(seed); MoE routes get theirs upcycled with zero-output experts."""
     import torch
 
-    from phiforge.checkpoint import save_checkpoint
     from phiforge.model import Phi2
+    from phiforge.model_files import save_checkpoint
     from phiforge.upcycle import upcycle
 
     paths = init_paths(study, work, trains, seed, names)
@@ -331,7 +127,7 @@ def make_inits(study: StudyConfig, work: Path, trains: dict[str, dict], seed: in
     how = {}
     for name in names:
         dense, own = paths[name]
-        t = _train_config(seeded(trains[name], seed))
+        t = train_config(seeded(trains[name], seed))
         mcfg = t.model_config()
         if dense not in drawn:
             dense_cfg = t.model_config()
@@ -357,7 +153,7 @@ def _config_file(study: StudyConfig, route: Route, t: dict, work: Path, lit_dir:
     if route.trainer == "phiforge":
         t = {**t, "progress_bar": False}
         t.setdefault("save_interval", 0)
-        _train_config(t)
+        train_config(t)
         return t, path
     from phiforge.litgpt.pretrain import LitPretrainConfig
 
@@ -489,7 +285,7 @@ def _prepare_seed(study: StudyConfig, work: Path, trains: dict, seed: int, todo:
 
 def _run_one(study: StudyConfig, run: _Run, setup) -> dict:
     """Train one (route, seed) in its own process, then score its final checkpoint."""
-    from phiforge.litgpt.study_eval import evaluate_route
+    from phiforge.study.evaluate import evaluate_route
 
     run.path.parent.mkdir(parents=True, exist_ok=True)
     run.path.write_text(yaml.safe_dump(run.cfg, sort_keys=False), encoding="utf-8")
@@ -534,7 +330,7 @@ def run_study(study: StudyConfig, only: list[str] | None = None, report_only: bo
     """Run the study's (route, seed) runs that are not finished yet (train_runs) and write its report; returns
     the report's results. reproduce: the command shown in the report; readme: a README whose results block is
     rewritten from the report (report.write_readme)."""
-    from phiforge.litgpt.report import write_report
+    from phiforge.study.report import write_report
 
     trains = {r.name: route_train_dict(study, r) for r in study.routes}
     if report_only:
@@ -563,14 +359,14 @@ def train_runs(study: StudyConfig, only: list[str] | None = None, overwrite: boo
 
 def _run_all(study: StudyConfig, trains: dict, names: list[str], work: Path, rerun: bool) -> None:
     from phiforge.fileio import write_json_atomic
-    from phiforge.litgpt.study_eval import prepare_eval, val_bytes_per_token
+    from phiforge.study.evaluate import prepare_eval, val_bytes_per_token
 
     state = read_state(work)
     t_data = time.perf_counter()
     tokens_dir = _prepare_tokens(study, work)
     ref = seeded(trains[study.reference_route.name], 0)
     ref["data"]["dir"] = str(tokens_dir)
-    base = _train_config(ref)
+    base = train_config(ref)
     setup = prepare_eval(study, tokens_dir, work, base)
     state["data"] = {**data_facts(tokens_dir, base, tokens_budget(ref, study.nproc)),
                      "val_bytes_per_token": val_bytes_per_token(setup)}
