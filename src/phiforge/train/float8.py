@@ -59,6 +59,7 @@ def resolve_float8(recipe: str, precision: str, device: torch.device, fully_shar
         major, minor = torch.cuda.get_device_capability(device)
         raise ConfigError(f"float8={recipe} needs a GPU with float8 matmuls (compute capability 8.9 or newer: "
                           f"H100, H200, L40S, B200), but {device} is {major}.{minor}; use float8=none")
+    _torchao_float8()  # missing: said now, before any data is read or a run directory is made
     f8 = Float8(recipe, emulate=device.type != "cuda", all_gather=fully_sharded and recipe == "tensorwise")
     if f8.emulate and announce:
         from phiforge.train.rundir import warn
