@@ -160,6 +160,18 @@ def test_config_errors(monkeypatch):
         resolve_layout(from_dict(TrainConfig, {"float8": "tensorwise", "precision": "bf16-true"}), cpu)
 
 
+def test_old_gpu_is_refused(monkeypatch):
+    from phiforge.train.float8 import resolve_float8
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    with pytest.raises(ConfigError, match=r"^float8=tensorwise needs a GPU with float8 matmuls \(compute capability "
+                                          r"8.9 or newer: H100, H200, L40S, B200\), but cuda:0 is 8.0; use float8=none$"):
+        resolve_float8("tensorwise", "bf16-mixed", torch.device("cuda", 0), fully_sharded=True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
+    f8 = resolve_float8("tensorwise", "bf16-mixed", torch.device("cuda", 0), fully_sharded=True)
+    assert (f8.emulate, f8.all_gather) == (False, True)
+
+
 def test_missing_torchao_is_one_line_before_anything_is_written(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
     code, _, err = run_cli(capsys, "train", "--config", "configs/cpu-fsdp-test.yaml", "--set", "float8=tensorwise",

@@ -49,9 +49,9 @@ def check_float8(recipe: str, precision: str, note: str = "") -> None:
 
 
 def resolve_float8(recipe: str, precision: str, device: torch.device, fully_sharded: bool,
-                   precision_note: str = "", announce: bool = False) -> Float8 | None:
+                   precision_note: str = "", announce: bool = False, compiled: bool = True) -> Float8 | None:
     """The run's float8 conversion (None for float8=none) on `device` under the resolved `precision`; `announce`
-    (rank 0): warn that a CPU run emulates float8."""
+    (rank 0): warn that a CPU run emulates float8, or that a GPU run without compile is slow."""
     check_float8(recipe, precision, precision_note)
     if recipe == "none":
         return None
@@ -61,11 +61,14 @@ def resolve_float8(recipe: str, precision: str, device: torch.device, fully_shar
                           f"H100, H200, L40S, B200), but {device} is {major}.{minor}; use float8=none")
     _torchao_float8()  # missing: said now, before any data is read or a run directory is made
     f8 = Float8(recipe, emulate=device.type != "cuda", all_gather=fully_sharded and recipe == "tensorwise")
-    if f8.emulate and announce:
+    if announce and (f8.emulate or not compiled):
         from phiforge.train.rundir import warn
 
         warn(f"float8={recipe} on {device.type}: torchao's emulation (the float8 casts and scales, each matmul "
-             "upcast to fp32): float8's numerics, not its speed; GPUs of compute capability 8.9+ run it natively")
+             "upcast to fp32): float8's numerics, not its speed; GPUs of compute capability 8.9+ run it natively"
+             if f8.emulate else
+             f"float8={recipe} without compile: torchao's casts and scales run as separate kernels, usually slower "
+             "than bf16; set compile: true (docs/performance.md, \"Float8\")")
     return f8
 
 

@@ -103,7 +103,7 @@ def resolve_layout(cfg, env, auto_many: str = "fsdp") -> Layout:
     precision = resolve_precision(cfg.precision, env.device.type)
     sharded = uses_fully_shard(strategy, precision)
     note = f" (precision {cfg.precision} on {env.device.type})" if cfg.precision == "auto" else ""
-    f8 = resolve_float8(cfg.float8, precision.name, env.device, sharded, note, announce=env.is_main)
+    f8 = resolve_float8(cfg.float8, precision.name, env.device, sharded, note, env.is_main, cfg.compile)
     if not sharded:
         return Layout(strategy, precision, float8=f8)
     from torch.distributed.device_mesh import init_device_mesh
