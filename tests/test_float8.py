@@ -164,8 +164,9 @@ def test_old_gpu_is_refused(monkeypatch):
     from phiforge.train.float8 import resolve_float8
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
-    with pytest.raises(ConfigError, match=r"^float8=tensorwise needs a GPU with float8 matmuls \(compute capability "
-                                          r"8.9 or newer: H100, H200, L40S, B200\), but cuda:0 is 8.0; use float8=none$"):
+    message = (r"^float8=tensorwise needs a GPU with float8 matmuls \(compute capability 8.9 or newer: H100, H200, "
+               r"L40S, B200\), but cuda:0 is 8.0; use float8=none$")
+    with pytest.raises(ConfigError, match=message):
         resolve_float8("tensorwise", "bf16-mixed", torch.device("cuda", 0), fully_sharded=True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
     f8 = resolve_float8("tensorwise", "bf16-mixed", torch.device("cuda", 0), fully_sharded=True)
