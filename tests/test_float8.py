@@ -46,8 +46,8 @@ class CountingRows:
         return model(*batch)
 
 
-def train(*sets: str, inspect=None) -> list[float]:
-    """The losses of STEPS steps through the trainers' build path (1 process, gloo); inspect(model, step_fn)."""
+def train(*sets: str, steps: int = STEPS, inspect=None) -> list[float]:
+    """The losses of `steps` steps through the trainers' build path (1 process, gloo); inspect(model, step_fn)."""
     from phiforge.train.build import build_step, build_text_model
     from phiforge.train.distributed import init_distributed, shutdown
     from phiforge.train.parallelize import resolve_layout
@@ -61,7 +61,7 @@ def train(*sets: str, inspect=None) -> list[float]:
         model, train_model = build_text_model(cfg, cfg.model_config(), env, layout)
         step = build_step(model, train_model, cfg, cfg.optim, env, layout)
         job = CountingRows(model.cfg.vocab_size)
-        losses = [step(s, job, False).loss for s in range(1, STEPS + 1)]
+        losses = [step(s, job, False).loss for s in range(1, steps + 1)]
         if inspect is not None:
             inspect(model, step)
         return losses
@@ -99,6 +99,17 @@ def test_float8_tracks_bf16_for_50_steps():
             assert "Float8ScalePrecompute" in seen["hooks"] and seen["scale"] is not None
         else:
             assert seen["weight"] is torch.Tensor and seen["hooks"] == []
+
+
+@pytest.mark.slow  # tracing: ~30 s on 2 busy cores
+def test_compiled_float8_blocks_match_eager():
+    """compile: true (each block whole, fullgraph) over the converted blocks, as GPU runs use it. aot_eager: the
+    graphs dynamo and AOTAutograd capture, without inductor's C++ build (whose bf16 kernels torch 2.14 cannot
+    compile on CPU; tests/test_compile.py)."""
+    eager = train("precision=bf16-mixed", "float8=tensorwise", steps=3)
+    compiled = train("precision=bf16-mixed", "float8=tensorwise", "compile=true", "parallel.compile_backend=aot_eager",
+                     steps=3)
+    assert compiled == pytest.approx(eager, rel=1e-5, abs=0)
 
 
 def test_head_and_non_multiple_of_16_linears_stay_bf16():
