@@ -7,7 +7,7 @@ PIP := $(BIN)/pip install -q --disable-pip-version-check
 # torch 2.14.1 + torchvision 0.29.1: the vision (timm) and LitGPT (litdata) extras need torchvision,
 # and this pair imports together here. The core alone works with any torch in pyproject's range.
 TORCH := torch==2.14.1 torchvision==0.29.1
-TEST_EXTRAS := test,vision,tensorboard,litgpt,eval,data
+TEST_EXTRAS := test,vision,tensorboard,litgpt,eval,data,float8
 DEMO_TOKENIZER := data/tokenizer-4k
 DEMO_DATA := data/gutenberg-4k
 DEMO_RUN := runs/demo

@@ -26,6 +26,7 @@ from phiforge.model_files import load_weights_, read_config, resolve_checkpoint
 from phiforge.model import Phi2, Phi2Config
 from phiforge.model.init import canonical_name, init_weights_, on_meta
 from phiforge.train.engine import RunHooks, TrainStep
+from phiforge.train.float8 import float8_step_hooks
 from phiforge.train.optim import build_optimizer
 from phiforge.train.parallelize import Layout, parallelize, reshard
 
@@ -50,10 +51,12 @@ def build_model(make: Callable[[], nn.Module], cfg, layout: Layout, fill: Callab
 
 def build_step(model: nn.Module, train_model: nn.Module, cfg, optim_cfg, env, layout: Layout, hooks=(),
                run_hooks: RunHooks | None = None) -> TrainStep:
-    """The optimizer over `model`'s trainable parameters and the TrainStep that drives it."""
+    """The optimizer over `model`'s trainable parameters and the TrainStep that drives it (with `hooks` and the
+    ones the layout needs: float8's scale precompute)."""
     if layout.fully_sharded:
         reshard(model)  # the optimizer must hold the sharded parameters, also after a validation
     optimizer = build_optimizer(model, optim_cfg)
+    hooks = [*hooks, *float8_step_hooks(model, layout.float8)]
     return TrainStep(train_model, optimizer, env, layout, cfg.grad_accum_steps, optim_cfg.grad_clip,
                      cfg.parallel.defer_grad_sync, hooks=hooks, run_hooks=run_hooks)
 

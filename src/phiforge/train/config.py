@@ -9,6 +9,7 @@ from phiforge.config import BadValue, check_range, normalized
 from phiforge.errors import ConfigError
 from phiforge.model import Phi2Config
 from phiforge.model.phi2 import preset_values
+from phiforge.train.float8 import check_float8
 
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-true")
@@ -211,6 +212,9 @@ class EngineConfig(RunConfig):
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     resume: str = "none"  # none | auto (newest complete checkpoint of out_dir, if any) | PATH to a step-N dir
     compile: bool = False  # torch.compile each block (after activation checkpointing, before FSDP)
+    # none | tensorwise | rowwise: the block linears in float8 with torchao (train/float8.py; docs/performance.md,
+    # "Float8"); needs precision bf16-mixed or bf16-true and `pip install 'phiforge[float8]'`
+    float8: str = "none"
     max_bad_steps: int = 5  # halt after this many consecutive non-finite losses / grad norms (each one is skipped)
     tensorboard: bool = True  # also write RUN/tensorboard/ when the tensorboard package is installed
     wandb_project: str | None = None  # also log to this W&B project when wandb is installed
@@ -227,6 +231,7 @@ class EngineConfig(RunConfig):
         check_range("threads", self.threads, hi=4096, note=" (CPU threads per process)")
         if not self.resume:
             raise ConfigError("resume must be none, auto or a checkpoint path")
+        check_float8(self.float8, self.precision)
 
 
 @dataclass

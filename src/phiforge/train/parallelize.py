@@ -1,11 +1,14 @@
-"""Lay a plain model out for training: activation checkpointing, then torch.compile, then data parallelism.
+"""Lay a plain model out for training: float8 conversion, activation checkpointing, torch.compile, then data
+parallelism.
 
-    layout = resolve_layout(train_cfg, env)   # strategy, precision policy and device mesh, resolved once
+    layout = resolve_layout(train_cfg, env)   # strategy, precision policy, float8 and device mesh, resolved once
     train_model = parallelize(model, train_cfg, layout, materialize)   # the model file knows nothing of this
 
-The order matters and is torchtitan's: AC wraps each block, compile traces the wrapped block (so the
-recomputation is compiled too), and FSDP2's `fully_shard` goes on last, per block and then at the root, so
-every block's parameters are gathered just before it runs and freed after.
+The order matters and is torchtitan's: float8 (`float8: tensorwise | rowwise`, train/float8.py) swaps the block
+linears for torchao's Float8Linear on the meta-device model first, so everything after wraps the converted
+modules; AC wraps each block, compile traces the wrapped block (so the recomputation is compiled too), and
+FSDP2's `fully_shard` goes on last, per block and then at the root, so every block's parameters are gathered
+just before it runs and freed after.
 
 Strategies (`parallel.strategy`):
   none   one process holds everything
@@ -29,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from phiforge.errors import ConfigError
+from phiforge.train.float8 import Float8, apply_float8, resolve_float8
 from phiforge.train.precision import Precision, resolve_precision
 
 # Ops whose outputs op-level selective checkpointing keeps: the matmuls and attention (expensive to redo);
@@ -54,6 +58,7 @@ class Layout:
     strategy: str  # none | ddp | fsdp | hsdp
     precision: Precision
     mesh: object | None = None  # the DeviceMesh fully_shard uses; None: no fully_shard (plain module or DDP)
+    float8: Float8 | None = None  # the float8 conversion (train/float8.py); None: float8=none
 
     @property
     def fully_sharded(self) -> bool:
@@ -93,16 +98,19 @@ def mesh_shape(strategy: str, world_size: int, hsdp_replicate: int, num_nodes: i
 
 
 def resolve_layout(cfg, env, auto_many: str = "fsdp") -> Layout:
-    """The run's strategy, precision policy and (when fully_shard is used) its device mesh."""
+    """The run's strategy, precision policy, float8 conversion and (when fully_shard is used) its device mesh."""
     strategy = resolve_strategy(cfg.parallel.strategy, env.world_size, auto_many)
     precision = resolve_precision(cfg.precision, env.device.type)
-    if not uses_fully_shard(strategy, precision):
-        return Layout(strategy, precision)
+    sharded = uses_fully_shard(strategy, precision)
+    note = f" (precision {cfg.precision} on {env.device.type})" if cfg.precision == "auto" else ""
+    f8 = resolve_float8(cfg.float8, precision.name, env.device, sharded, note, env.is_main, cfg.compile)
+    if not sharded:
+        return Layout(strategy, precision, float8=f8)
     from torch.distributed.device_mesh import init_device_mesh
 
     shape = mesh_shape(strategy, env.world_size, cfg.parallel.hsdp_replicate, env.num_nodes)
     names = ("dp_shard",) if len(shape) == 1 else ("dp_replicate", "dp_shard")
-    return Layout(strategy, precision, init_device_mesh(env.device.type, shape, mesh_dim_names=names))
+    return Layout(strategy, precision, init_device_mesh(env.device.type, shape, mesh_dim_names=names), f8)
 
 
 def _checkpointed_blocks(cfg, n_layer: int) -> list[int]:
@@ -174,17 +182,21 @@ def apply_ddp(model: nn.Module) -> nn.Module:
 
 def parallelize(model: nn.Module, cfg, layout: Layout | None = None, materialize=None,
                 body: nn.Module | None = None) -> nn.Module:
-    """Apply AC -> compile -> FSDP2 in place to the blocks of `body` (`model` itself, or the part of it that holds
-    `.layers`: the vision model's LM), then `materialize(model)` (a model built on the meta device gets its weights
-    here, each rank only its shards), then DDP. Returns the module to call in training: the DDP wrapper for ddp
-    without casts, otherwise `model` itself. Without `materialize` the model must already hold its weights;
-    without `layout`, one process with cfg's precision on the model's device."""
+    """Apply float8 -> AC -> compile -> FSDP2 in place to the blocks of `body` (`model` itself, or the part of it
+    that holds `.layers`: the vision model's LM), then `materialize(model)` (a model built on the meta device gets
+    its weights here, each rank only its shards), then DDP. Returns the module to call in training: the DDP wrapper
+    for ddp without casts, otherwise `model` itself. Without `materialize` the model must already hold its weights;
+    without `layout`, one process with cfg's precision and float8 on the model's device."""
     body = model if body is None else body
     if layout is None:
         device = next(model.parameters()).device
-        layout = Layout(resolve_strategy(cfg.parallel.strategy, 1), resolve_precision(cfg.precision, device.type))
+        precision = resolve_precision(cfg.precision, device.type)
+        layout = Layout(resolve_strategy(cfg.parallel.strategy, 1), precision,
+                        float8=resolve_float8(cfg.float8, precision.name, device, fully_sharded=False))
         if layout.precision.casts:
             raise ValueError(f"precision {layout.precision.name} casts through fully_shard: pass resolve_layout()'s")
+    if layout.float8 is not None:
+        apply_float8(body, layout.float8)
     if layout.precision.name == "bf16-true":
         model.to(torch.bfloat16)  # the RoPE tables stay fp32: they are buffers rebuilt by reset_rope
         if materialize is None:

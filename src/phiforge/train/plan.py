@@ -32,6 +32,18 @@ Checkpointing keeps less:
   selective, op        the input + the outputs of the matmuls and attention (qkv 3d, attention d, dense d,
                        fc1 4d, fc2 d): 11 d, plus one block's remainder while it is recomputed
 
+Float8 (`float8: tensorwise | rowwise`, train/float8.py), F = the weights float8 converts per block, (i, o) the
+in and out features of the largest converted linear:
+  activations    unchanged: torchao's Float8Linear saves its bf16 input and weight for the backward pass, as
+                 nn.Linear does, and casts them to float8 again there (eager; under compile inductor may save
+                 the float8 casts instead, which would only lower the peak)
+  fsdp buffers   - 3 F (c - 1)      tensorwise under fully_shard: the gathered blocks hold their converted
+                                    weights in float8 (1 byte), not bf16 (FSDP2's float8 all-gather)
+  float8 casts   BT (2 i + 2 o) + 2 i o   transient, in a block's backward: the float8 copies of its input,
+                                    gradient and weight (one byte each), in the two layouts the grad-input and
+                                    grad-weight GEMMs take; the scales are one fp32 per tensor (tensorwise) or
+                                    per row (rowwise), negligible beside them
+
 Muon's communication under fsdp/hsdp (reported, not part of the memory): every step each rank all-gathers
 every 2-D Muon matrix's update (n bytes per value; expert stacks sharded on the expert dimension need none)
 and runs Newton-Schulz on the whole matrix, ns_steps * (4 k^2 l + 2 k^3) FLOPs (l = max(r, c)), redundantly
@@ -62,6 +74,7 @@ from phiforge.model import Phi2Config, count_params_meta
 from phiforge.model.init import BLOCK_VALUES
 from phiforge.train.config import TrainConfig
 from phiforge.train.engine import Job
+from phiforge.train.float8 import check_float8
 from phiforge.train.parallelize import mesh_shape, resolve_strategy, uses_fully_shard
 from phiforge.train.precision import Precision, resolve_ns_dtype, resolve_precision
 
@@ -82,6 +95,7 @@ class MemoryPlan:
     peak_bytes: float = 0.0
     peak_phase: str = ""
     muon: dict = field(default_factory=dict)  # optim.name=muon: matrices, step traffic and FLOPs per device
+    float8: dict = field(default_factory=dict)  # float8 != none: what it converts and what it changes
     startup: dict = field(default_factory=dict)  # bytes per rank once the weights are materialised
 
     def to_dict(self) -> dict:
@@ -145,6 +159,41 @@ def muon_costs(cfg: TrainConfig, shard: int, device_type: str = "cuda") -> dict:
     return {"params": params, "gathered_bytes": gathered, "ns_flops": flops, "transient_bytes": transient}
 
 
+_FLOAT8_SHAPES: dict[str, list] = {}
+
+
+def float8_linear_shapes(mcfg: Phi2Config) -> list[tuple[int, int]]:
+    """(in_features, out_features) of every linear float8 converts (train/float8.py's float8_eligible), from a
+    meta model."""
+    from phiforge.model import Phi2
+    from phiforge.model.init import on_meta
+    from phiforge.train.float8 import float8_eligible
+
+    key = json.dumps(mcfg.to_dict(), sort_keys=True, default=str)
+    if key not in _FLOAT8_SHAPES:
+        with on_meta():
+            model = Phi2(mcfg)
+        _FLOAT8_SHAPES[key] = [(m.in_features, m.out_features) for name, m in model.named_modules()
+                               if float8_eligible(m, name)]
+    return _FLOAT8_SHAPES[key]
+
+
+def float8_costs(cfg: TrainConfig, precision: Precision, fully_shard: bool, tokens: int) -> dict:
+    """What float8 changes per device ({} for float8=none): the weights it converts, the FSDP2 buffer bytes its
+    float8 all-gather saves, and the transient bytes of one linear's float8 casts in the backward pass."""
+    check_float8(cfg.float8, precision.name)
+    if cfg.float8 == "none":
+        return {}
+    mcfg = cfg.model_config()
+    shapes = float8_linear_shapes(mcfg)
+    per_block = sum(i * o for i, o in shapes) / mcfg.n_layer
+    all_gather = fully_shard and cfg.float8 == "tensorwise"
+    saving = 3 * per_block * (precision.param.itemsize - 1) if all_gather else 0.0
+    casts = max((tokens * (2 * i + 2 * o) + 2 * i * o for i, o in shapes), default=0)
+    return {"recipe": cfg.float8, "linears": len(shapes), "params": sum(i * o for i, o in shapes),
+            "all_gather": all_gather, "gather_saving_bytes": saving, "cast_transient_bytes": casts}
+
+
 def activation_bytes_per_token(mcfg: Phi2Config, precision: str, ac: str, ac_policy: str,
                                ac_every: int) -> tuple[float, float]:
     """(bytes kept per token for all blocks at the end of the forward pass, extra transient bytes per token)."""
@@ -185,6 +234,9 @@ def plan_memory(cfg: TrainConfig, n_gpus: int, gpus_per_node: int = 8, device_ty
     muon = muon_costs(cfg, shard, device_type) if cfg.optim.name == "muon" else {}
     comp, grads = state_bytes(cfg, strategy, precision, shard, counts, muon.get("params", 0))
     mcfg, BT = cfg.model_config(), B * cfg.data.seq_len
+    f8 = float8_costs(cfg, precision, uses_fully_shard(strategy, precision), BT)
+    if f8.get("all_gather"):
+        comp["fsdp_buffers"] -= f8["gather_saving_bytes"]
     c = precision.param.itemsize
     kept, transient = activation_bytes_per_token(mcfg, precision.name, cfg.parallel.activation_checkpointing,
                                                  cfg.parallel.ac_policy, cfg.parallel.ac_every)
@@ -193,7 +245,8 @@ def plan_memory(cfg: TrainConfig, n_gpus: int, gpus_per_node: int = 8, device_ty
     head_transient = BT * (4 if c == 4 else 8) * mcfg.vocab_size
     # later micro-steps of an accumulated step run with the (sharded, or DDP/none: full) gradients alive
     accum_grads = grads if cfg.grad_accum_steps > 1 and "fsdp_accumulated_grads" not in comp else 0
-    fwd = sum(comp.values()) + accum_grads + max(head_transient, BT * transient)
+    block_transient = BT * transient + f8.get("cast_transient_bytes", 0)  # in a block's backward
+    fwd = sum(comp.values()) + accum_grads + max(head_transient, block_transient)
     # end of the backward pass: every gradient exists, activations are gone (the optimizer step adds at most a
     # weight-sized temporary on CPU; fused AdamW on GPUs adds none)
     static = sum(comp.get(k, 0) for k in ("parameters", "optimizer", "ddp_buckets", "fsdp_buffers",
@@ -202,11 +255,11 @@ def plan_memory(cfg: TrainConfig, n_gpus: int, gpus_per_node: int = 8, device_ty
     step_transient = max(2 * counts["embed"] * m if device_type == "cpu" else 0, muon.get("transient_bytes", 0))
     bwd = static + grads + step_transient
     comp["gradients (at the step)"] = grads
-    comp["transient (loss grad / recompute)"] = max(head_transient, BT * transient)
+    comp["transient (loss grad / recompute)"] = max(head_transient, block_transient)
     if muon:
         comp["muon step transient"] = muon["transient_bytes"]
     plan = MemoryPlan(strategy, precision.name, n_gpus, shard, B, cfg.data.seq_len,
-                      cfg.parallel.activation_checkpointing, counts["total"], comp, muon=muon,
+                      cfg.parallel.activation_checkpointing, counts["total"], comp, muon=muon, float8=f8,
                       startup=startup_bytes(cfg, counts, m, shard))
     plan.peak_bytes, plan.peak_phase = (fwd, "forward end + loss gradient") if fwd >= bwd else \
         (bwd, "end of backward + optimizer step")
@@ -284,9 +337,20 @@ def format_plan(cfg: TrainConfig, n_gpus: int, gpu_mem_gib: float, gpus_per_node
                  f"GiB after the reserve); largest micro_batch_size that fits: {best}{'+' if best == 4096 else ''}")
     if best == 0:
         lines.append("  not even 1 fits: use more GPUs with fsdp, activation_checkpointing=full, or a shorter seq_len")
+    if plan.float8:
+        lines.append(float8_line(plan.float8))
     if plan.muon:
         lines += muon_lines(cfg, plan)
     return "\n".join(lines)
+
+
+def float8_line(f8: dict) -> str:
+    """What float8 converts and what it changes in the plan above."""
+    gather = (f"FSDP2 all-gathers them in float8 ({format_bytes(f8['gather_saving_bytes']).strip()} less in the "
+              "gathered blocks)" if f8["all_gather"] else "no float8 all-gather")
+    return (f"float8 ({f8['recipe']}): {f8['linears']} block linears, {f8['params']:,} weights (the LM head and "
+            f"MoE experts stay bf16); {gather}; their casts add "
+            f"{format_bytes(f8['cast_transient_bytes']).strip()} in a block's backward; activations unchanged")
 
 
 def muon_lines(cfg: TrainConfig, plan: MemoryPlan) -> list[str]:

@@ -201,7 +201,7 @@ def _run(cfg: TrainConfig, env: DistEnv, stop: StopRequest, run: RunDir, job: Te
     split = describe_split(model, cfg.optim)
     sinks.write(event="start", params=model.num_params(), params_matmul=n_matmul, device=str(env.device),
                 world_size=env.world_size, strategy=job.layout.strategy, precision=job.layout.precision.name,
-                fully_shard=job.layout.fully_sharded, muon_ns_dtype=muon_ns_dtype(step_fn.optimizer),
+                fully_shard=job.layout.fully_sharded, float8=cfg.float8, muon_ns_dtype=muon_ns_dtype(step_fn.optimizer),
                 tokens_per_step=job.units_per_step, flops_per_token=flops_tok, peak_flops=peak,
                 peak_flops_source=peak_label, train_tokens=dataset.split_tokens("train"),
                 val_tokens=dataset.split_tokens("val"), resumed_from=run.checkpoint, start_step=start_step,
