@@ -103,7 +103,8 @@ step() {  # step NAME LIMIT COMMAND...: one check, under min(LIMIT, what is left
         timeout -k 10 "$limit" "$@" ${ARGS[$name]:-} > "$log" 2>&1
         rc=$?
     fi
-    detail=$(grep -E "^(PASS|FAIL) $name: " "$log" | tail -n 1 | sed -E "s/^(PASS|FAIL) $name: //")
+    # the script's own verdict line (throughput-ac's says "throughput"), else its last line
+    detail=$(grep -E "^(PASS|FAIL) [a-z0-9-]+: " "$log" | tail -n 1 | sed -E "s/^(PASS|FAIL) [a-z0-9-]+: //")
     [ -n "$detail" ] || detail=$(grep -v '^\s*$' "$log" | tail -n 1)
     case $rc in
         0) status=PASS ;;
@@ -171,7 +172,7 @@ step throughput 300 "$PY" bench/throughput.py $DRYFLAG --preset phi-2 --seq-len 
 if [ "$EXTRAS" = 1 ]; then
     step throughput-ac 240 "$PY" bench/throughput.py $DRYFLAG --preset phi-2 --seq-len 2048 --micro-batch 8 --ac full \
         --compile --impls phiforge,litgpt --rounds 1 --warmup 2 --steps 5 --out "$R/throughput-ac-full-$S.json"
-    moe_size=(--full); [ "$DRY" = 1 ] && moe_size=(--d 64 --batch 1 --seq 128 --warmup 0 --iters 1)
+    moe_size=(--full); [ "$DRY" = 1 ] && moe_size=(--d 80 --batch 1 --seq 128 --warmup 0 --iters 1)
     step moe 120 "$PY" bench/moe.py "${moe_size[@]}" --out "$R/moe-$S.json"
 fi
 
