@@ -143,7 +143,9 @@ save_blocking() {  # issue 23 item 2's benchmark, with the flags its --help offe
     if [ ! -f "$script" ]; then
         echo "FAIL save-blocking: $script is not in this tree (issue 23 item 2)"; return 3
     fi
-    help=$("$PY" "$script" --help 2>&1) || { echo "FAIL save-blocking: $script --help failed: $(tail -n 1 <<< "$help")"; return 1; }
+    if ! help=$("$PY" "$script" --help 2>&1); then
+        echo "FAIL save-blocking: $script --help failed: $(tail -n 1 <<< "$help")"; return 1
+    fi
     if [ "$DRY" = 1 ]; then
         if ! grep -q -- "--dry-run" <<< "$help"; then
             echo "PASS save-blocking: $script --help runs (it has no --dry-run: argument handling only)"; return 0
@@ -201,7 +203,8 @@ fi
 if [ "$failed" -gt 0 ]; then
     echo "gpu_check: FAIL ($failed failed)"
 elif [ "$missing" -gt 0 ]; then
-    echo "gpu_check: PASS (dry run; $missing missing: $(awk -F'\t' '$2 == "MISSING" {printf "%s%s", s, $1; s=", "}' "$SUMMARY"))"
+    names=$(awk -F'\t' '$2 == "MISSING" {printf "%s%s", s, $1; s=", "}' "$SUMMARY")
+    echo "gpu_check: PASS (dry run; $missing missing: $names)"
 else
     echo "gpu_check: PASS"
 fi

@@ -64,7 +64,8 @@ def run_variant(name: str, dry_run: bool, steps: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dry-run", action="store_true", help="CPU, the tiny preset, dynamo without a compiler backend: the setup path")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU, the tiny preset, dynamo without a compiler backend: the setup path")
     ap.add_argument("--variants", default="dense,moe-padded", help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=None, help="training steps, each after a validation (default 3; "
                     "dry run 2)")

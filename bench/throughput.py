@@ -77,12 +77,12 @@ def float8_missing() -> str | None:
 def build(impl: str, cfg: Phi2Config, device: str, float8: str = "tensorwise"):
     """Return (model, loss_fn(x, y), block class for activation checkpointing)."""
     if impl in ("phiforge", "phiforge-float8"):
+        reason = float8_missing() if impl == "phiforge-float8" else None
+        if reason:
+            raise Missing(reason)
         with torch.device(device):
             m = Phi2(cfg)
         if impl == "phiforge-float8":
-            reason = float8_missing()
-            if reason:
-                raise Missing(reason)
             from phiforge.config import load_config
             from phiforge.train.config import TrainConfig
             from phiforge.train.parallelize import parallelize
@@ -159,7 +159,8 @@ def run_case(impl, cfg, device, mb, T, steps, warmup, ac, compile_, float8="tens
     tok_s = mb * T / step_s
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     peak = peak_flops(name) if device == "cuda" else None
-    res = {"impl": impl, **({"float8": float8} if impl == "phiforge-float8" else {}), "micro_batch": mb, "seq_len": T, "ac": ac, "compile": compile_, "params": n_params,
+    res = {"impl": impl, **({"float8": float8} if impl == "phiforge-float8" else {}), "micro_batch": mb,
+           "seq_len": T, "ac": ac, "compile": compile_, "params": n_params,
            "step_s": round(step_s, 4), "tokens_per_s": round(tok_s, 1),
            "mfu": round(tok_s * flops_per_token(cfg, n_params, T) / peak, 4) if peak else None,
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
