@@ -38,32 +38,11 @@ VARIANTS = [
 STEPS = 3
 
 
-class CountingTokens:
-    """A Job's batches: rows that count up from a random start (learnable in a few steps), the same for eager and
-    compiled runs."""
-
-    def __init__(self, vocab: int, batch: int, seq: int):
-        g = torch.Generator().manual_seed(0)
-
-        def rows():
-            return (torch.randint(0, vocab, (batch, 1), generator=g) + torch.arange(seq + 1)) % vocab
-
-        self.batches = [rows() for _ in range(STEPS)]
-        self.val = [(b[:, :-1], b[:, 1:]) for b in (rows() for _ in range(2))]
-        self.i = 0
-
-    def next_batch(self):
-        b = self.batches[self.i]
-        self.i += 1
-        return b[:, :-1], b[:, 1:]
-
-    def loss(self, model, batch):
-        return model(*batch)
-
-
 def run(variant, compile_: bool) -> tuple[list[float], list[float], dict]:
-    """(train losses, val losses, dynamo counters after warm-up) of the schedule val, train, [val, train] x 2."""
+    """(train losses, val losses, dynamo counters after warm-up) of the schedule val, train, [val, train] x 2
+    (phiforge.train.checks.val_train_schedule, which the GPU check runs too)."""
     from phiforge.config import load_config
+    from phiforge.train.checks import val_train_schedule
     from phiforge.train.config import TrainConfig
     from phiforge.train.distributed import init_distributed, shutdown
 
@@ -79,41 +58,18 @@ def run(variant, compile_: bool) -> tuple[list[float], list[float], dict]:
     env = init_distributed("cpu")
     try:
         with scalar:
-            return schedule(cfg, env, impl)
+            return val_train_schedule(cfg, env, impl, steps=STEPS)
     finally:
         shutdown(env)
 
 
-def schedule(cfg, env, impl: str | None) -> tuple[list[float], list[float], dict]:
-    from torch._dynamo.utils import counters
-
-    from phiforge.train.build import build_step, build_text_model
-    from phiforge.train.engine import MoEBalancing
-    from phiforge.train.parallelize import resolve_layout
-    from phiforge.train.validation import evaluate
-
-    layout = resolve_layout(cfg, env)
-    model, train_model = build_text_model(cfg, cfg.model_config(), env, layout)
-    for moe in model.moe_layers().values():
-        moe.impl = impl
-    step = build_step(model, train_model, cfg, cfg.optim, env, layout, hooks=[MoEBalancing(model, env)])
-    job = CountingTokens(model.cfg.vocab_size, 4, cfg.data.seq_len)
-    vals = [evaluate(train_model, job.val, env)["val_loss"]]
-    losses = [step(1, job, False).loss]  # warm-up: the eval graph, then the train graph
-    counters.clear()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for s in range(2, STEPS + 1):
-            vals.append(evaluate(train_model, job.val, env)["val_loss"])
-            losses.append(step(s, job, False).loss)
-    return losses, vals, {k: dict(counters[k]) for k in ("stats", "frames", "graph_break")}
-
-
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_inductor_compiled_training_matches_eager_without_recompiles(variant):
+    from phiforge.train.checks import compiled_again
+
     eager_losses, eager_vals, _ = run(variant, compile_=False)
     losses, vals, seen = run(variant, compile_=True)
-    assert seen["graph_break"] == {}, seen
-    assert seen["frames"].get("total", 0) == 0 and seen["stats"].get("unique_graphs", 0) == 0, seen
+    assert compiled_again(seen) == {}, seen
     tol = 1e-4 if variant[4] == "fp32" else 2e-2  # bf16: inductor fuses and rounds differently from eager
     for a, b in zip(losses + vals, eager_losses + eager_vals):
         assert abs(a - b) <= tol * abs(b), (losses, eager_losses, vals, eager_vals)

@@ -393,15 +393,16 @@ def _measure_worker() -> None:
 
 
 class _RandomTokens(Job):
-    """The Job `plan --measure` runs: random tokens, a constant lr, no validation and no checkpoints."""
+    """The Job `plan --measure` runs: random tokens on `device`, a constant lr, no validation and no checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, vocab: int, rank: int, world: int):
-        self.cfg, self.vocab = cfg, vocab
+    def __init__(self, cfg: TrainConfig, vocab: int, rank: int, world: int, device: torch.device | str = "cpu"):
+        self.cfg, self.vocab, self.device = cfg, vocab, device
         self.units_per_step = cfg.micro_batch_size * cfg.data.seq_len * cfg.grad_accum_steps * world
         self.gen = torch.Generator().manual_seed(rank)
 
     def next_batch(self):
         x = torch.randint(0, self.vocab, (self.cfg.micro_batch_size, self.cfg.data.seq_len), generator=self.gen)
+        x = x.to(self.device)
         return x, x
 
     def loss(self, model, batch):
@@ -412,8 +413,10 @@ class _RandomTokens(Job):
 
 
 def measure_peak_in_process(cfg: TrainConfig, steps: int) -> int:
-    """Peak live tensor bytes of `steps` steps of the training engine itself (the trainers' build path, step and
-    cadence), in this process's world (one, or this rank of a torchrun launch)."""
+    """Peak live tensor bytes of `steps` steps of the training engine itself (the trainers' build path and step),
+    in this process's world (one, or this rank of a torchrun launch), on cfg.device: on CUDA the allocator's
+    max_memory_allocated over the steps run directly (the Loop restarts CUDA's peak at each log line), on a
+    CPU the profiler's count of live tensor bytes over the Loop (with its cadence)."""
     from torch.profiler import ProfilerActivity, profile
 
     from phiforge.train.build import build_step, build_text_model
@@ -422,28 +425,41 @@ def measure_peak_in_process(cfg: TrainConfig, steps: int) -> int:
     from phiforge.train.metrics import Sinks
     from phiforge.train.parallelize import resolve_layout
 
-    env = init_distributed("cpu", cfg.parallel.collective_timeout_s)
+    env = init_distributed(cfg.device, cfg.parallel.collective_timeout_s)
     try:
         layout = resolve_layout(cfg, env)
+        if env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(env.device)
+            model, train_model = build_text_model(cfg, cfg.model_config(), env, layout)
+            step = build_step(model, train_model, cfg, cfg.optim, env, layout)
+            job = _RandomTokens(cfg, model.cfg.vocab_size, env.rank, env.world_size, env.device)
+            for s in range(1, steps + 1):
+                step(s, job, False)
+            return torch.cuda.max_memory_allocated(env.device)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
             model, train_model = build_text_model(cfg, cfg.model_config(), env, layout)
             step = build_step(model, train_model, cfg, cfg.optim, env, layout)
             cadence = Cadence(log_interval=steps, eval_interval=steps, save_interval=0, progress_bar=False)
             loop = Loop(env, cadence, Sinks(None, enabled=False), StopRequest())
             loop.run(_RandomTokens(cfg, model.cfg.vocab_size, env.rank, env.world_size), step, 0, steps)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "trace.json")
-            prof.export_chrome_trace(path)
-            with open(path) as f:
-                events = json.load(f)["traceEvents"]
-        mem = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
-                     key=lambda e: e["ts"])
-        if not mem:
-            return 0
-        base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]  # counted before this session
-        return max(e["args"]["Total Allocated"] for e in mem) - base
+        return profiled_peak(prof)
     finally:
         shutdown(env)
+
+
+def profiled_peak(prof) -> int:
+    """The peak of live CPU tensor bytes a torch.profiler session (profile_memory=True) saw."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    mem = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
+                 key=lambda e: e["ts"])
+    if not mem:
+        return 0
+    base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]  # counted before this session
+    return max(e["args"]["Total Allocated"] for e in mem) - base
 
 
 def measure_cpu_peak(cfg: TrainConfig, world_size: int = 1, steps: int = 3, timeout: float = 600) -> list[int]:
