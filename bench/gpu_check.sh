@@ -139,24 +139,7 @@ sys.exit(0 if ok else 1)
 EOF
 }
 
-save_blocking() {  # issue 23 item 2's benchmark, with the flags its --help offers
-    local script=bench/save_blocking.py help args=()
-    if [ ! -f "$script" ]; then
-        echo "FAIL save-blocking: $script is not in this tree (issue 23 item 2)"; return 3
-    fi
-    if ! help=$("$PY" "$script" --help 2>&1); then
-        echo "FAIL save-blocking: $script --help failed: $(tail -n 1 <<< "$help")"; return 1
-    fi
-    if [ "$DRY" = 1 ]; then
-        if ! grep -q -- "--dry-run" <<< "$help"; then
-            echo "PASS save-blocking: $script --help runs (it has no --dry-run: argument handling only)"; return 0
-        fi
-        args+=(--dry-run)
-    fi
-    grep -q -- "--out" <<< "$help" && args+=(--out "$RESULTS/save-blocking-$SLUG.json")
-    "$PY" "$script" "${args[@]}"
-}
-export -f env_check save_blocking
+export -f env_check
 export PY DRY RESULTS SLUG
 
 [ "$DRY" = 1 ] || nvidia-smi -L 2>/dev/null
@@ -167,7 +150,9 @@ step sdpa 60 "$PY" bench/sdpa_kernel.py $DRYFLAG --out "$R/sdpa-kernel-$S.json"
 step numerics 120 "$PY" bench/gpu_numerics.py $DRYFLAG --out "$R/gpu-numerics-$S.json"
 step compile 150 "$PY" bench/gpu_compile.py $DRYFLAG --variants dense,moe-padded --out "$R/gpu-compile-$S.json"
 step memory 90 "$PY" bench/gpu_memory.py $DRYFLAG --config configs/phi2-1xh100.yaml --out "$R/gpu-memory-$S.json"
-step save-blocking 90 bash -c save_blocking
+# issue 23 item 2's benchmark: the seconds a save blocks training, async against sync, one GPU
+if [ "$DRY" = 1 ]; then save_args=(--dry-run); else save_args=(--nprocs 1 --device cuda --results "$RESULTS/save-blocking-$SLUG.json"); fi
+step save-blocking 90 "$PY" bench/save_blocking.py "${save_args[@]}"
 # LitGPT's reference runs were micro-batch 4 (no AC) and 8 (full AC); one round, 2 warm-up + 5 timed steps each
 step throughput 300 "$PY" bench/throughput.py $DRYFLAG --preset phi-2 --seq-len 2048 --micro-batch 4 --compile \
     --impls phiforge,phiforge-float8,litgpt --float8 tensorwise --rounds 1 --warmup 2 --steps 5 --strict \

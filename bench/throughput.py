@@ -89,8 +89,8 @@ def build(impl: str, cfg: Phi2Config, device: str, float8: str = "tensorwise"):
             from phiforge.train.config import TrainConfig
             from phiforge.train.parallelize import parallelize
 
-            precision = "bf16-true" if device == "cuda" else "fp32"
-            parallelize(m, load_config(TrainConfig, None, [f"float8={float8}", f"precision={precision}",
+            # float8 needs bf16 around it (on CPU torchao emulates the float8 matmuls)
+            parallelize(m, load_config(TrainConfig, None, [f"float8={float8}", "precision=bf16-true",
                                                             f"device={device}", "compile=false"]))
         return m, lambda x, y: m(x, y).loss, Block
     if impl == "hf":
