@@ -140,7 +140,8 @@ def run_world(nproc: int, args) -> list[dict]:
         out = os.path.join(tmp, "rank")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__,
                "--worker", "--preset", args.preset, "--saves", str(args.saves), "--interval",
-               str(args.interval), "--seq", str(args.seq), "--threads", str(args.threads), "--device", args.device, "--dir", tmp, "--out", out]
+               str(args.interval), "--seq", str(args.seq), "--threads", str(args.threads), "--device", args.device,
+               "--dir", tmp, "--out", out]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc))}
         p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         if p.returncode != 0:
