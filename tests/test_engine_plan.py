@@ -164,8 +164,9 @@ def test_cpu_peak_memory_is_the_process_high_water_mark():
     before = resident_bytes()
     block = torch.ones(64 * 2**20)  # 256 MiB, every page written
     now = resident_bytes()
-    peak, kind = peak_memory(torch.device("cpu"))
-    assert kind == "rss_peak"
+    fields = peak_memory(torch.device("cpu"))
+    peak = fields["peak_mem_gib"]
+    assert fields["peak_mem_kind"] == "rss_peak"
     assert now - before >= 250 * 2**20
     assert now <= peak * 2**30 < now + 64 * 2**30  # in GiB, and no more than this machine could hold
     del block
