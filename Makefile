@@ -40,12 +40,14 @@ demo: setup
 	$(BIN)/phiforge generate --checkpoint $(DEMO_RUN) --prompt "It is a truth universally acknowledged" \
 		--max-new-tokens 80 --temperature 0.8 --top-k 50 --seed 0
 
+# two pytest workers: most tests are one process that leaves the second core idle (29 min -> 21 min on 2 cores)
+TEST_WORKERS ?= 2
 test: setup-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # the tests that run in one process: about 3 minutes on 2 cores
 test-quick: setup-test
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache
