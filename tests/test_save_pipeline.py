@@ -80,3 +80,22 @@ def test_prune_keeps_the_newest_and_never_leaves_a_half_deleted_checkpoint(tmp_p
     # `newest` is kept even when it is not among the newest `keep` (a run resumed from an older checkpoint)
     prune(tmp_path, 1, newest=ckpts[2])
     assert complete_checkpoints(tmp_path) == ckpts[2:]
+
+
+def test_async_saves_group_waits_as_long_as_the_runs_collectives(tmp_path, monkeypatch):
+    """The async saves' own gloo group gets parallel.collective_timeout_s, not gloo's 30-minute default."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from phiforge.train.distributed import init_distributed, shutdown
+
+    made = []
+    new_group = dist.new_group
+    monkeypatch.setattr(dist, "new_group", lambda *a, **kw: made.append(kw) or new_group(*a, **kw))
+    env = init_distributed("cpu")
+    try:
+        Checkpointer(tmp_path / "run", env, keep=2, async_save=True, collective_timeout_s=42).close()
+    finally:
+        shutdown(env)
+    assert made == [{"backend": "gloo", "timeout": timedelta(seconds=42)}]

@@ -43,6 +43,7 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -277,7 +278,7 @@ class Checkpointer:
     """Saves and loads training checkpoints for one run; every rank makes the same calls."""
 
     def __init__(self, run_dir: Path, env, keep: int, async_save: bool = False, tokenizer_dir: Path | None = None,
-                 run_hooks: RunHooks | None = None):
+                 run_hooks: RunHooks | None = None, collective_timeout_s: float | None = None):
         self.run_dir, self.root = Path(run_dir), Path(run_dir) / "checkpoints"
         self.env, self.keep, self.async_save = env, keep, async_save and async_save_available()
         self.tokenizer_dir = tokenizer_dir
@@ -289,8 +290,10 @@ class Checkpointer:
         self.pruner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phiforge-prune")
         self.pruning: Future | None = None
         self.stager = None
-        # async saves run DCP's collectives from a background thread: they get their own gloo group
-        self.group = dist.new_group(backend="gloo") if self.async_save else None
+        # async saves run DCP's collectives from a background thread: they get their own gloo group, which waits
+        # for a peer as long as the run's own collectives do (parallel.collective_timeout_s)
+        timeout = None if collective_timeout_s is None else timedelta(seconds=collective_timeout_s)
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if self.async_save else None
         if env.is_main and self.root.is_dir():  # saves killed mid-way by an earlier process
             for stale in self.root.glob("step-*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)

@@ -167,7 +167,8 @@ def _start(cfg: TrainConfig, env: DistEnv, stop: StopRequest, run: RunDir, layou
     val = eval_batches(cfg.data.dir, "val", cfg.data.seq_len, cfg.micro_batch_size, cfg.eval_batches,
                        mixture=cfg.data.mixture, vocab_size=mcfg.vocab_size)
     ckpt = Checkpointer(run.path, env, cfg.keep_checkpoints, async_save=cfg.async_checkpoint,
-                        tokenizer_dir=tokenizer_dir, run_hooks=hooks)
+                        tokenizer_dir=tokenizer_dir, run_hooks=hooks,
+                        collective_timeout_s=cfg.parallel.collective_timeout_s)
     state = ckpt.load(Path(run.checkpoint), train_model, step_fn.optimizer, mcfg) if run.checkpoint else None
     if state:
         loader.load_state_dict(state["loader"])
