@@ -55,8 +55,9 @@ def resolve_float8(recipe: str, precision: str, device: torch.device, fully_shar
     check_float8(recipe, precision, precision_note)
     if recipe == "none":
         return None
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if capability is not None and capability < (8, 9):
+        major, minor = capability
         raise ConfigError(f"float8={recipe} needs a GPU with float8 matmuls (compute capability 8.9 or newer: "
                           f"H100, H200, L40S, B200), but {device} is {major}.{minor}; use float8=none")
     _torchao_float8()  # missing: said now, before any data is read or a run directory is made
